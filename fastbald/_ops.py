@@ -1,0 +1,94 @@
+"""Loading of the native extension, fake (meta) implementations, and backend discovery.
+
+The native library is split in three shared objects:
+
+* ``fastbald._C``: the op schemas (``TORCH_LIBRARY(fastbald, m)``) and, when built with CUDA, the
+  CUDA kernels;
+* ``fastbald._cpu_avx2`` / ``fastbald._cpu_base``: the same CPU kernel compiled with and without
+  AVX2+FMA. Exactly one is loaded, chosen at run time from the CPU's capability, so the package
+  never executes an AVX2 instruction on a CPU without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import torch
+
+_STATE: dict[str, Any] = {"loaded": False, "native": False, "cpu": None, "cuda": False, "why": {}}
+
+# Bit of each metric in the op's ``metrics`` mask (order of fastbald.reference.METRICS).
+N_METRICS = 7
+
+
+def _cpu_variant() -> str:
+    forced = os.environ.get("FASTBALD_CPU_KERNEL")
+    if forced in ("avx2", "base"):
+        return forced
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        cap = "DEFAULT"
+    return "avx2" if cap in ("AVX2", "AVX512") else "base"
+
+
+def load() -> dict[str, Any]:
+    """Load the extension once; return the state dict (native, cpu variant, cuda, why-not)."""
+    if _STATE["loaded"]:
+        return _STATE
+    _STATE["loaded"] = True
+    if os.environ.get("FASTBALD_DISABLE_NATIVE") == "1":
+        _STATE["why"]["cpu"] = _STATE["why"]["cuda"] = "disabled by FASTBALD_DISABLE_NATIVE=1"
+        return _STATE
+    try:
+        c = importlib.import_module("fastbald._C")
+    except ImportError as e:
+        _STATE["why"]["cpu"] = _STATE["why"]["cuda"] = f"native extension not built ({e})"
+        return _STATE
+    _STATE["native"] = True
+    variant = _cpu_variant()
+    try:
+        importlib.import_module(f"fastbald._cpu_{variant}")
+        _STATE["cpu"] = variant
+    except ImportError as e:
+        _STATE["why"]["cpu"] = f"CPU kernel fastbald._cpu_{variant} not built ({e})"
+    _STATE["cuda"] = bool(getattr(c, "built_with_cuda", lambda: False)())
+    if not _STATE["cuda"]:
+        _STATE["why"]["cuda"] = "extension built without CUDA kernels"
+    elif not torch.cuda.is_available():
+        _STATE["why"]["cuda"] = "built with CUDA kernels, but no CUDA device is available"
+    _register_fakes()
+    return _STATE
+
+
+_FAKES_DONE = False
+
+
+def _register_fakes() -> None:
+    global _FAKES_DONE
+    if _FAKES_DONE:
+        return
+    _FAKES_DONE = True
+
+    @torch.library.register_fake("fastbald::pool_scores")
+    def _pool_scores_fake(
+        x: torch.Tensor, input_kind: int, metrics: int, check_finite: bool, prob_tol: float
+    ) -> torch.Tensor:
+        torch._check(x.dim() == 3, lambda: f"x must be [N, T, C], got {x.dim()} dims")
+        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty((N_METRICS, x.shape[0]), dtype=out_dtype)
+
+
+def native_available(device: torch.device) -> bool:
+    st = load()
+    if device.type == "cpu":
+        return st["cpu"] is not None
+    if device.type == "cuda":
+        return bool(st["cuda"])
+    return False
+
+
+def why_not(device_type: str) -> str | None:
+    return load()["why"].get(device_type)

@@ -1,0 +1,71 @@
+"""Top-k acquisition from pool scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .reference import METRICS
+from .scores import scores as _scores
+
+# Metrics where a *small* value means an uncertain (informative) item.
+ASCENDING = frozenset({"margin"})
+METHODS: tuple[str, ...] = (*METRICS, "random")
+
+
+def ranking_key(values: torch.Tensor, method: str) -> torch.Tensor:
+    """Key where larger = acquire first (negates metrics where small means uncertain)."""
+    return -values if method in ASCENDING else values
+
+
+def acquire(
+    x_or_scores: Any,
+    k: int,
+    method: str = "bald",
+    *,
+    generator: torch.Generator | None = None,
+    **score_kwargs: Any,
+) -> Any:
+    """Indices of the ``k`` pool items to label next, best first.
+
+    Args:
+        x_or_scores: [N, T, C] predictions (scored with ``fastbald.scores(**score_kwargs)``), a [N]
+            tensor/array of scores of ``method``, or a ``PoolScores``.
+        k: how many items to pick (0 <= k <= N).
+        method: one of ``fastbald.acquire.METHODS``; ``"random"`` picks uniformly (``generator``).
+    Ties are broken deterministically: the lowest pool index first. Returns int64 indices (numpy if
+    the input was numpy).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    was_numpy = isinstance(x_or_scores, np.ndarray)
+    obj = torch.from_numpy(x_or_scores) if was_numpy else x_or_scores
+    if hasattr(obj, "_fields"):  # PoolScores
+        if method == "random":
+            obj = next(v for v in obj if v is not None)
+        else:
+            obj = getattr(obj, method)
+            if obj is None:
+                raise ValueError(f"these PoolScores do not hold {method!r}")
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"x_or_scores must be a tensor, numpy array or PoolScores, got {type(obj).__name__}")
+    if obj.dim() == 3:
+        N = obj.shape[0] if score_kwargs.get("layout", "NTC").upper() != "TNC" else obj.shape[1]
+        if method != "random":
+            obj = getattr(_scores(obj, metrics=[method], **score_kwargs), method)
+    elif obj.dim() == 1:
+        N = obj.shape[0]
+    else:
+        raise ValueError(f"x_or_scores must be [N] scores or [N, T, C] predictions, got shape {tuple(obj.shape)}")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= N:
+        raise ValueError(f"k must be an integer in [0, N={N}], got {k!r}")
+    if method == "random":
+        idx = torch.randperm(N, generator=generator)[: int(k)]
+    else:
+        if obj.is_floating_point() and bool(torch.isnan(obj).any()):
+            raise ValueError(f"scores contain NaN (first at pool item {int(torch.isnan(obj).nonzero()[0, 0])})")
+        key = ranking_key(obj, method)
+        idx = torch.sort(key, descending=True, stable=True).indices[: int(k)]
+    return idx.cpu().numpy() if was_numpy else idx

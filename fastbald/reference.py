@@ -1,0 +1,91 @@
+"""Pure-PyTorch implementation of the pool scores.
+
+Two roles:
+
+* the ``"torch"`` backend, used when the native extension is not built (it processes the pool in
+  chunks so its temporaries stay bounded, whatever N is);
+* in float64, the oracle the tests and benchmarks compare the native kernels against.
+
+The math follows the definitions in ``csrc/scores_math.h`` (and ../shared/README.md section 1):
+per sample ``log p_t = z_t - logsumexp(z_t)``, mean prediction ``pbar = mean_t p_t``, BALD in the
+mean-KL form ``(1/T) sum_t KL(p_t || pbar)`` (no cancellation between two large entropies).
+All outputs are in nats; ``0 log 0 = 0``; a ``-inf`` logit is a masked class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS: tuple[str, ...] = (
+    "entropy",
+    "expected_entropy",
+    "bald",
+    "variation_ratio",
+    "mean_std",
+    "margin",
+    "least_confidence",
+)
+
+INPUT_KINDS: tuple[str, ...] = ("logits", "log_probs", "probs")
+
+# Elements per chunk of the torch backend (the temporaries are a few times this).
+_CHUNK_ELEMS = 1 << 22
+
+
+def _xlogy0(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """p * logp with the convention 0 * log 0 = 0 (also when logp is -inf)."""
+    return torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def _scores_chunk(x: torch.Tensor, input_kind: str, acc: torch.dtype) -> torch.Tensor:
+    """Scores of one chunk x [n, T, C] (any dtype) -> [7, n] in ``acc``."""
+    n, T, C = x.shape
+    z = x.to(acc)
+    if input_kind == "probs":
+        s = z.sum(-1, keepdim=True)
+        logp = torch.log(z) - torch.log(s)
+    else:
+        logp = torch.log_softmax(z, dim=-1)
+    p = torch.exp(logp)  # [n, T, C]
+    h_t = -_xlogy0(p, logp).sum(-1)  # [n, T]
+    expected_entropy = h_t.mean(-1)
+    pbar = p.mean(1)  # [n, C]
+    # log pbar via logsumexp over t in the log domain (robust to underflow of p).
+    logpbar = torch.logsumexp(logp, dim=1) - torch.log(torch.tensor(float(T), dtype=acc))
+    entropy = -_xlogy0(pbar, logpbar).sum(-1)
+    kl = torch.where(p > 0, p * (logp - logpbar.unsqueeze(1)), torch.zeros((), dtype=acc))
+    bald = (kl.sum(-1).mean(-1)).clamp_min(0)
+    # Variation ratio: mode of the sampled classes (argmax per sample, ties -> lowest index).
+    am = torch.argmax(z, dim=-1) if input_kind != "probs" else torch.argmax(z, dim=-1)
+    counts = torch.zeros(n, C, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(1, am, torch.ones_like(am))
+    variation_ratio = 1 - counts.max(-1).values.to(acc) / T
+    var = (p * p).mean(1) - pbar * pbar
+    mean_std = var.clamp_min(0).sqrt().mean(-1)
+    if C >= 2:
+        top2 = torch.topk(pbar, 2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+    else:
+        margin = pbar[:, 0]
+    least_confidence = 1 - pbar.max(-1).values
+    return torch.stack(
+        [entropy, expected_entropy, bald, variation_ratio, mean_std, margin, least_confidence]
+    )
+
+
+def reference_scores(x: torch.Tensor, input_kind: str = "logits", *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """All seven scores of a pool ``x`` [N, T, C] as a [7, N] tensor (rows in ``METRICS`` order).
+
+    ``dtype`` is the accumulation/output dtype: float64 gives the test oracle; by default
+    float64 input is computed in float64 and everything else in float32.
+    No input validation: callers (``fastbald.scores``) validate first.
+    """
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"input must be one of {INPUT_KINDS}, got {input_kind!r}")
+    acc = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    N, T, C = x.shape
+    out = torch.empty(7, N, dtype=acc, device=x.device)
+    step = max(1, _CHUNK_ELEMS // max(1, T * C))
+    for i in range(0, N, step):
+        out[:, i : i + step] = _scores_chunk(x[i : i + step], input_kind, acc)
+    return out
