@@ -1,0 +1,2 @@
+// AVX2+FMA build of the CPU kernel (see scores_cpu.cpp).
+#include "scores_cpu.cpp"

@@ -1,0 +1,2 @@
+// Portable build of the CPU kernel (see scores_cpu.cpp).
+#include "scores_cpu.cpp"

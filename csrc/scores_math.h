@@ -1,0 +1,199 @@
+// Inline per-row and per-item math of the pool scores, shared by the CPU and the CUDA kernels.
+//
+// Everything here is templated on a value type V: a scalar (float, double: the CUDA kernels and
+// the scalar CPU tail) or a SIMD vector (at::vec::Vectorized<float|double>: the CPU kernel, whose
+// lanes hold several MC samples (rows) of one pool item). The operations V needs are gathered in
+// Ops<V>; this header specialises it for float and double, csrc/cpu adds the SIMD one. So the CPU
+// tests run exactly the arithmetic, in the same order, that a CUDA thread runs on one row.
+//
+// Definitions (nats; 0 log 0 = 0; a -inf logit is a masked class):
+//   row t of an item: z_t[c], c < C.  m_t = max_c z_t[c],  d_tc = z_tc - m_t,  e_tc = exp(d_tc),
+//   s_t = sum_c e_tc,  log p_tc = d_tc - log s_t,  p_tc = e_tc / s_t,
+//   H_t = log s_t - (sum_c e_tc d_tc) / s_t                (entropy of sample t, no cancellation:
+//                                                            both terms are O(log C))
+//   pbar_c = (1/T) sum_t p_tc
+//   entropy          = -sum_c pbar_c log pbar_c
+//   expected_entropy = (1/T) sum_t H_t
+//   bald             = (1/T) sum_t sum_c p_tc (log p_tc - log pbar_c)   (mean-KL form), clamped >= 0
+//   variation_ratio  = 1 - (count of the modal argmax_c z_tc over t) / T   (argmax ties: lowest c)
+//   mean_std         = (1/C) sum_c sqrt((1/T) sum_t (p_tc - pbar_c)^2)     (two-pass variance)
+//   margin           = pbar_(1) - pbar_(2);   least_confidence = 1 - pbar_(1)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FB_HD __host__ __device__ __forceinline__
+#else
+#define FB_HD inline
+#endif
+
+namespace fastbald {
+namespace math {
+
+// Metric order of the op's [7, N] output and bits of its `metrics` mask.
+enum Metric : int {
+  kEntropy = 0,
+  kExpectedEntropy = 1,
+  kBald = 2,
+  kVariationRatio = 3,
+  kMeanStd = 4,
+  kMargin = 5,
+  kLeastConfidence = 6,
+  kNumMetrics = 7,
+};
+
+enum InputKind : int { kLogits = 0, kLogProbs = 1, kProbs = 2 };
+
+// What a metrics mask needs computed.
+struct Needs {
+  bool exps;      // softmax of every row
+  bool pbar;      // the mean prediction
+  bool entropy_t; // per-row entropies
+  bool second;    // the second pass over the stored probabilities (bald, mean_std)
+  FB_HD explicit Needs(int metrics, int input_kind) {
+    const bool need_pbar = (metrics & ((1 << kEntropy) | (1 << kBald) | (1 << kMeanStd) |
+                                       (1 << kMargin) | (1 << kLeastConfidence))) != 0;
+    pbar = need_pbar;
+    entropy_t = (metrics & (1 << kExpectedEntropy)) != 0;
+    second = (metrics & ((1 << kBald) | (1 << kMeanStd))) != 0;
+    exps = need_pbar || entropy_t || input_kind == kProbs;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Value-type operations.
+template <class V>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  using M = bool;
+  static FB_HD float exp(float x) { return ::expf(x); }
+  static FB_HD float log(float x) { return ::logf(x); }
+  // IEEE 754-2019 maximum: propagates NaN from either side.
+  static FB_HD float max(float a, float b) { return (a > b || a != a) ? a : b; }
+  static FB_HD M gt(float a, float b) { return a > b; }
+  static FB_HD float select(M m, float a, float b) { return m ? a : b; }
+  static FB_HD float splat(double v) { return static_cast<float>(v); }
+};
+
+template <>
+struct Ops<double> {
+  using M = bool;
+  static FB_HD double exp(double x) { return ::exp(x); }
+  static FB_HD double log(double x) { return ::log(x); }
+  static FB_HD double max(double a, double b) { return (a > b || a != a) ? a : b; }
+  static FB_HD M gt(double a, double b) { return a > b; }
+  static FB_HD double select(M m, double a, double b) { return m ? a : b; }
+  static FB_HD double splat(double v) { return v; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-row math. `z(c)` loads class c of the row (already converted to the accumulation type;
+// for input="probs" it returns log p).
+
+// Pass 1: row max (NaN-propagating: a NaN anywhere makes m NaN) and argmax (ties: lowest c).
+template <class V, class Load>
+FB_HD void row_max_argmax(const Load& z, int64_t C, V& m, V& arg) {
+  using O = Ops<V>;
+  m = z(0);
+  arg = O::splat(0.0);
+  for (int64_t c = 1; c < C; ++c) {
+    const V v = z(c);
+    arg = O::select(O::gt(v, m), O::splat(static_cast<double>(c)), arg);
+    m = O::max(m, v);
+  }
+}
+
+// Masked classes (-inf logits) without branches: the shifted logit d = z - m is clamped to the
+// lowest finite value, so e = exp(d) = 0 exactly and e * d = 0 * lowest = 0 (never 0 * -inf = NaN).
+// log pbar is floored at kLogFloor (below the log of the smallest subnormal), so
+// p * (log p - log pbar) is 0 for p = 0 and negligible (< 1e-40) for a p that underflows pbar.
+template <class A>
+struct Limits;
+template <>
+struct Limits<float> {
+  static constexpr float lowest = -3.40282347e+38f;
+  static constexpr float log_floor = -200.0f;
+};
+template <>
+struct Limits<double> {
+  static constexpr double lowest = -1.7976931348623157e+308;
+  static constexpr double log_floor = -1600.0;
+};
+
+template <class V, class A>
+FB_HD V shifted(const V& z, const V& m) {
+  using O = Ops<V>;
+  return O::max(z - m, O::splat(Limits<A>::lowest));
+}
+
+// Pass 2: shifted logits d, their exps e (sink(c, d, e) may store them), the row sum s and
+// a = sum_c e d. Each logit is exponentiated exactly once.
+template <class V, class A, class Load, class Sink>
+FB_HD void row_exp_sum(const Load& z, int64_t C, const V& m, V& s, V& a, Sink&& sink) {
+  using O = Ops<V>;
+  s = O::splat(0.0);
+  a = O::splat(0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const V d = shifted<V, A>(z(c), m);
+    const V e = O::exp(d);
+    s = s + e;
+    a = a + e * d;
+    sink(c, d, e);
+  }
+}
+
+// Entropy of a row from its softmax sums, clamped at 0 (rounding can give -1 ulp).
+template <class V>
+FB_HD V row_entropy(const V& log_s, const V& a, const V& inv_s) {
+  using O = Ops<V>;
+  return O::max(log_s - a * inv_s, O::splat(0.0));
+}
+
+// One term of the mean-KL, p (log p - log pbar); logp from shifted() (finite), logpbar from
+// log_pbar() (finite).
+template <class V>
+FB_HD V kl_term(const V& p, const V& logp, const V& logpbar) {
+  return p * (logp - logpbar);
+}
+
+template <class A>
+FB_HD A log_pbar(A pbar) {
+  return pbar > A(0) ? Ops<A>::log(pbar) : Limits<A>::log_floor;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-item finalisation (scalar, accumulation type A).
+
+// -pbar log pbar with 0 log 0 = 0.
+template <class A>
+FB_HD A neg_plogp(A pbar, A logpbar) {
+  return pbar > A(0) ? -pbar * logpbar : A(0);
+}
+
+// Running top-2 of the mean prediction (all values >= 0, so 0 is a safe start).
+template <class A>
+FB_HD void top2_update(A v, A& top1, A& top2) {
+  if (v > top1) {
+    top2 = top1;
+    top1 = v;
+  } else if (v > top2) {
+    top2 = v;
+  }
+}
+
+template <class A>
+FB_HD A clamp0(A v) {
+  return v > A(0) ? v : A(0);
+}
+
+template <class A>
+FB_HD A variation_ratio(int64_t modal_count, int64_t T) {
+  return A(1) - static_cast<A>(modal_count) / static_cast<A>(T);
+}
+
+}  // namespace math
+}  // namespace fastbald

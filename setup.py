@@ -1,0 +1,105 @@
+"""Build of fastbald's native library (torch.utils.cpp_extension, ninja).
+
+Extensions:
+  fastbald._C         op schemas; the CUDA kernels when built with CUDA
+  fastbald._cpu_avx2  CPU kernel compiled for AVX2+FMA (loaded on CPUs that have them)
+  fastbald._cpu_base  the same CPU kernel for any x86-64 / other CPUs
+
+Environment:
+  FASTBALD_CPU_ONLY=1     never build the CUDA kernels
+  FASTBALD_FORCE_CUDA=1   build them even with no GPU present (needs nvcc + a CUDA build of torch)
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0")
+  FASTBALD_DEBUG=1        -O0 -g
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda") if os.path.isdir("/usr/local/cuda") else None
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+from setuptools import setup  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+    include_paths,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("FASTBALD_DEBUG") == "1"
+OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+WARN = ["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+# torch's headers are system headers for us: warnings-as-errors apply to our sources only.
+SYSTEM_INCLUDES = [f for d in include_paths() for f in ("-isystem", d)]
+CXX = ["-std=c++20", "-fopenmp", "-fvisibility=hidden", *OPT, *WARN, *SYSTEM_INCLUDES]
+LINK = ["-fopenmp", "-s"] if not DEBUG else ["-fopenmp"]
+
+
+def want_cuda() -> bool:
+    if os.environ.get("FASTBALD_CPU_ONLY") == "1":
+        return False
+    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if os.environ.get("FASTBALD_FORCE_CUDA") == "1":
+        if not has_nvcc or torch.version.cuda is None:
+            raise RuntimeError(
+                "FASTBALD_FORCE_CUDA=1 but nvcc or a CUDA build of torch is missing "
+                f"(CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda})"
+            )
+        return True
+    return has_nvcc and torch.version.cuda is not None and torch.cuda.is_available()
+
+
+def extensions():
+    cuda = want_cuda()
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    exts = []
+    c_args = {"cxx": list(CXX)}
+    if cuda and cu_sources:
+        c_args["cxx"].append("-DFASTBALD_WITH_CUDA")
+        c_args["nvcc"] = [
+            "-O3",
+            "-std=c++20",
+            "-DFASTBALD_WITH_CUDA",
+            "--expt-relaxed-constexpr",
+            "-Xcompiler=-Wall,-Wextra,-Werror,-Wno-unused-parameter,-fvisibility=hidden",
+            "-Werror=all-warnings",
+            "-Xptxas=-warn-spills",
+        ]
+        exts.append(
+            CUDAExtension(
+                "fastbald._C",
+                ["csrc/ops.cpp", *cu_sources],
+                extra_compile_args=c_args,
+                extra_link_args=LINK,
+            )
+        )
+    else:
+        exts.append(CppExtension("fastbald._C", ["csrc/ops.cpp"], extra_compile_args=c_args["cxx"], extra_link_args=LINK))
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    variants = [("base", [])]
+    if is_x86:
+        variants.insert(0, ("avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]))
+    for name, flags in variants:
+        exts.append(
+            CppExtension(
+                f"fastbald._cpu_{name}",
+                # One source per extension; a per-variant copy name keeps ninja's object files apart.
+                [f"csrc/cpu/scores_cpu_{name}.cpp"],
+                extra_compile_args=[*CXX, *flags, f"-DFB_CPU_MODULE=_cpu_{name}"],
+                extra_link_args=LINK,
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
