@@ -34,12 +34,12 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("FASTBALD_DEBUG") == "1"
-OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g1" if os.environ.get("FASTBALD_LINE_INFO") == "1" else "-g0"]
 WARN = ["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 # torch's headers are system headers for us: warnings-as-errors apply to our sources only.
 SYSTEM_INCLUDES = [f for d in include_paths() for f in ("-isystem", d)]
 CXX = ["-std=c++20", "-fopenmp", "-fvisibility=hidden", *OPT, *WARN, *SYSTEM_INCLUDES]
-LINK = ["-fopenmp", "-s"] if not DEBUG else ["-fopenmp"]
+LINK = ["-fopenmp"]
 
 
 def want_cuda() -> bool:

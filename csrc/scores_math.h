@@ -75,6 +75,9 @@ struct Ops<float> {
   // IEEE 754-2019 maximum: propagates NaN from either side.
   static FB_HD float max(float a, float b) { return (a > b || a != a) ? a : b; }
   static FB_HD M gt(float a, float b) { return a > b; }
+  static FB_HD M eq(float a, float b) { return a == b; }
+  static FB_HD M mask_andnot(M a, M b) { return a && !b; }
+  static FB_HD M mask_or(M a, M b) { return a || b; }
   static FB_HD float select(M m, float a, float b) { return m ? a : b; }
   static FB_HD float splat(double v) { return static_cast<float>(v); }
 };
@@ -86,6 +89,9 @@ struct Ops<double> {
   static FB_HD double log(double x) { return ::log(x); }
   static FB_HD double max(double a, double b) { return (a > b || a != a) ? a : b; }
   static FB_HD M gt(double a, double b) { return a > b; }
+  static FB_HD M eq(double a, double b) { return a == b; }
+  static FB_HD M mask_andnot(M a, M b) { return a && !b; }
+  static FB_HD M mask_or(M a, M b) { return a || b; }
   static FB_HD double select(M m, double a, double b) { return m ? a : b; }
   static FB_HD double splat(double v) { return v; }
 };
@@ -93,6 +99,25 @@ struct Ops<double> {
 // ---------------------------------------------------------------------------------------------
 // Per-row math. `z(c)` loads class c of the row (already converted to the accumulation type;
 // for input="probs" it returns log p).
+
+// Pass 1, max only (NaN-propagating).
+template <class V, class Load>
+FB_HD V row_max(const Load& z, int64_t C) {
+  using O = Ops<V>;
+  V m = z(0);
+  for (int64_t c = 1; c < C; ++c) m = O::max(m, z(c));
+  return m;
+}
+
+// Variation-ratio vote of class c, given its shifted logit d = z - m: 1 for the first class
+// (lowest c) with d == 0, i.e. the argmax with ties to the lowest index. `taken` starts false.
+template <class V>
+FB_HD V first_argmax_vote(const V& d, typename Ops<V>::M& taken) {
+  using O = Ops<V>;
+  const typename Ops<V>::M hit = O::mask_andnot(O::eq(d, O::splat(0.0)), taken);
+  taken = O::mask_or(taken, hit);
+  return O::select(hit, O::splat(1.0), O::splat(0.0));
+}
 
 // Pass 1: row max (NaN-propagating: a NaN anywhere makes m NaN) and argmax (ties: lowest c).
 template <class V, class Load>
@@ -107,42 +132,55 @@ FB_HD void row_max_argmax(const Load& z, int64_t C, V& m, V& arg) {
   }
 }
 
-// Masked classes (-inf logits) without branches: the shifted logit d = z - m is clamped to the
-// lowest finite value, so e = exp(d) = 0 exactly and e * d = 0 * lowest = 0 (never 0 * -inf = NaN).
-// log pbar is floored at kLogFloor (below the log of the smallest subnormal), so
-// p * (log p - log pbar) is 0 for p = 0 and negligible (< 1e-40) for a p that underflows pbar.
+// Masked classes (-inf logits) without branches: the shifted logit d = z - m is clamped at
+// exp_floor (-87 in float, -708 in double), the smallest argument whose exp is still a normal
+// number. A masked class (or one more than 87 nats below the row's best) then gets
+// p <= exp(-87) / s < 1.7e-38 instead of exactly 0: every output changes by less than 1e-35, and
+// no 0 * (-inf) = NaN can arise. The exp itself never sees an argument outside [exp_floor, 0],
+// so the CPU uses a short polynomial exp with no range checks.
+// log pbar is floored at log_floor, so p * (log p - log pbar) stays finite.
 template <class A>
 struct Limits;
 template <>
 struct Limits<float> {
-  static constexpr float lowest = -3.40282347e+38f;
+  static constexpr float exp_floor = -87.0f;
   static constexpr float log_floor = -200.0f;
 };
 template <>
 struct Limits<double> {
-  static constexpr double lowest = -1.7976931348623157e+308;
+  static constexpr double exp_floor = -708.0;
   static constexpr double log_floor = -1600.0;
 };
 
 template <class V, class A>
 FB_HD V shifted(const V& z, const V& m) {
   using O = Ops<V>;
-  return O::max(z - m, O::splat(Limits<A>::lowest));
+  return O::max(z - m, O::splat(Limits<A>::exp_floor));
 }
 
 // Pass 2: shifted logits d, their exps e (sink(c, d, e) may store them), the row sum s and
-// a = sum_c e d. Each logit is exponentiated exactly once.
+// a = sum_c e d. Each logit is exponentiated exactly once. The sums are blocked by kSumBlock
+// classes, so their rounding error grows like kSumBlock + C / kSumBlock rather than C.
+constexpr int64_t kSumBlock = 64;
+
 template <class V, class A, class Load, class Sink>
 FB_HD void row_exp_sum(const Load& z, int64_t C, const V& m, V& s, V& a, Sink&& sink) {
   using O = Ops<V>;
   s = O::splat(0.0);
   a = O::splat(0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    const V d = shifted<V, A>(z(c), m);
-    const V e = O::exp(d);
-    s = s + e;
-    a = a + e * d;
-    sink(c, d, e);
+  for (int64_t c0 = 0; c0 < C; c0 += kSumBlock) {
+    const int64_t c1 = C < c0 + kSumBlock ? C : c0 + kSumBlock;
+    V sb = O::splat(0.0);
+    V ab = O::splat(0.0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const V d = shifted<V, A>(z(c), m);
+      const V e = O::exp(d);
+      sb = sb + e;
+      ab = ab + e * d;
+      sink(c, d, e);
+    }
+    s = s + sb;
+    a = a + ab;
   }
 }
 

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -46,26 +47,70 @@ namespace fastbald {
 namespace math {
 
 // SIMD value type: lanes are MC samples of one pool item.
+#if defined(CPU_CAPABILITY_AVX2)
+// exp(x) for x in [-87, 88] (the kernels only pass [exp_floor, 0]): Cody-Waite range reduction
+// with round-to-nearest via the 1.5 * 2^23 trick, the Cephes degree-6 polynomial on
+// [-ln2/2, ln2/2] (about 1 ulp), and 2^n added straight into the exponent bits. 12 instructions,
+// no range checks (the caller guarantees the range).
+inline __m256 exp_no_range_check(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+}
+#endif
+
 template <class T>
 struct Ops<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using M = V;
   static V exp(const V& x) {
+#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
-#ifdef FB_PRECISE_EXP
-      return x.exp();
-#else
-      // Polynomial exp: < 2e-7 relative error on the range used here (d <= 0), measured in
-      // tests/test_exp_accuracy (via the op); 2x the throughput of Sleef's u10 exp.
-      return x.exp_u20();
-#endif
-    } else {
-      return x.exp();
+      return V(exp_no_range_check(x));
     }
+#endif
+    return x.exp();
   }
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static M gt(const V& a, const V& b) { return a > b; }
+  static M eq(const V& a, const V& b) { return a == b; }
+  static M mask_andnot(const M& a, const M& b) { return a & (b ^ (b == b)); }
+  static M mask_or(const M& a, const M& b) { return a | b; }
+  static V select(const M& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static V splat(double v) { return V(static_cast<T>(v)); }
+};
+
+// Two (or more) SIMD registers per value: independent dependency chains for the CPU's
+// out-of-order core (the per-row sums are latency-bound with a single register).
+template <class T, int K>
+struct Ops<at::vec::VectorizedN<T, K>> {
+  using V = at::vec::VectorizedN<T, K>;
+  using M = V;
+  using B = Ops<at::vec::Vectorized<T>>;
+  static V exp(const V& x) {
+    V r;
+    for (int i = 0; i < K; ++i) r[i] = B::exp(x[i]);
+    return r;
+  }
+  static V log(const V& x) { return x.log(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static M gt(const V& a, const V& b) { return a > b; }
+  static M eq(const V& a, const V& b) { return a == b; }
+  static M mask_andnot(const M& a, const M& b) { return a & (b ^ (b == b)); }
+  static M mask_or(const M& a, const M& b) { return a | b; }
   static V select(const M& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static V splat(double v) { return V(static_cast<T>(v)); }
 };
@@ -324,6 +369,236 @@ struct ItemKernel {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX2)
+// In-register 8x8 transpose of eight rows of 8 floats.
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
+// Small items (T * C up to kGroupLimit): the SIMD lanes hold L different pool items and every
+// op is lane-wise, so no lane idles whatever T is, and nothing needs a horizontal reduction. The
+// L item tiles are transposed into the scratch zt[f][lane] (f = in-tile offset of (t, c)); the
+// row math is the same scores_math.h code as the row kernel, on V = Vectorized<A>.
+constexpr int64_t kGroupLimit = 2048;
+
+template <class A>
+struct GroupScratch {
+  std::vector<A> zt, eb, pacc, vacc, cnt, pbar, lpbar, rinv, rls;
+  GroupScratch(int64_t T, int64_t C, int64_t L) {
+    zt.resize(T * C * L);
+    eb.resize(T * C * L);
+    pacc.resize(C * L);
+    vacc.resize(C * L);
+    cnt.resize(C * L);
+    pbar.resize(C * L);
+    lpbar.resize(C * L);
+    rinv.resize(T * L);
+    rls.resize(T * L);
+  }
+};
+
+template <class scalar_t, class A>
+struct GroupKernel {
+  using V = at::vec::VectorizedN<A, 2>;
+  using O = Ops<V>;
+  static constexpr int64_t L = V::size();
+  static constexpr int64_t L1 = Vec<A>::size();
+
+  const scalar_t* x;
+  int64_t N, T, C, sN, sT, sC;
+  int kind;
+  int metrics;
+  bool check;
+  double tol;
+  math::Needs needs;
+  A* out;
+  // In-tile strides of zt (elements): dense tiles keep their own layout, others become [T][C].
+  int64_t ts, cs;
+  bool dense;
+
+  void fill(int64_t n0, int64_t nvalid, A* zt) const {
+    const scalar_t* ptr[L];
+    for (int64_t l = 0; l < L; ++l) ptr[l] = x + (n0 + (l < nvalid ? l : 0)) * sN;
+    const int64_t TC = T * C;
+    int64_t f0 = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float> && L == 16) {
+      if (dense) {
+        for (; f0 + 8 <= TC; f0 += 8) {
+          for (int h = 0; h < 2; ++h) {
+            __m256 r[8];
+            for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(ptr[h * 8 + l] + f0);
+            transpose8x8(r);
+            for (int k = 0; k < 8; ++k) _mm256_storeu_ps(zt + (f0 + k) * 16 + h * 8, r[k]);
+          }
+        }
+      }
+    }
+#endif
+    if (dense) {
+      for (int64_t f = f0; f < TC; ++f) {
+        for (int64_t l = 0; l < L; ++l) zt[f * L + l] = static_cast<A>(ptr[l][f]);
+      }
+    } else {
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t l = 0; l < L; ++l) {
+            zt[(t * C + c) * L + l] = static_cast<A>(ptr[l][t * sT + c * sC]);
+          }
+        }
+      }
+    }
+    if (kind == math::kProbs) {
+      for (int64_t f = 0; f < TC; ++f) V::loadu(zt + f * L).log().store(zt + f * L);
+    }
+  }
+
+  // Scores items n0 .. n0 + nvalid - 1. Returns the lane of the first bad item, or -1.
+  int64_t run(int64_t n0, int64_t nvalid, GroupScratch<A>& s) const {
+    A* zt = s.zt.data();
+    A* eb = s.eb.data();
+    fill(n0, nvalid, zt);
+    const bool need_vr = (metrics & (1 << math::kVariationRatio)) != 0;
+    const V zero(A(0)), one(A(1));
+    const V inf(std::numeric_limits<A>::infinity());
+    const V ninf(-std::numeric_limits<A>::infinity());
+    if (needs.pbar) std::fill(s.pacc.begin(), s.pacc.end(), A(0));
+    if (need_vr) std::fill(s.cnt.begin(), s.cnt.end(), A(0));
+    A* pacc = s.pacc.data();
+    A* cnt = s.cnt.data();
+    V hacc = zero;
+    V ok = one == one;  // all ones
+    const int64_t cstride = cs * L;
+    for (int64_t t = 0; t < T; ++t) {
+      A* zrow = zt + t * ts * L;
+      auto load = [zrow, cstride](int64_t c) { return V::loadu(zrow + c * cstride); };
+      const V m = math::row_max<V>(load, C);
+      if (check) ok = ok & O::gt(m, ninf) & O::gt(inf, m);
+      if (!needs.exps) {
+        if (need_vr) {
+          V taken = zero;
+          for (int64_t c = 0; c < C; ++c) {
+            const V vote = math::first_argmax_vote(math::shifted<V, A>(load(c), m), taken);
+            (V::loadu(cnt + c * L) + vote).store(cnt + c * L);
+          }
+        }
+        continue;
+      }
+      A* erow = eb + t * C * L;
+      V sum, xa;
+      // d overwrites z in place; e goes to eb; the argmax votes go to cnt.
+      if (need_vr) {
+        V taken = zero;
+        math::row_exp_sum<V, A>(load, C, m, sum, xa,
+                                [zrow, cstride, erow, cnt, &taken](int64_t c, const V& d, const V& e) {
+                                  d.store(zrow + c * cstride);
+                                  e.store(erow + c * L);
+                                  const V vote = math::first_argmax_vote(d, taken);
+                                  (V::loadu(cnt + c * L) + vote).store(cnt + c * L);
+                                });
+      } else {
+        math::row_exp_sum<V, A>(load, C, m, sum, xa,
+                                [zrow, cstride, erow](int64_t c, const V& d, const V& e) {
+                                  d.store(zrow + c * cstride);
+                                  e.store(erow + c * L);
+                                });
+      }
+      const V log_s = O::log(sum);
+      const V inv_s = one / sum;
+      if (check && kind == math::kProbs) {
+        const V dev = (sum * O::exp(m) - one).abs();
+        ok = ok & (dev <= V(static_cast<A>(tol)));
+      }
+      if (needs.entropy_t) hacc = hacc + math::row_entropy(log_s, xa, inv_s);
+      if (needs.pbar) {
+        for (int64_t c = 0; c < C; ++c) {
+          at::vec::fmadd(V::loadu(erow + c * L), inv_s, V::loadu(pacc + c * L)).store(pacc + c * L);
+        }
+        inv_s.store(s.rinv.data() + t * L);
+        log_s.store(s.rls.data() + t * L);
+      }
+    }
+    if (check) {
+      alignas(64) A okarr[L];
+      ok.store(okarr);
+      for (int64_t l = 0; l < nvalid; ++l) {
+        if (okarr[l] == A(0)) return l;
+      }
+    }
+    const A inv_T = A(1) / static_cast<A>(T);
+    auto put = [&](int k, const V& v) { v.store(out + k * N + n0, static_cast<int>(nvalid)); };
+    if (need_vr) {
+      V modal = zero;
+      for (int64_t c = 0; c < C; ++c) modal = O::max(modal, V::loadu(cnt + c * L));
+      put(math::kVariationRatio, one - modal * V(inv_T));
+    }
+    if (needs.entropy_t) put(math::kExpectedEntropy, hacc * V(inv_T));
+    if (!needs.pbar) return -1;
+    A* pbar = s.pbar.data();
+    A* lpbar = s.lpbar.data();
+    V ent = zero, top1 = zero, top2 = zero;
+    const V floor(math::Limits<A>::log_floor);
+    for (int64_t c = 0; c < C; ++c) {
+      const V pb = V::loadu(pacc + c * L) * V(inv_T);
+      const V lpb = O::max(O::log(pb), floor);
+      pb.store(pbar + c * L);
+      lpb.store(lpbar + c * L);
+      ent = ent - pb * lpb;  // pb = 0 -> 0 * floor = 0
+      top2 = O::max(top2, at::vec::minimum(top1, pb));
+      top1 = O::max(top1, pb);
+    }
+    put(math::kEntropy, ent);
+    put(math::kMargin, top1 - top2);
+    put(math::kLeastConfidence, one - top1);
+    if (!needs.second) return -1;
+    // Second pass over the item tiles (L1/L2-resident): mean-KL with log p = d - log s, so
+    // sum_c p (log p - log pbar) = sum_c p (d - log pbar) - log s * sum_c p, and the two-pass
+    // variance of p.
+    A* vacc = s.vacc.data();
+    std::fill(s.vacc.begin(), s.vacc.end(), A(0));
+    V kl = zero;
+    for (int64_t t = 0; t < T; ++t) {
+      const A* zrow = zt + t * ts * L;
+      const A* erow = eb + t * C * L;
+      const V inv_s = V::loadu(s.rinv.data() + t * L);
+      V klrow = zero, prow = zero;
+      for (int64_t c = 0; c < C; ++c) {
+        const V p = V::loadu(erow + c * L) * inv_s;
+        klrow = klrow + math::kl_term(p, V::loadu(zrow + c * cstride), V::loadu(lpbar + c * L));
+        prow = prow + p;
+        const V dv = p - V::loadu(pbar + c * L);
+        at::vec::fmadd(dv, dv, V::loadu(vacc + c * L)).store(vacc + c * L);
+      }
+      kl = kl + (klrow - V::loadu(s.rls.data() + t * L) * prow);
+    }
+    V std_sum = zero;
+    for (int64_t c = 0; c < C; ++c) std_sum = std_sum + (V::loadu(vacc + c * L) * V(inv_T)).sqrt();
+    put(math::kBald, O::max(kl * V(inv_T), zero));
+    put(math::kMeanStd, std_sum * V(A(1) / static_cast<A>(C)));
+    return -1;
+  }
+};
+
 // Says exactly what is wrong with pool item n (called once, after the parallel loop).
 template <class scalar_t>
 [[noreturn]] void report_bad_item(const scalar_t* x, int64_t n, int64_t T, int64_t C, int64_t sN,
@@ -389,19 +664,45 @@ at::Tensor pool_scores_cpu(const at::Tensor& x, int64_t input_kind, int64_t metr
                               gather_ok,
                               out.data_ptr<A>()};
     std::atomic<int64_t> first_bad{N};
+    auto note_bad = [&first_bad](int64_t n) {
+      int64_t cur = first_bad.load();
+      while (n < cur && !first_bad.compare_exchange_weak(cur, n)) {
+      }
+    };
+    if (T * C <= kGroupLimit && !std::getenv("FASTBALD_FORCE_ROW_KERNEL")) {
+      const bool ntc = x.stride(2) == 1 && x.stride(1) == C;
+      const bool nct = x.stride(1) == 1 && x.stride(2) == T;
+      GroupKernel<scalar_t, A> g{k.x, N, T, C, k.sN, k.sT, k.sC, k.kind, k.metrics, check_finite,
+                                 prob_tol, k.needs, k.out, ntc ? C : (nct ? 1 : C),
+                                 ntc ? 1 : (nct ? T : 1), ntc || nct};
+      // Grain in items: a multiple of L, about 32K elements per task.
+      constexpr int64_t G = GroupKernel<scalar_t, A>::L;
+      const int64_t grain = std::max<int64_t>(G, (32768 / (T * C)) / G * G);
+      at::parallel_for(0, (N + G - 1) / G, std::max<int64_t>(1, grain / G), [&](int64_t gb, int64_t ge) {
+        GroupScratch<A> s(T, C, G);
+        for (int64_t gi = gb; gi < ge; ++gi) {
+          const int64_t n0 = gi * G;
+          if (n0 > first_bad.load(std::memory_order_relaxed)) break;
+          const int64_t lane = g.run(n0, std::min<int64_t>(G, N - n0), s);
+          if (lane >= 0) {
+            note_bad(n0 + lane);
+            break;
+          }
+        }
+      });
+    } else {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, T * C));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
       Scratch<A> s(T, C, L, store);
       for (int64_t n = begin; n < end; ++n) {
         if (n > first_bad.load(std::memory_order_relaxed)) break;
         if (!k.run(n, s)) {
-          int64_t cur = first_bad.load();
-          while (n < cur && !first_bad.compare_exchange_weak(cur, n)) {
-          }
+          note_bad(n);
           break;
         }
       }
     });
+    }
     const int64_t bad = first_bad.load();
     if (bad < N) {
       report_bad_item<scalar_t>(k.x, bad, T, C, k.sN, k.sT, k.sC, k.kind, prob_tol);
