@@ -87,7 +87,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static M gt(const V& a, const V& b) { return a > b; }
   static M eq(const V& a, const V& b) { return a == b; }
-  static M mask_andnot(const M& a, const M& b) { return a & (b ^ (b == b)); }
+  static M mask_andnot(const M& a, const M& b) { return a & (b ^ (V(T(0)) == V(T(0)))); }
   static M mask_or(const M& a, const M& b) { return a | b; }
   static V select(const M& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static V splat(double v) { return V(static_cast<T>(v)); }
@@ -109,7 +109,7 @@ struct Ops<at::vec::VectorizedN<T, K>> {
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static M gt(const V& a, const V& b) { return a > b; }
   static M eq(const V& a, const V& b) { return a == b; }
-  static M mask_andnot(const M& a, const M& b) { return a & (b ^ (b == b)); }
+  static M mask_andnot(const M& a, const M& b) { return a & (b ^ (V(T(0)) == V(T(0)))); }
   static M mask_or(const M& a, const M& b) { return a | b; }
   static V select(const M& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static V splat(double v) { return V(static_cast<T>(v)); }
@@ -298,16 +298,25 @@ struct ItemKernel {
     if (!ok) return false;
 
     const double inv_T = 1.0 / static_cast<double>(T);
-    auto put = [&](int k, double v) { out[k * N + n] = static_cast<A>(v); };
+    auto put = [&](int k, double v) {
+      if (metrics & (1 << k)) out[k * N + n] = static_cast<A>(v);
+    };
     if (metrics & (1 << math::kVariationRatio)) {
       put(math::kVariationRatio, math::variation_ratio<double>(modal, T));
     }
     if (needs.entropy_t) put(math::kExpectedEntropy, hsum<A>(hacc) * inv_T);
     if (!needs.pbar) return true;
 
-    double entropy = 0, top1 = 0, top2 = 0;
+    double entropy = 0, top1 = 0, top2 = 0, ptot = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const double pb = hsum<A>(V::loadu(pacc + c * L)) * inv_T;
+      const double pc = hsum<A>(V::loadu(pacc + c * L));
+      s.pbar[c] = static_cast<A>(pc);
+      ptot += pc;
+    }
+    // pbar = pacc / sum_c pacc (= pacc / T in exact arithmetic; see the group kernel).
+    const double inv_ptot = 1.0 / ptot;
+    for (int64_t c = 0; c < C; ++c) {
+      const double pb = static_cast<double>(s.pbar[c]) * inv_ptot;
       const double lpb = math::log_pbar<double>(pb);
       s.pbar[c] = static_cast<A>(pb);
       s.lpbar[c] = static_cast<A>(std::max(lpb, static_cast<double>(math::Limits<A>::log_floor)));
@@ -546,11 +555,13 @@ struct GroupKernel {
       }
     }
     const A inv_T = A(1) / static_cast<A>(T);
-    auto put = [&](int k, const V& v) { v.store(out + k * N + n0, static_cast<int>(nvalid)); };
+    auto put = [&](int k, const V& v) {
+      if (metrics & (1 << k)) v.store(out + k * N + n0, static_cast<int>(nvalid));
+    };
     if (need_vr) {
       V modal = zero;
       for (int64_t c = 0; c < C; ++c) modal = O::max(modal, V::loadu(cnt + c * L));
-      put(math::kVariationRatio, one - modal * V(inv_T));
+      put(math::kVariationRatio, (V(static_cast<A>(T)) - modal) / V(static_cast<A>(T)));
     }
     if (needs.entropy_t) put(math::kExpectedEntropy, hacc * V(inv_T));
     if (!needs.pbar) return -1;
@@ -558,8 +569,13 @@ struct GroupKernel {
     A* lpbar = s.lpbar.data();
     V ent = zero, top1 = zero, top2 = zero;
     const V floor(math::Limits<A>::log_floor);
+    // pbar = pacc / sum_c pacc: the same as pacc / T in exact arithmetic, but sum_c pbar = 1 to
+    // rounding, so the mean-KL has no first-order error from the rounding of the sum over t.
+    V ptot = zero;
+    for (int64_t c = 0; c < C; ++c) ptot = ptot + V::loadu(pacc + c * L);
+    const V inv_ptot = one / ptot;
     for (int64_t c = 0; c < C; ++c) {
-      const V pb = V::loadu(pacc + c * L) * V(inv_T);
+      const V pb = V::loadu(pacc + c * L) * inv_ptot;
       const V lpb = O::max(O::log(pb), floor);
       pb.store(pbar + c * L);
       lpb.store(lpbar + c * L);

@@ -1,0 +1,444 @@
+"""The fused scoring op against the float64 reference: shapes, dtypes, layouts, input kinds,
+strides, extreme values, masks, threads, torch.library integration, and bad input.
+
+Tolerances (max abs error, nats): float32 / float16 / bfloat16 input 1e-5 against float64 computed
+from the same (rounded) values; float64 input 1e-9.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastbald
+from fastbald.reference import METRICS, reference_scores
+
+pytestmark = pytest.mark.usefixtures("native_cpu")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-9}
+PERM = {"NTC": (0, 1, 2), "TNC": (1, 0, 2), "NCT": (0, 2, 1)}  # canonical [N,T,C] -> layout
+
+
+def to_layout(x_ntc: torch.Tensor, layout: str) -> torch.Tensor:
+    """A contiguous tensor in `layout` holding the values of the canonical x [N, T, C]."""
+    return x_ntc.permute(*PERM[layout]).contiguous()
+
+
+def make_input(N, T, C, kind, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, T, C, generator=g, dtype=torch.float64) * scale
+    if kind == "logits":
+        x = z
+    elif kind == "log_probs":
+        x = torch.log_softmax(z, -1)
+    else:
+        x = torch.softmax(z, -1)
+    x = x.to(dtype)
+    if kind == "probs" and dtype in (torch.float16, torch.bfloat16):
+        # Re-normalise after rounding so rows sum to 1 within the dtype's precision.
+        x = (x.double() / x.double().sum(-1, keepdim=True)).to(dtype)
+    return x
+
+
+def ref(x_ntc: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    return reference_scores(x_ntc.double(), kind, dtype=torch.float64)
+
+
+def assert_close(ps: fastbald.PoolScores, r: torch.Tensor, tol: float, where: str = "") -> None:
+    for i, name in enumerate(METRICS):
+        got = getattr(ps, name)
+        assert got is not None, name
+        assert got.shape == r[i].shape, (name, got.shape, r[i].shape)
+        err = (got.double() - r[i]).abs()
+        assert torch.isfinite(got).all(), f"{name} has non-finite values {where}"
+        if err.numel() == 0:
+            continue
+        assert float(err.max()) <= tol, (
+            f"{name}: max abs err {float(err.max()):.3g} > {tol:g} {where}"
+        )
+
+
+SHAPES = [(1, 1, 1), (7, 1, 2), (33, 20, 10), (17, 5, 3), (5, 3, 100), (4, 50, 1000), (2, 4, 10000), (40, 2, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["NTC", "TNC", "NCT"])
+def test_matches_reference_logits(shape, dtype, layout):
+    x = make_input(*shape, "logits", dtype)
+    ps = fastbald.scores(to_layout(x, layout), layout=layout, backend="native")
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ps.bald.dtype == out_dtype
+    assert_close(ps, ref(x), TOL[dtype], f"{shape} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("kind", ["log_probs", "probs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(33, 20, 10), (3, 7, 300), (5, 1, 2)], ids=str)
+def test_input_kinds(shape, dtype, kind):
+    x = make_input(*shape, kind, dtype)
+    ps = fastbald.scores(x, input=kind, backend="native")
+    assert_close(ps, ref(x, kind), TOL[dtype], f"{shape} {dtype} {kind}")
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.3, 3.0, 20.0, 50.0])
+@pytest.mark.parametrize("shape", [(64, 20, 10), (8, 10, 1000)], ids=str)
+def test_logit_scales(scale, shape):
+    x = make_input(*shape, "logits", torch.float32, scale=scale, seed=3)
+    assert_close(fastbald.scores(x, backend="native"), ref(x), 1e-5, f"scale {scale}")
+
+
+@pytest.mark.parametrize("force_row", [False, True], ids=["group-kernel", "row-kernel"])
+def test_both_cpu_kernels(force_row, monkeypatch):
+    """Small T*C takes the lanes-over-items kernel; FASTBALD_FORCE_ROW_KERNEL forces the other."""
+    if force_row:
+        monkeypatch.setenv("FASTBALD_FORCE_ROW_KERNEL", "1")
+    for shape in [(37, 20, 10), (19, 3, 7), (9, 9, 2)]:
+        for layout in ("NTC", "TNC", "NCT"):
+            x = make_input(*shape, "logits", torch.float32, seed=5)
+            ps = fastbald.scores(to_layout(x, layout), layout=layout, backend="native")
+            assert_close(ps, ref(x), 1e-5, f"{shape} {layout} row={force_row}")
+
+
+def test_non_contiguous_strides():
+    base = make_input(40, 30, 24, "logits", torch.float32, seed=7)
+    views = {
+        "every-other-item": base[::2],
+        "sliced-samples": base[:, 3:25:3],
+        "sliced-classes": base[:, :, 1::2],
+        "all-three": base[1::3, ::4, 2::5],
+        "transposed-TC": base.transpose(1, 2)[:, :10, :],  # [N, 24, 30] with swapped strides
+    }
+    for name, v in views.items():
+        assert not v.is_contiguous()
+        ps = fastbald.scores(v, backend="native")
+        assert_close(ps, ref(v.contiguous()), 1e-5, name)
+
+
+def test_extreme_logits_and_masks():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(50, 12, 9, generator=g) * 1e4
+    x[0] = 0.0  # all equal
+    x[1] = -1e4
+    x[1, :, 0] = 1e4  # one dominant class
+    x[2, :, :3] = 0.0
+    x[2, :, 3:] = -math.inf  # masked classes everywhere
+    x[3, ::2, :8] = -math.inf  # a single live class in every other sample
+    x[4, 5, 2] = -math.inf
+    x[5] = -1e4
+    for i in range(6, 50):
+        x[i, :, torch.randperm(9, generator=g)[:4]] = -math.inf
+    for force_row in (False, True):
+        env = {"FASTBALD_FORCE_ROW_KERNEL": "1"} if force_row else {}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ps = fastbald.scores(x, backend="native")
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+        assert_close(ps, ref(x), 1e-5, f"row={force_row}")
+        assert float(ps.bald.min()) >= 0
+        assert float(ps.entropy[0]) == pytest.approx(math.log(9), abs=1e-6)
+        assert float(ps.bald[1]) <= 1e-6 and float(ps.entropy[1]) <= 1e-6
+        assert float(ps.entropy[2]) == pytest.approx(math.log(3), abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(20, 20, 10), (5, 10, 1000), (7, 1, 2), (3, 100, 2)], ids=str)
+@pytest.mark.parametrize("scale", [0.01, 1.0, 50.0])
+def test_identical_samples_give_zero_bald(shape, scale):
+    N, T, C = shape
+    one = torch.randn(N, 1, C) * scale
+    x = one.expand(N, T, C)  # stride 0 along T
+    ps = fastbald.scores(x, backend="native")
+    assert float(ps.bald.abs().max()) <= 1e-6
+    assert float(ps.variation_ratio.abs().max()) == 0.0
+    assert float(ps.mean_std.max()) <= 1e-6
+    assert torch.allclose(ps.entropy, ps.expected_entropy, atol=2e-6)
+
+
+def test_same_result_for_one_and_two_threads():
+    x = make_input(3001, 20, 10, "logits", torch.float32, seed=2)
+    y = make_input(50, 30, 700, "logits", torch.float32, seed=2)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = [torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4) for v in (x, y)]
+        torch.set_num_threads(2)
+        b = [torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4) for v in (x, y)]
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+
+
+def test_metric_subsets_skip_work_but_agree():
+    x = make_input(45, 20, 10, "logits", torch.float32, seed=4)
+    full = fastbald.scores(x, backend="native")
+    for m in METRICS:
+        ps = fastbald.scores(x, metrics=[m], backend="native")
+        for other in METRICS:
+            v = getattr(ps, other)
+            if other == m:
+                err = float((v - getattr(full, m)).abs().max())
+                assert err <= 1e-6, (m, err)
+            else:
+                assert v is None
+    raw = torch.ops.fastbald.pool_scores(x, 0, 1 << METRICS.index("bald"), True, 1e-4)
+    assert torch.isnan(raw[METRICS.index("entropy")]).all()  # not asked for: NaN, not garbage
+
+
+def test_single_metric_functions_and_numpy_roundtrip():
+    x = make_input(30, 8, 5, "probs", torch.float64, seed=9)
+    r = ref(x, "probs")
+    nct = x.permute(0, 2, 1).contiguous().numpy()  # baal's [N, C, T] probabilities
+    fns = {
+        "bald": fastbald.bald,
+        "entropy": fastbald.predictive_entropy,
+        "expected_entropy": fastbald.expected_entropy,
+        "variation_ratio": fastbald.variation_ratio,
+        "mean_std": fastbald.mean_std,
+        "margin": fastbald.margin,
+        "least_confidence": fastbald.least_confidence,
+    }
+    for name, f in fns.items():
+        out = f(nct, input="probs", layout="NCT")
+        assert isinstance(out, np.ndarray) and out.shape == (30,)
+        np.testing.assert_allclose(out, r[METRICS.index(name)].numpy(), atol=1e-9, err_msg=name)
+
+
+def test_empty_pool():
+    for layout in ("NTC", "TNC", "NCT"):
+        shape = {"NTC": (0, 5, 3), "TNC": (5, 0, 3), "NCT": (0, 3, 5)}[layout]
+        ps = fastbald.scores(torch.randn(shape), layout=layout, backend="native")
+        assert ps.bald.shape == (0,)
+
+
+def test_torch_backend_agrees_with_native():
+    x = make_input(64, 20, 10, "logits", torch.float32, seed=8)
+    a = fastbald.scores(x, backend="native")
+    b = fastbald.scores(x, backend="torch")
+    for name in METRICS:
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=2e-6), name
+
+
+def test_portable_cpu_kernel_in_subprocess(tmp_path):
+    """The non-AVX2 build (what a CPU without AVX2 loads) gives the same results."""
+    code = (
+        "import torch, fastbald\n"
+        "from fastbald import _ops\n"
+        "assert _ops.load()['cpu'] == 'base', _ops.load()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(37, 20, 10, generator=g)\n"
+        "y = torch.randn(3, 9, 700, generator=g)\n"
+        "for v in (x, y):\n"
+        "    a = torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4).double()\n"
+        "    r = fastbald.reference_scores(v.double(), dtype=torch.float64)\n"
+        "    assert float((a - r).abs().max()) < 1e-5, float((a - r).abs().max())\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FASTBALD_CPU_KERNEL="base")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# torch.library integration
+
+
+def test_opcheck():
+    for x in (
+        make_input(9, 4, 3, "logits", torch.float32),
+        make_input(5, 2, 7, "logits", torch.float64),
+        make_input(6, 3, 5, "logits", torch.bfloat16),
+        make_input(33, 20, 10, "logits", torch.float32).transpose(0, 1).contiguous().transpose(0, 1),
+    ):
+        torch.library.opcheck(
+            torch.ops.fastbald.pool_scores.default,
+            (x, 0, 127, True, 1e-4),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+        )
+
+
+def test_torch_compile_fullgraph():
+    def f(x):
+        out = torch.ops.fastbald.pool_scores(torch.log_softmax(x, -1), 1, 127, True, 1e-4)
+        return out[2] * 2
+
+    x = make_input(40, 20, 10, "logits", torch.float32)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(x), f(x))
+    x[3, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="pool item 3"):
+        compiled(x)  # the NaN check lives in the op, so it survives compilation
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, exc, match",
+    [
+        (torch.randn(4, 5), {}, ValueError, "3 dimensions"),
+        (torch.randn(2, 3, 4, 5), {}, ValueError, "3 dimensions"),
+        (torch.randn(4, 0, 3), {}, ValueError, "T >= 1"),
+        (torch.randn(4, 3, 0), {}, ValueError, "C >= 1"),
+        (torch.ones(4, 3, 2, dtype=torch.int64), {}, TypeError, "int64"),
+        (torch.ones(4, 3, 2, dtype=torch.bool), {}, TypeError, "bool"),
+        (torch.randn(4, 3, 2), {"layout": "CTN"}, ValueError, "layout"),
+        (torch.randn(4, 3, 2), {"input": "softmax"}, ValueError, "input"),
+        (torch.randn(4, 3, 2), {"backend": "gpu"}, ValueError, "backend"),
+        (torch.randn(4, 3, 2), {"metrics": ["bald", "foo"]}, ValueError, "unknown metric"),
+        (torch.randn(4, 3, 2, device="meta"), {}, ValueError, "meta"),
+        ([[[1.0]]], {}, TypeError, "torch.Tensor or numpy"),
+        (np.ones((2, 2, 2), dtype=np.int32), {}, TypeError, "floating"),
+    ],
+)
+def test_bad_arguments(x, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastbald.scores(x, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("shape", [(100, 20, 10), (20, 5, 3000)], ids=str)
+def test_nan_names_first_bad_item(shape, backend):
+    x = make_input(*shape, "logits", torch.float32)
+    x[71 % shape[0], 3, 2] = float("nan")
+    x[90 % shape[0], 1, 0] = float("nan")
+    first = min(71 % shape[0], 90 % shape[0])
+    with pytest.raises(ValueError, match=rf"pool item {first}\b"):
+        fastbald.scores(x, backend=backend)
+    # The check can be skipped; the other items are still right.
+    ps = fastbald.scores(x, backend=backend, check_finite=False)
+    good = torch.ones(shape[0], dtype=torch.bool)
+    good[[71 % shape[0], 90 % shape[0]]] = False
+    assert torch.allclose(ps.bald[good].double(), ref(x[good])[2], atol=1e-5)
+
+
+def test_nan_reports_layout_item_not_memory_order():
+    x = make_input(30, 20, 10, "logits", torch.float32)
+    x[17, 4, 6] = float("nan")
+    with pytest.raises(ValueError, match=r"pool item 17 \(sample 4, class 6\) is NaN"):
+        fastbald.scores(to_layout(x, "TNC"), layout="TNC", backend="native")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_inf_and_fully_masked_rows(backend):
+    x = make_input(20, 4, 5, "logits", torch.float32)
+    y = x.clone()
+    y[6, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="pool item 6"):
+        fastbald.scores(y, backend=backend)
+    y = x.clone()
+    y[8, 2, :] = -float("inf")
+    with pytest.raises(ValueError, match="pool item 8"):
+        fastbald.scores(y, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_probs_that_do_not_sum_to_one(backend):
+    p = make_input(30, 6, 4, "probs", torch.float32)
+    q = p.clone()
+    q[12, 3] *= 1.5
+    with pytest.raises(ValueError, match="pool item 12"):
+        fastbald.scores(q, input="probs", backend=backend)
+    q = p.clone()
+    q[4, 0, 0] = -0.1
+    q[4, 0, 1] += 0.1
+    with pytest.raises(ValueError, match="pool item 4"):
+        fastbald.scores(q, input="probs", backend=backend)
+    # A looser tolerance accepts rows off by 1e-3.
+    q = p.clone()
+    q[5] *= 1.001
+    with pytest.raises(ValueError, match="pool item 5"):
+        fastbald.scores(q, input="probs", backend=backend)
+    fastbald.scores(q, input="probs", backend=backend, prob_tol=1e-2)
+
+
+def test_native_op_argument_checks():
+    x = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match="input_kind"):
+        torch.ops.fastbald.pool_scores(x, 7, 127, True, 1e-4)
+    with pytest.raises(ValueError, match="metrics"):
+        torch.ops.fastbald.pool_scores(x, 0, 0, True, 1e-4)
+    with pytest.raises(ValueError, match=r"\[N, T, C\]"):
+        torch.ops.fastbald.pool_scores(x[0], 0, 127, True, 1e-4)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.fastbald.pool_scores(x.int(), 0, 127, True, 1e-4)
+
+
+def test_unavailable_native_backend(monkeypatch):
+    from fastbald import _ops
+
+    scores_mod = sys.modules["fastbald.scores"]
+
+    monkeypatch.setattr(_ops, "native_available", lambda device: False)
+    monkeypatch.setattr(scores_mod, "_warned_fallback", False)
+    x = make_input(5, 3, 4, "logits", torch.float32)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        fastbald.scores(x, backend="native")
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch backend"):
+        ps = fastbald.scores(x)  # auto: falls back, warns once
+    assert_close(ps, ref(x), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Property-based
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    N=st.integers(0, 40),
+    T=st.integers(1, 40),
+    C=st.integers(1, 70),
+    scale=st.floats(0.01, 30),
+    layout=st.sampled_from(["NTC", "TNC", "NCT"]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(N, T, C, scale, layout, dtype, seed):
+    x = make_input(N, T, C, "logits", dtype, scale=scale, seed=seed)
+    ps = fastbald.scores(to_layout(x, layout), layout=layout, backend="native")
+    assert_close(ps, ref(x), TOL[dtype], f"{(N, T, C)} {dtype} {layout}")
+
+
+# ------------------------------------------------------------------------------------------
+# 64-bit indexing
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """N*T*C > 2^31 (bfloat16, 4.3 GB): the last items must be read from the right place."""
+    T, C = 20, 10
+    N = (2**31) // (T * C) + 257
+    try:
+        x = torch.empty(N, T, C, dtype=torch.bfloat16)
+    except RuntimeError:
+        pytest.skip("not enough memory for a 4.3 GB tensor")
+    g = torch.Generator().manual_seed(0)
+    pattern = (torch.randn(4099, T, C, generator=g) * 3).to(torch.bfloat16)
+    for i in range(0, N, 4099):
+        n = min(4099, N - i)
+        x[i : i + n] = pattern[:n]
+    assert x.numel() > 2**31
+    out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-2)
+    tail = slice(N - 300, N)
+    r = ref(x[tail].clone())
+    err = (out[:, tail].double() - r).abs().max()
+    assert float(err) <= 1e-5
+    # A NaN beyond element 2^31 is found and named.
+    x[N - 5, 7, 3] = float("nan")
+    with pytest.raises(ValueError, match=f"pool item {N - 5}"):
+        torch.ops.fastbald.pool_scores(x, 0, 4, True, 1e-2)
