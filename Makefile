@@ -43,7 +43,7 @@ bench: build
 	$(PY) benchmarks/bench_scores.py
 
 lint: $(DEPS_STAMP)
-	$(VENV)/bin/ruff check fastbald tests benchmarks
+	$(VENV)/bin/ruff check .
 
 cuda-check: $(DEPS_STAMP)
 	bash scripts/check_cuda_build.sh

@@ -21,9 +21,8 @@ import platform
 os.environ.setdefault("CUDA_HOME", "/usr/local/cuda") if os.path.isdir("/usr/local/cuda") else None
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-from setuptools import setup  # noqa: E402
-
 import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,
     BuildExtension,

@@ -1,0 +1,212 @@
+"""CPU benchmark of the fused scoring op (issue 2): speed, accuracy, memory.
+
+Everything is measured side by side in one run, as the median of repeats, and reported as ratios
+(this machine is shared and noisy):
+
+* floors: one read pass over x (``x.sum()``) and the machine's exp throughput (``torch.exp``);
+* fastbald's CPU kernel (all seven outputs), its torch backend, and a straightforward PyTorch
+  computation of BALD alone (log_softmax, exp, mean, entropies);
+* accuracy of every output against float64, float32 input, logit scales 0.01..50, C up to 10,000;
+* peak extra memory (RSS) of the kernel, in a fresh subprocess per size.
+
+Usage: python benchmarks/bench_scores.py [--quick] [--out benchmarks/results/scores_cpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastbald
+from fastbald import _ops
+from fastbald.reference import METRICS, reference_scores
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def naive_bald(x: torch.Tensor) -> torch.Tensor:
+    """A straightforward PyTorch float32 BALD: what most code does."""
+    logp = torch.log_softmax(x, dim=-1)
+    p = logp.exp()
+    pbar = p.mean(1)
+    h_mean = -(pbar * torch.log(pbar)).sum(-1)
+    e_h = -(p * logp).sum(-1).mean(-1)
+    return h_mean - e_h
+
+
+def speed(sizes, repeats: int) -> list[dict]:
+    rows = []
+    for N, T, C in sizes:
+        x = torch.randn(N, T, C) * 3
+        gb = x.numel() * 4 / 1e9
+        y = torch.empty_like(x)
+        t_sum = median_time(lambda: x.sum(), repeats)
+        t_exp = median_time(lambda: torch.exp(x, out=y), repeats)
+        t_fb = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), repeats)
+        t_fb_bald = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 4, True, 1e-4), repeats)
+        t_naive = median_time(lambda: naive_bald(x), max(3, repeats // 2))
+        t_torch = median_time(lambda: fastbald.scores(x, backend="torch"), max(3, repeats // 2))
+        rows.append(
+            dict(N=N, T=T, C=C, gb=gb, sum_ms=t_sum * 1e3, exp_ms=t_exp * 1e3,
+                 fastbald_ms=t_fb * 1e3, fastbald_bald_only_ms=t_fb_bald * 1e3,
+                 naive_bald_ms=t_naive * 1e3, torch_backend_ms=t_torch * 1e3,
+                 read_gbps=gb / t_sum, exp_gps=x.numel() / t_exp / 1e9)
+        )
+        r = rows[-1]
+        print(f"  ({N}, {T}, {C}): sum {r['sum_ms']:.1f} ms, fastbald {r['fastbald_ms']:.1f} ms "
+              f"({r['fastbald_ms'] / r['sum_ms']:.2f}x sum), naive BALD {r['naive_bald_ms']:.1f} ms "
+              f"({r['naive_bald_ms'] / r['fastbald_ms']:.1f}x slower)", flush=True)
+    return rows
+
+
+def accuracy() -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for C, N, T in [(2, 2000, 20), (10, 2000, 20), (100, 500, 20), (1000, 100, 20), (10000, 20, 10)]:
+        for scale in (0.01, 0.1, 1.0, 10.0, 50.0):
+            x = torch.randn(N, T, C, generator=g) * scale
+            out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4).double()
+            ref = reference_scores(x.double(), dtype=torch.float64)
+            err = (out - ref).abs().max(1).values
+            rows.append(dict(C=C, scale=scale, **{m: float(e) for m, e in zip(METRICS, err, strict=True)},
+                             neg_bald=int((out[2] < 0).sum())))
+        # All samples equal: BALD must be ~0.
+        one = torch.randn(N, 1, C, generator=g) * 5
+        b = torch.ops.fastbald.pool_scores(one.expand(N, T, C), 0, 4, True, 1e-4)[2]
+        rows[-1]["bald_equal_samples"] = float(b.abs().max())
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(2000, 20, 10, generator=g) * 3).to(dtype)
+        out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-2).double()
+        ref = reference_scores(x.double(), dtype=torch.float64)
+        err = (out - ref).abs().max(1).values
+        rows.append(dict(C=10, scale=3.0, dtype=str(dtype), **{m: float(e) for m, e in zip(METRICS, err, strict=True)}))
+    return rows
+
+
+_MEM_CHILD = """
+import resource, sys, torch, fastbald
+from fastbald import _ops
+_ops.load()
+N, T, C = map(int, sys.argv[1:4])
+x = torch.randn(N, T, C)
+torch.ops.fastbald.pool_scores(x[:64], 0, 127, True, 1e-4)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024, out.numel() * 4 / 2**20)
+"""
+
+
+def memory(sizes) -> list[dict]:
+    rows = []
+    for N, T, C in sizes:
+        res = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(N), str(T), str(C)],
+                             capture_output=True, text=True, check=True)
+        extra, out_mb = map(float, res.stdout.split())
+        rows.append(dict(N=N, T=T, C=C, input_mb=N * T * C * 4 / 2**20, peak_extra_mb=extra,
+                         output_mb=out_mb))
+    return rows
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(),
+                kernel=_ops.load()["cpu"], capability=torch.backends.cpu.get_cpu_capability())
+
+
+def to_markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+        f"kernel `{m['kernel']}` (CPU capability {m['capability']}). Command: `{res['command']}`.",
+        "",
+        "### Speed (median of repeats; float32 logits, all seven outputs)",
+        "",
+        "| N, T, C | x.sum() (read floor) | torch.exp(x) | fastbald, 7 outputs | × sum | fastbald, BALD only "
+        "| naive PyTorch BALD | naive / fastbald | fastbald torch backend |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["speed"]:
+        lines.append(
+            f"| {r['N']:,}, {r['T']}, {r['C']} | {r['sum_ms']:.1f} ms ({r['read_gbps']:.1f} GB/s) "
+            f"| {r['exp_ms']:.1f} ms ({r['exp_gps']:.2f} G exp/s) | {r['fastbald_ms']:.1f} ms "
+            f"| {r['fastbald_ms'] / r['sum_ms']:.2f}× | {r['fastbald_bald_only_ms']:.1f} ms "
+            f"| {r['naive_bald_ms']:.1f} ms | **{r['naive_bald_ms'] / r['fastbald_ms']:.1f}×** "
+            f"| {r['torch_backend_ms']:.1f} ms |"
+        )
+    lines += ["", "### Accuracy: max abs error vs float64 (nats)", "",
+              "| C | logit scale | dtype | " + " | ".join(METRICS) + " | BALD < 0 | BALD, equal samples |",
+              "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+    for r in res["accuracy"]:
+        lines.append(
+            f"| {r['C']} | {r['scale']} | {r.get('dtype', 'torch.float32')} | "
+            + " | ".join(f"{r[mm]:.1e}" for mm in METRICS)
+            + f" | {r.get('neg_bald', '')} | {r.get('bald_equal_samples', '') and format(r['bald_equal_samples'], '.1e')} |"
+        )
+    lines += ["", "### Peak extra memory of one call (RSS, fresh process per size)", "",
+              "| N, T, C | input | peak extra | output [7, N] |", "|---|---|---|---|"]
+    for r in res["memory"]:
+        lines.append(f"| {r['N']:,}, {r['T']}, {r['C']} | {r['input_mb']:.0f} MB | "
+                     f"{r['peak_extra_mb']:.1f} MB | {r['output_mb']:.1f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI smoke)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default="benchmarks/results/scores_cpu.md")
+    args = p.parse_args(argv)
+    if not _ops.native_available(torch.device("cpu")):
+        print("the native CPU kernel is not built: run `make build`", file=sys.stderr)
+        return 1
+    if args.quick:
+        sizes, mem_sizes, repeats = [(20_000, 20, 10), (2_000, 20, 100)], [(20_000, 20, 10)], 3
+    else:
+        sizes = [(1_000_000, 20, 10), (100_000, 20, 100), (10_000, 50, 1000)]
+        mem_sizes = [(100_000, 20, 10), (1_000_000, 20, 10), (100_000, 20, 100), (10_000, 50, 1000)]
+        repeats = args.repeats
+    cmd = "python benchmarks/bench_scores.py" + (" --quick" if args.quick else "")
+    print("speed:", flush=True)
+    res = dict(machine=machine(), command=cmd, speed=speed(sizes, repeats))
+    print("accuracy...", flush=True)
+    res["accuracy"] = accuracy()
+    print("memory...", flush=True)
+    res["memory"] = memory(mem_sizes)
+    md = to_markdown(res)
+    print(md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(f"written {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
