@@ -8,6 +8,8 @@ Extensions:
 Environment:
   FASTBALD_CPU_ONLY=1     never build the CUDA kernels
   FASTBALD_FORCE_CUDA=1   build them even with no GPU present (needs nvcc + a CUDA build of torch)
+  FASTBALD_CUDA_ONLY=1    build only fastbald._C (with the CUDA kernels): the CUDA build check
+  FASTBALD_PTXAS_VERBOSE=1  print ptxas' per-kernel resource usage (registers, spills, smem)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0")
   FASTBALD_DEBUG=1        -O0 -g
 """
@@ -37,7 +39,8 @@ OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g1" if os.environ.get("FASTBALD_LINE
 WARN = ["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 # torch's headers are system headers for us: warnings-as-errors apply to our sources only.
 SYSTEM_INCLUDES = [f for d in include_paths() for f in ("-isystem", d)]
-CXX = ["-std=c++20", "-fopenmp", "-fvisibility=hidden", *OPT, *WARN, *SYSTEM_INCLUDES]
+# -ffp-contract=fast: let a * b + c become one FMA (one rounding instead of two).
+CXX = ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=fast", *OPT, *WARN, *SYSTEM_INCLUDES]
 LINK = ["-fopenmp"]
 
 
@@ -71,6 +74,9 @@ def extensions():
             "-Werror=all-warnings",
             "-Xptxas=-warn-spills",
         ]
+        if os.environ.get("FASTBALD_PTXAS_VERBOSE") == "1":
+            # Registers / spills / shared memory per kernel (scripts/check_cuda_build.sh).
+            c_args["nvcc"].append("-Xptxas=-v")
         exts.append(
             CUDAExtension(
                 "fastbald._C",
@@ -81,6 +87,9 @@ def extensions():
         )
     else:
         exts.append(CppExtension("fastbald._C", ["csrc/ops.cpp"], extra_compile_args=c_args["cxx"], extra_link_args=LINK))
+    if cuda and os.environ.get("FASTBALD_CUDA_ONLY") == "1":
+        # scripts/check_cuda_build.sh: only the library that carries the CUDA kernels.
+        return exts
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
     variants = [("base", [])]
     if is_x86:

@@ -69,6 +69,35 @@ inline __m256 exp_no_range_check(__m256 x) {
   const __m256i scale = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
 }
+
+// log(x) for positive normal x (the kernels pass row sums s >= 1 and mean probabilities; a
+// subnormal or zero pbar gives a value <= -87, which the caller floors): exponent from the bits,
+// mantissa folded to [sqrt(1/2), sqrt(2)), Cephes logf polynomial (about 1 ulp). ~20
+// instructions instead of Sleef's general-purpose log.
+inline __m256 log_positive_normal(__m256 x) {
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
+                                                 _mm256_set1_epi32(0x3f800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
 #endif
 
 template <class T>
@@ -83,7 +112,15 @@ struct Ops<at::vec::Vectorized<T>> {
 #endif
     return x.exp();
   }
-  static V log(const V& x) { return x.log(); }
+  // Only for positive arguments (row sums, mean probabilities); input="probs" uses Sleef's log.
+  static V log(const V& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      return V(log_positive_normal(x));
+    }
+#endif
+    return x.log();
+  }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static M gt(const V& a, const V& b) { return a > b; }
   static M eq(const V& a, const V& b) { return a == b; }
@@ -105,7 +142,11 @@ struct Ops<at::vec::VectorizedN<T, K>> {
     for (int i = 0; i < K; ++i) r[i] = B::exp(x[i]);
     return r;
   }
-  static V log(const V& x) { return x.log(); }
+  static V log(const V& x) {
+    V r;
+    for (int i = 0; i < K; ++i) r[i] = B::log(x[i]);
+    return r;
+  }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static M gt(const V& a, const V& b) { return a > b; }
   static M eq(const V& a, const V& b) { return a == b; }
@@ -502,7 +543,13 @@ struct GroupKernel {
   }
 
   // Scores items n0 .. n0 + nvalid - 1. Returns the lane of the first bad item, or -1.
+  // CT > 0 fixes C at compile time and kNTC the in-tile layout [T][C] (the common C = 10 case:
+  // fully unrolled class loops, no stride arithmetic); CT = 0 is the general case.
+  template <int CT, bool kNTC>
   int64_t run(int64_t n0, int64_t nvalid, GroupScratch<A>& s) const {
+    const int64_t C = CT > 0 ? CT : this->C;
+    const int64_t ts = kNTC ? C : this->ts;
+    const int64_t cs = kNTC ? 1 : this->cs;
     A* zt = s.zt.data();
     A* eb = s.eb.data();
     fill(n0, nvalid, zt);
@@ -719,7 +766,17 @@ at::Tensor pool_scores_cpu(const at::Tensor& x, int64_t input_kind, int64_t metr
         for (int64_t gi = gb; gi < ge; ++gi) {
           const int64_t n0 = gi * G;
           if (n0 > first_bad.load(std::memory_order_relaxed)) break;
-          const int64_t lane = g.run(n0, std::min<int64_t>(G, N - n0), s);
+          const int64_t nv = std::min<int64_t>(G, N - n0);
+          int64_t lane;
+          if (ntc && C == 10) {
+            lane = g.template run<10, true>(n0, nv, s);
+          } else if (ntc && C == 2) {
+            lane = g.template run<2, true>(n0, nv, s);
+          } else if (ntc) {
+            lane = g.template run<0, true>(n0, nv, s);
+          } else {
+            lane = g.template run<0, false>(n0, nv, s);
+          }
           if (lane >= 0) {
             note_bad(n0 + lane);
             break;
