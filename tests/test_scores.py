@@ -91,8 +91,9 @@ def test_input_kinds(shape, dtype, kind):
 
 
 @pytest.mark.parametrize("scale", [0.01, 0.3, 3.0, 20.0, 50.0])
-@pytest.mark.parametrize("shape", [(64, 20, 10), (8, 10, 1000)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 20, 10), (8, 10, 1000), (6, 20, 10000)], ids=str)
 def test_logit_scales(scale, shape):
+    """(6, 20, 10000) takes the row kernel's recompute path (T*C too large to keep)."""
     x = make_input(*shape, "logits", torch.float32, scale=scale, seed=3)
     assert_close(fastbald.scores(x, backend="native"), ref(x), 1e-5, f"scale {scale}")
 
@@ -358,6 +359,11 @@ def test_probs_that_do_not_sum_to_one(backend):
     q[4, 0, 0] = -0.1
     q[4, 0, 1] += 0.1
     with pytest.raises(ValueError, match="pool item 4"):
+        fastbald.scores(q, input="probs", backend=backend)
+    q = p.clone()
+    q[7, 2] = 0.0
+    q[7, 2, 1] = 2.0  # one class with p > 1
+    with pytest.raises(ValueError, match="pool item 7"):
         fastbald.scores(q, input="probs", backend=backend)
     # A looser tolerance accepts rows off by 1e-3.
     q = p.clone()

@@ -170,7 +170,7 @@ constexpr int64_t kStoreLimit = int64_t(1) << 16;
 
 template <class A>
 struct Scratch {
-  std::vector<A> z, e, p, lp, pacc, vacc, pbar, lpbar, rowm, rowls;
+  std::vector<A> z, e, p, lp, pacc, vacc, pbar, lpbar, rowm, rowls, rowinv;
   std::vector<int64_t> counts;
   std::vector<int32_t> args;
   Scratch(int64_t T, int64_t C, int64_t L, bool store) {
@@ -187,6 +187,7 @@ struct Scratch {
     lpbar.resize(C);
     rowm.resize(nb * L);
     rowls.resize(nb * L);
+    rowinv.resize(nb * L);
     counts.assign(C, 0);
     args.resize(T);
   }
@@ -308,7 +309,8 @@ struct ItemKernel {
       if (check && kind == math::kProbs) {
         // sum_c p = s * exp(m) (the row was shifted by m = max log p).
         alignas(64) A tot[L];
-        (sum * O::exp(m)).store(tot);
+        // m = max log p; clamped so exp stays in range (a row with p > e^80 fails anyway).
+        (sum * O::exp(at::vec::minimum(m, V(A(80))))).store(tot);
         for (int64_t l = 0; l < nvalid; ++l) {
           if (!(std::abs(static_cast<double>(tot[l]) - 1.0) <= tol)) ok = false;
         }
@@ -331,6 +333,7 @@ struct ItemKernel {
         if (!store) {
           m.store(s.rowm.data() + b * L);
           log_s.store(s.rowls.data() + b * L);
+          inv_s.store(s.rowinv.data() + b * L);
         }
       }
     }
@@ -389,11 +392,13 @@ struct ItemKernel {
         fill(base, t0, nvalid, zb);
         const V m = V::loadu(s.rowm.data() + b * L);
         const V ls = V::loadu(s.rowls.data() + b * L);
+        const V inv_s = O::select(valid, V::loadu(s.rowinv.data() + b * L), V(A(0)));
         A* eb = s.e.data();
         for (int64_t c = 0; c < C; ++c) {
-          const V lp = math::shifted<V, A>(V::loadu(zb + c * L), m) - ls;
-          lp.store(zb + c * L);
-          O::select(valid, O::exp(lp), V(A(0))).store(eb + c * L);
+          // exp only ever sees d in [exp_floor, 0] (see scores_math.h), never d - log s.
+          const V d = math::shifted<V, A>(V::loadu(zb + c * L), m);
+          (d - ls).store(zb + c * L);
+          (O::exp(d) * inv_s).store(eb + c * L);
         }
         pblk = eb;
         lblk = zb;
@@ -602,7 +607,7 @@ struct GroupKernel {
       const V log_s = O::log(sum);
       const V inv_s = one / sum;
       if (check && kind == math::kProbs) {
-        const V dev = (sum * O::exp(m) - one).abs();
+        const V dev = (sum * O::exp(at::vec::minimum(m, V(A(80)))) - one).abs();
         ok = ok & (dev <= V(static_cast<A>(tol)));
       }
       if (needs.entropy_t) hacc = hacc + math::row_entropy(log_s, xa, inv_s);
