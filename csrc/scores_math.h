@@ -132,6 +132,20 @@ FB_HD void row_max_argmax(const Load& z, int64_t C, V& m, V& arg) {
   }
 }
 
+// Scalar row_max_argmax with an integer index (the CUDA kernels: a thread, or a lane of a group, per
+// row): the same NaN-propagating max and the same argmax (ties: lowest c; frozen once m is NaN),
+// without the float-typed index the SIMD form needs.
+template <class A, class I, class Load>
+FB_HD void row_max_argmax_index(const Load& z, I C, A& m, I& arg) {
+  m = z(0);
+  arg = 0;
+  for (I c = 1; c < C; ++c) {
+    const A v = z(c);
+    arg = v > m ? c : arg;
+    m = Ops<A>::max(m, v);
+  }
+}
+
 // Masked classes (-inf logits) without branches: the shifted logit d = z - m is clamped at
 // exp_floor (-87 in float, -708 in double), the smallest argument whose exp is still a normal
 // number. A masked class (or one more than 87 nats below the row's best) then gets
@@ -231,6 +245,13 @@ FB_HD A clamp0(A v) {
 template <class A>
 FB_HD A variation_ratio(int64_t modal_count, int64_t T) {
   return A(1) - static_cast<A>(modal_count) / static_cast<A>(T);
+}
+
+// The same with 1 / T precomputed (the CUDA kernels avoid a double division per item: within 1 ulp
+// of variation_ratio in double, identical after rounding to float).
+template <class A>
+FB_HD A variation_ratio_inv(int64_t modal_count, A inv_T) {
+  return A(1) - static_cast<A>(modal_count) * inv_T;
 }
 
 }  // namespace math

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../report_bad_item.h"
 #include "../scores_math.h"
 
 #ifndef FB_CPU_MODULE
@@ -687,38 +688,6 @@ struct GroupKernel {
   }
 };
 
-// Says exactly what is wrong with pool item n (called once, after the parallel loop).
-template <class scalar_t>
-[[noreturn]] void report_bad_item(const scalar_t* x, int64_t n, int64_t T, int64_t C, int64_t sN,
-                                  int64_t sT, int64_t sC, int kind, double tol) {
-  const scalar_t* base = x + n * sN;
-  for (int64_t t = 0; t < T; ++t) {
-    bool all_neg_inf = true;
-    double sum = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double v = static_cast<double>(base[t * sT + c * sC]);
-      TORCH_CHECK_VALUE(!std::isnan(v), "fastbald::pool_scores: pool item ", n, " (sample ", t,
-                        ", class ", c, ") is NaN; pass check_finite=False to skip this check");
-      TORCH_CHECK_VALUE(v != std::numeric_limits<double>::infinity(), "fastbald::pool_scores: pool item ",
-                        n, " (sample ", t, ", class ", c, ") is +inf");
-      if (kind == math::kProbs) {
-        TORCH_CHECK_VALUE(v >= 0, "fastbald::pool_scores: input='probs' but pool item ", n,
-                          " (sample ", t, ", class ", c, ") is negative (", v, ")");
-      }
-      all_neg_inf = all_neg_inf && (kind == math::kProbs ? v == 0 : v == -std::numeric_limits<double>::infinity());
-      sum += v;
-    }
-    TORCH_CHECK_VALUE(!all_neg_inf, "fastbald::pool_scores: pool item ", n, " (sample ", t,
-                      ") masks every class (all ", kind == math::kProbs ? "0" : "-inf", ")");
-    if (kind == math::kProbs) {
-      TORCH_CHECK_VALUE(std::abs(sum - 1.0) <= tol, "fastbald::pool_scores: input='probs' but pool item ",
-                        n, " (sample ", t, ") sums to ", sum, ", not 1 (tolerance ", tol, ")");
-    }
-  }
-  TORCH_CHECK_VALUE(false, "fastbald::pool_scores: pool item ", n,
-                    " is invalid (its probabilities do not sum to 1 within tolerance ", tol, ")");
-}
-
 at::Tensor pool_scores_cpu(const at::Tensor& x, int64_t input_kind, int64_t metrics,
                            bool check_finite, double prob_tol) {
   check_pool_scores_args(x, input_kind, metrics, prob_tol);
@@ -803,7 +772,7 @@ at::Tensor pool_scores_cpu(const at::Tensor& x, int64_t input_kind, int64_t metr
     }
     const int64_t bad = first_bad.load();
     if (bad < N) {
-      report_bad_item<scalar_t>(k.x, bad, T, C, k.sN, k.sT, k.sC, k.kind, prob_tol);
+      report_bad_item<scalar_t>(k.x + bad * k.sN, bad, T, C, k.sT, k.sC, k.kind, prob_tol);
     }
   });
   return out;

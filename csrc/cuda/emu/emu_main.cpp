@@ -1,0 +1,282 @@
+// Host emulation of the CUDA pool-score kernels (see ../device_compat.h and ../NOTES.md).
+//
+// Built by tests/test_cuda.py with plain g++ (no torch, no CUDA):
+//   g++ -std=c++20 -O1 -I csrc csrc/cuda/emu/emu_main.cpp -o <exe>
+// Usage: <exe> IN OUT. IN holds the problem (header + raw input storage, written by the test), OUT
+// receives the status, the chosen plan and the [7, N] output (plan_only: the plan for the given
+// shape, strides and device limits, nothing run; the output stays at the sentinel -777). Every
+// CUDA block is run as `block` fibers (see ../device_compat.h); the blocks of the grid run one
+// after the other, with shared memory poisoned (all bits set: NaN / -1) before each.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../device_compat.h"
+#include "../kernels.h"
+#include "../plan.h"
+
+namespace {
+
+// Minimal half / bfloat16 storage types (the GPU build uses c10::Half / c10::BFloat16; only the
+// conversion to float matters to the kernels).
+struct Half16 {
+  uint16_t bits;
+  operator float() const {
+    const uint32_t sign = (bits >> 15) & 1, exp = (bits >> 10) & 0x1f, man = bits & 0x3ff;
+    uint32_t f;
+    if (exp == 0) {
+      if (man == 0) {
+        f = sign << 31;
+      } else {  // subnormal
+        int e = -1;
+        uint32_t m = man;
+        do {
+          ++e;
+          m <<= 1;
+        } while ((m & 0x400) == 0);
+        f = (sign << 31) | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((m & 0x3ff) << 13);
+      }
+    } else if (exp == 0x1f) {
+      f = (sign << 31) | 0x7f800000u | (man << 13);
+    } else {
+      f = (sign << 31) | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float r;
+    std::memcpy(&r, &f, 4);
+    return r;
+  }
+};
+struct BF16 {
+  uint16_t bits;
+  operator float() const {
+    const uint32_t f = static_cast<uint32_t>(bits) << 16;
+    float r;
+    std::memcpy(&r, &f, 4);
+    return r;
+  }
+};
+
+struct Header {
+  char magic[8];
+  int64_t dtype, N, T, C, sN, sT, sC, numel, offset, kind, metrics, check;
+  double tol;
+  int64_t force_path, force_generic, force_one_array, tile_budget, block, max_grid, force_args,
+      force_kk, smem_optin, smem_per_sm, plan_only, seed, row_lanes;
+};
+
+// Runs the kernel body on every block of the grid, one block after the other, each block's
+// threads as fibers (see ../device_compat.h). Shared memory is poisoned (all bits set: NaN / -1)
+// before each block. The order in which ready fibers run is shuffled (seeded), so code that reads
+// another thread's shared data without a barrier gets different, wrong results.
+struct Fiber {
+  static void entry() {
+    using namespace fastbald::cuda;
+    (*body)();
+    dev::g_blk->threads[dev::g_blk->cur].state = dev::kDone;
+    // returning switches to uc_link (the scheduler)
+  }
+  static inline std::function<void()>* body = nullptr;
+};
+
+// Kept out of line: getcontext returns twice, which the caller's loop variables must not see.
+[[gnu::noinline]] void init_fiber(fastbald::cuda::dev::EmuThread& t, ucontext_t* link, size_t stack) {
+  t.stack.resize(stack);
+  getcontext(&t.ctx);
+  t.ctx.uc_stack.ss_sp = t.stack.data();
+  t.ctx.uc_stack.ss_size = stack;
+  t.ctx.uc_link = link;
+  makecontext(&t.ctx, &Fiber::entry, 0);
+  t.state = fastbald::cuda::dev::kRunning;
+}
+
+template <class S, class A>
+void emulate(fastbald::cuda::Params& P, uint64_t seed) {
+  using namespace fastbald::cuda;
+  const int B = P.block;
+  dev::EmuBlock blk;
+  blk.bdim = B;
+  blk.gdim = P.grid;
+  blk.threads.resize(static_cast<size_t>(B));
+  blk.shfl_buf.assign(static_cast<size_t>(B), 0);
+  dev::g_blk = &blk;
+  const size_t smem_bytes = static_cast<size_t>(P.smem) + 64;
+  unsigned char* smem = static_cast<unsigned char*>(std::aligned_alloc(64, (smem_bytes + 63) / 64 * 64));
+  std::function<void()> body = [&] {
+    if (P.path == kTilePath) {
+      tile_body<S, A>(P, smem);
+    } else {
+      stream_body<S, A>(P, smem);
+    }
+  };
+  Fiber::body = &body;
+  std::mt19937_64 rng(seed);
+  std::vector<int> order(static_cast<size_t>(B));
+  for (int i = 0; i < B; ++i) order[i] = i;
+  constexpr size_t kStack = 256 * 1024;
+  bool priority_phase = false;
+  std::vector<int> prio(static_cast<size_t>(B / 32));
+  auto new_phase = [&] {
+    priority_phase = (rng() & 1) != 0;
+    for (size_t w = 0; w < prio.size(); ++w) prio[w] = static_cast<int>(w);
+    std::shuffle(prio.begin(), prio.end(), rng);
+  };
+  for (int64_t b = 0; b < P.grid; ++b) {
+    std::memset(smem, 0xff, smem_bytes);
+    blk.bid = b;
+    for (int i = 0; i < B; ++i) init_fiber(blk.threads[i], &blk.sched, kStack);
+    new_phase();
+    for (;;) {
+      std::shuffle(order.begin(), order.end(), rng);
+      bool ran = false;
+      for (int i : order) {
+        if (blk.threads[i].state != dev::kRunning) continue;
+        blk.cur = i;
+        swapcontext(&blk.sched, &blk.threads[i].ctx);
+        ran = true;
+      }
+      int done = 0, at_block = 0;
+      for (const auto& t : blk.threads) {
+        done += t.state == dev::kDone;
+        at_block += t.state == dev::kWaitBlock;
+      }
+      if (done == B) break;
+      bool released = false;
+      if (at_block == B) {
+        for (auto& t : blk.threads) t.state = dev::kRunning;
+        released = true;
+      }
+      // Warps whose 32 threads all wait at a shuffle. Between two block barriers the scheduler
+      // either releases a random non-empty subset of them each round (warps drift apart) or, in
+      // "priority" phases, only the first ready warp of a random priority order, so that warp runs
+      // alone until the next block barrier (the most adversarial order for a missing barrier).
+      std::vector<int> ready;
+      for (int w = 0; w < B / 32; ++w) {
+        int n = 0;
+        for (int l = 0; l < 32; ++l) n += blk.threads[w * 32 + l].state == dev::kWaitWarp;
+        if (n == 32) ready.push_back(w);
+      }
+      if (!ready.empty()) {
+        std::vector<int> rel;
+        if (priority_phase) {
+          int best = ready[0];
+          for (int w : ready) {
+            if (prio[w] < prio[best]) best = w;
+          }
+          rel.push_back(best);
+        } else {
+          rel.push_back(ready[rng() % ready.size()]);
+          for (int w : ready) {
+            if (w != rel[0] && (rng() & 3) != 0) rel.push_back(w);
+          }
+        }
+        for (int w : rel) {
+          for (int l = 0; l < 32; ++l) blk.threads[w * 32 + l].state = dev::kRunning;
+        }
+        released = true;
+      }
+      if (at_block == B) new_phase();
+      if (!released && !ran) {
+        std::fprintf(stderr, "emulator: deadlock in block %lld (a barrier or shuffle not reached by all of "
+                             "its threads): states [tid:state] (1 block barrier, 2 warp shuffle, 3 done):",
+                     static_cast<long long>(b));
+        for (int i = 0; i < B; ++i) std::fprintf(stderr, " %d:%d", i, blk.threads[i].state);
+        std::fprintf(stderr, "\n");
+        std::exit(3);
+      }
+    }
+  }
+  std::free(smem);
+  dev::g_blk = nullptr;
+}
+
+template <class S, class A>
+int run(const Header& h, const std::vector<unsigned char>& data, FILE* out) {
+  using namespace fastbald::cuda;
+  Params P{};
+  P.N = h.N;
+  P.T = h.T;
+  P.C = h.C;
+  P.sN = h.sN;
+  P.sT = h.sT;
+  P.sC = h.sC;
+  P.kind = static_cast<int>(h.kind);
+  P.metrics = static_cast<int>(h.metrics);
+  P.check = static_cast<int>(h.check);
+  P.tol = h.tol;
+  DeviceLimits lim;
+  if (h.smem_optin > 0) lim.smem_optin = h.smem_optin;
+  if (h.smem_per_sm > 0) lim.smem_per_sm = h.smem_per_sm;
+  PlanOverrides ov;
+  ov.force_path = static_cast<int>(h.force_path);
+  ov.force_generic = static_cast<int>(h.force_generic);
+  ov.force_one_array = static_cast<int>(h.force_one_array);
+  ov.tile_budget = h.tile_budget;
+  ov.block = static_cast<int>(h.block);
+  ov.max_grid = h.max_grid;
+  ov.force_args = static_cast<int>(h.force_args);
+  ov.force_kk = static_cast<int>(h.force_kk);
+  ov.row_lanes = static_cast<int>(h.row_lanes);
+  P.x = data.data() + h.offset * static_cast<int64_t>(sizeof(S));
+  std::string err;
+  int64_t status = 0, bad = -1;
+  std::vector<A> o(h.plan_only ? 0 : static_cast<size_t>(7 * h.N), static_cast<A>(-777.0));
+  const bool ok = make_plan(P, sizeof(S), sizeof(A), lim, ov, &err);
+  unsigned long long flag = 0;
+  if (!ok) {
+    status = 1;
+    std::fprintf(stderr, "plan: %s\n", err.c_str());
+  } else if (h.N > 0 && !h.plan_only) {
+    P.out = o.data();
+    P.flag = h.check ? &flag : nullptr;
+    emulate<S, A>(P, static_cast<uint64_t>(h.seed));
+    if (flag != 0) {
+      status = 2;
+      bad = static_cast<int64_t>(~0ull - flag);
+    }
+  }
+  const int64_t info[14] = {status,       bad,         P.path,       P.kk,        P.load_mode,
+                            P.row_lanes,  P.two_arrays, P.col_lanes, P.smem,       P.grid,
+                            P.cnt_mode,   P.Cp,        P.gen_order,  P.tnc_rows};
+  std::fwrite(info, sizeof(info), 1, out);
+  std::fwrite(o.data(), sizeof(A), o.size(), out);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+    return 2;
+  }
+  FILE* in = std::fopen(argv[1], "rb");
+  if (!in) return 2;
+  Header h;
+  if (std::fread(&h, sizeof(h), 1, in) != 1 || std::memcmp(h.magic, "FBEMU1\0\0", 8) != 0) return 2;
+  static const int64_t esize[4] = {4, 8, 2, 2};
+  if (h.dtype < 0 || h.dtype > 3) return 2;
+  std::vector<unsigned char> data(static_cast<size_t>(h.numel * esize[h.dtype]) + 16);
+  if (h.numel > 0 && std::fread(data.data(), static_cast<size_t>(esize[h.dtype]), static_cast<size_t>(h.numel), in) !=
+                         static_cast<size_t>(h.numel))
+    return 2;
+  std::fclose(in);
+  FILE* out = std::fopen(argv[2], "wb");
+  if (!out) return 2;
+  int rc = 0;
+  switch (h.dtype) {
+    case 0: rc = run<float, float>(h, data, out); break;
+    case 1: rc = run<double, double>(h, data, out); break;
+    case 2: rc = run<Half16, float>(h, data, out); break;
+    default: rc = run<BF16, float>(h, data, out); break;
+  }
+  std::fclose(out);
+  return rc;
+}

@@ -1,0 +1,352 @@
+// Launch parameters of the CUDA pool-score kernels and the host code that chooses them (kernel,
+// load mode, items per block, shared-memory layout). Plain C++ (no torch, no CUDA runtime): the
+// CUDA glue (scores_cuda.cu) and the host emulator (emu/emu_main.cpp) use the same planner.
+// See NOTES.md for the design.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "../scores_math.h"
+
+namespace fastbald {
+namespace cuda {
+
+// n / d for 0 <= n < 2^31, 1 <= d < 2^31 with a multiply-high and a shift (Granlund-Montgomery,
+// as in PyTorch's IntDivider).
+struct FastDiv {
+  uint32_t d;
+  uint32_t m;
+  uint32_t s;
+  FB_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, m);
+#else
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * m) >> 32);
+#endif
+    return (t + n) >> s;
+  }
+  FB_HD int operator()(int n) const { return static_cast<int>(div(static_cast<uint32_t>(n))); }
+};
+
+inline FastDiv make_fastdiv(int64_t d) {
+  FastDiv f{};
+  if (d < 1) d = 1;
+  f.d = static_cast<uint32_t>(d);
+  uint32_t s = 0;
+  while (s < 31 && (uint64_t(1) << s) < static_cast<uint64_t>(d)) ++s;
+  f.s = s;
+  f.m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - uint64_t(d))) / uint64_t(d) + 1);
+  return f;
+}
+
+enum Path : int { kTilePath = 0, kStreamPath = 1 };
+
+// How the tile kernel copies a chunk of items from global to shared memory.
+enum LoadMode : int {
+  kLoadFlat = 0,     // contiguous NTC: the chunk is one span (16-byte vectors, head/tail per chunk)
+  kLoadTnc = 1,      // contiguous TNC: for each t, the chunk's items are one span of kk*C; 16-byte
+                     // vectors when all spans share one alignment (planned on the host)
+  kLoadGeneric = 2,  // any strides: one element per thread-iteration, in the order of gen_order
+};
+// Loop order of the generic load, innermost last: the smallest stride innermost so that
+// consecutive threads read neighbouring addresses.
+enum GenOrder : int { kOrderJTC = 0, kOrderJCT = 1, kOrderTJC = 2 };
+
+struct Params {
+  // Filled by the caller.
+  const void* x;
+  void* out;                  // [7, N] of A
+  unsigned long long* flag;   // ~0 - (first bad item), 0 if none; nullptr when !check
+  // Problem.
+  int64_t N, T, C, sN, sT, sC;
+  int kind, metrics, check;
+  double tol;
+  double inv_T, inv_C;  // 1 / T, 1 / C (no double division on the device)
+  // Plan.
+  int path;
+  int block;            // threads per block (multiple of 32)
+  int64_t grid;         // blocks (grid-stride over chunks / items)
+  int64_t smem;         // dynamic shared memory bytes
+  // Tile kernel.
+  int64_t nchunks;
+  int kk;               // items per chunk
+  int Cp;               // row stride of the shared tile (C or C + 1)
+  int load_mode;
+  int gen_order;
+  int tnc_rows;         // shared row of (item j, sample t): t * kk + j (1) or j * T + t (0)
+  int row_lanes;        // G: lanes per row in the rows phase (1: a thread per row ... 32: a warp)
+  int two_arrays;       // 1: e stored next to d; 0: p recomputed as exp(d - log s)
+  int pad;              // span loads: Cp == C + 1 (shared offset q + q / C)
+  int col_lanes;        // threads per (item, class) pair in the column phase (power of 2 <= 32)
+  int col_lanes_log2;
+  int tnc_head, tnc_nv, tnc_nsc;  // kLoadTnc: per span, scalar head, 16-byte vectors, scalars
+  FastDiv div_c, div_t, div_kk, div_nv, div_nsc;
+  int off_d, off_e, off_rls, off_rinv, off_rh, off_cent, off_ckl, off_cstd, off_cpb, off_cnt;
+  // Stream kernel.
+  int cnt_mode;         // 1: C vote counters in shared memory; 0: T argmax indices
+  int off_rm, off_args, off_red;
+};
+
+struct DeviceLimits {
+  int64_t smem_optin = 227 * 1024;   // per block, opt-in maximum
+  int64_t smem_per_sm = 228 * 1024;
+  int num_sms = 132;
+};
+
+// Test hooks (the emulator and the GPU tests use them to reach every path with small inputs).
+struct PlanOverrides {
+  int force_path = -1;          // kTilePath / kStreamPath
+  int force_generic = 0;        // tile kernel: element-wise load whatever the strides
+  int force_one_array = 0;      // tile kernel: never store e
+  int64_t tile_budget = 0;      // tile kernel: shared-memory budget (bytes) instead of the defaults
+  int block = 0;                // threads per block
+  int64_t max_grid = 0;         // cap on the grid (exercises the grid-stride loops)
+  int force_args = 0;           // stream kernel: argmax indices instead of counters
+  int force_kk = 0;             // tile kernel: items per chunk (if it fits)
+  int row_lanes = 0;            // tile kernel: lanes per row (power of 2 <= 32)
+};
+
+namespace plan_detail {
+inline int64_t a16(int64_t b) { return (b + 15) / 16 * 16; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct TileLayout {
+  int64_t off_d, off_e, off_rls, off_rinv, off_rh, off_cent, off_ckl, off_cstd, off_cpb, off_cnt,
+      total;
+};
+inline TileLayout tile_layout(int64_t k, int64_t T, int64_t C, int64_t Cp, int64_t acc, bool two) {
+  TileLayout L{};
+  int64_t o = 0;
+  L.off_d = o;
+  o += a16(k * T * Cp * acc);
+  L.off_e = o;
+  if (two) o += a16(k * T * Cp * acc);
+  L.off_rls = o;
+  o += a16(k * T * acc);
+  L.off_rinv = o;
+  o += a16(k * T * acc);
+  L.off_rh = o;
+  o += a16(k * T * acc);
+  L.off_cent = o;
+  o += a16(k * C * acc);
+  L.off_ckl = o;
+  o += a16(k * C * acc);
+  L.off_cstd = o;
+  o += a16(k * C * acc);
+  L.off_cpb = o;
+  o += a16(k * C * acc);
+  L.off_cnt = o;
+  o += a16(k * C * 4);
+  L.total = o;
+  return L;
+}
+
+inline int col_lanes_for(int64_t k, int64_t T, int64_t C, int block) {
+  int lanes = 1;
+  while (lanes < 32 && k * C * lanes * 2 <= block && lanes * 2 <= T) lanes *= 2;
+  return lanes;
+}
+
+// Relative cost (instruction issue slots per thread slot, from the SASS of the loops: NOTES.md)
+// of one chunk of k items with G lanes per row.
+inline double chunk_cost(int64_t k, int64_t T, int64_t C, int block, int G, const math::Needs& needs) {
+  int lgG = 0;
+  while ((1 << lgG) < G) ++lgG;
+  // per lane: ~25 per logit (max, shifted, exp, sums, stores), ~60 per row (log, 1/s, stats,
+  // vote), 4 shuffle steps of ~3 per level of the group tree.
+  const double row = double(cdiv(C, G)) * 25.0 + 60.0 + 12.0 * lgG;
+  const double rows = double(cdiv(k * T * G, block)) * row;
+  double cols = 0;
+  if (needs.pbar) {
+    const int lanes = col_lanes_for(k, T, C, block);
+    int lg = 0;
+    while ((1 << lg) < lanes) ++lg;
+    cols = double(cdiv(k * C * lanes, block)) *
+           (double(cdiv(T, lanes)) * (needs.second ? 20.0 : 6.0) + 12.0 * lg + 60.0);
+  }
+  const int64_t nwarps = block / 32;
+  const double fixed = 300.0 + double(cdiv(k, nwarps)) * (double(cdiv(C, 32) + cdiv(T, 32)) * 8 + 80);
+  return rows + cols + fixed;
+}
+
+// Row stride of the shared tile for G lanes per row: the rows that the groups of one warp read at
+// the same time fall on distinct banks when Cp / G is odd (G < 32). With a thread per row (G = 1)
+// only strides with a factor 4 are padded, so C = 10 (2-way at worst) keeps a plain copy as load.
+inline int64_t row_stride(int64_t C, int G) {
+  if (G >= 32) return C;
+  if (G == 1) return C % 4 == 0 ? C + 1 : C;
+  int64_t Cp = C;
+  while (Cp % G != 0 || (Cp / G) % 2 == 0) ++Cp;
+  return Cp;
+}
+}  // namespace plan_detail
+
+// Chooses the kernel and its configuration (P.x must be set: the TNC vector load depends on its
+// alignment). Returns false with *err set when the problem cannot be run on the device (only: T
+// too large for the stream kernel's per-row stats).
+inline bool make_plan(Params& P, int64_t elem_size, int64_t acc_size, const DeviceLimits& lim,
+                      const PlanOverrides& ov, std::string* err) {
+  using namespace plan_detail;
+  const int64_t N = P.N, T = P.T, C = P.C;
+  const math::Needs needs(P.metrics, P.kind);
+  const bool need_vr = (P.metrics & (1 << math::kVariationRatio)) != 0;
+  P.inv_T = 1.0 / static_cast<double>(T);
+  P.inv_C = 1.0 / static_cast<double>(C);
+  P.block = ov.block > 0 ? ov.block : 256;
+  const int B = P.block;
+  const int64_t max_grid = ov.max_grid > 0 ? ov.max_grid : (int64_t(1) << 30);
+
+  // ---- tile kernel ----
+  bool tile_ok = false;
+  if (ov.force_path != kStreamPath && T * C < (int64_t(1) << 26)) {
+    const bool unit_c = C == 1 || P.sC == 1;
+    const bool flat = unit_c && (T == 1 || P.sT == C) && (N == 1 || P.sN == T * C);
+    const bool tnc = !flat && unit_c && (N == 1 || P.sN == C);
+    int mode = flat ? kLoadFlat : (tnc ? kLoadTnc : kLoadGeneric);
+    if (ov.force_generic) mode = kLoadGeneric;
+    const int64_t asT = P.sT < 0 ? -P.sT : P.sT, asC = P.sC < 0 ? -P.sC : P.sC;
+    const int order = tnc ? kOrderTJC : ((asT < asC && T > 1) ? kOrderJCT : kOrderJTC);
+    const bool can_two = needs.pbar && !ov.force_one_array;
+    struct Try {
+      bool two;
+      int64_t budget;
+    };
+    const int64_t half_sm = std::max<int64_t>(48 * 1024, lim.smem_per_sm / 2 - 1024);
+    Try tries[4] = {{true, 48 * 1024}, {true, half_sm}, {false, half_sm}, {false, lim.smem_optin}};
+    if (!can_two) {
+      tries[0] = {false, 48 * 1024};
+      tries[1] = {false, half_sm};
+      tries[2] = {false, lim.smem_optin};
+      tries[3] = {false, 0};
+    }
+    if (ov.tile_budget > 0) {
+      tries[0] = {can_two, ov.tile_budget};
+      tries[1] = {false, ov.tile_budget};
+      tries[2] = {false, 0};
+      tries[3] = {false, 0};
+    }
+    for (const Try& tr : tries) {
+      const bool two = tr.two;
+      if (tr.budget <= 0) continue;
+      const int64_t budget = std::min(tr.budget, lim.smem_optin);
+      // Joint choice of G (lanes per row) and k (items per chunk): least cost per item.
+      int64_t best_k = 0, Cp = C;
+      int best_G = 1;
+      double best = 1e300;
+      for (int G = 1; G <= 32; G *= 2) {
+        if (ov.row_lanes > 0 && G != ov.row_lanes) continue;
+        if (ov.row_lanes <= 0 && G > 1 && (G / 2) * 4 > C) continue;  // >= 4 classes per lane
+        if (G > B) continue;
+        const int64_t cp = row_stride(C, G);
+        int64_t kmax = 0;
+        while (kmax < std::min<int64_t>(N, 4096) && tile_layout(kmax + 1, T, C, cp, acc_size, two).total <= budget)
+          ++kmax;
+        for (int64_t k = 1; k <= kmax; ++k) {
+          if (ov.force_kk > 0 && k != std::min<int64_t>(ov.force_kk, kmax)) continue;
+          const double c = chunk_cost(k, T, C, B, G, needs) / double(k);
+          if (c <= best * (1 + 1e-9)) {
+            best = c;
+            best_k = k;
+            best_G = G;
+            Cp = cp;
+          }
+        }
+      }
+      if (best_k < 1) continue;
+      // TNC: 16-byte vectors need every span of every chunk at one alignment: rows of the input
+      // 16-byte multiples apart and chunks of kk items a 16-byte multiple long (kk rounded down).
+      bool tnc_vec = false;
+      if (mode == kLoadTnc && (asT * elem_size) % 16 == 0 && ov.force_kk <= 0) {
+        int64_t m = 1;
+        while ((m * C * elem_size) % 16 != 0) ++m;
+        if (best_k >= m) {
+          best_k = best_k / m * m;
+          tnc_vec = true;
+        }
+      }
+      const TileLayout L = tile_layout(best_k, T, C, Cp, acc_size, two);
+      P.path = kTilePath;
+      P.kk = static_cast<int>(best_k);
+      P.Cp = static_cast<int>(Cp);
+      P.load_mode = (mode == kLoadTnc && !tnc_vec) ? kLoadGeneric : mode;
+      P.gen_order = order;
+      P.tnc_rows = tnc ? 1 : 0;
+      P.row_lanes = best_G;
+      P.two_arrays = two;
+      P.pad = Cp != C && (P.load_mode == kLoadFlat || P.load_mode == kLoadTnc);
+      const int64_t vw = 16 / elem_size;
+      if (tnc_vec) {
+        const uintptr_t addr = reinterpret_cast<uintptr_t>(P.x);
+        const int64_t len = best_k * C;
+        int64_t head = static_cast<int64_t>((16 - (addr & 15)) & 15) / elem_size;
+        head = std::min(head, len);
+        P.tnc_head = static_cast<int>(head);
+        P.tnc_nv = static_cast<int>((len - head) / vw);
+        P.tnc_nsc = static_cast<int>(len - P.tnc_nv * vw);
+      }
+      P.div_nv = make_fastdiv(std::max(1, P.tnc_nv));
+      P.div_nsc = make_fastdiv(std::max(1, P.tnc_nsc));
+      P.col_lanes = col_lanes_for(best_k, T, C, B);
+      P.col_lanes_log2 = 0;
+      while ((1 << P.col_lanes_log2) < P.col_lanes) ++P.col_lanes_log2;
+      P.div_c = make_fastdiv(C);
+      P.div_t = make_fastdiv(T);
+      P.div_kk = make_fastdiv(best_k);
+      P.off_d = static_cast<int>(L.off_d);
+      P.off_e = static_cast<int>(L.off_e);
+      P.off_rls = static_cast<int>(L.off_rls);
+      P.off_rinv = static_cast<int>(L.off_rinv);
+      P.off_rh = static_cast<int>(L.off_rh);
+      P.off_cent = static_cast<int>(L.off_cent);
+      P.off_ckl = static_cast<int>(L.off_ckl);
+      P.off_cstd = static_cast<int>(L.off_cstd);
+      P.off_cpb = static_cast<int>(L.off_cpb);
+      P.off_cnt = static_cast<int>(L.off_cnt);
+      P.smem = L.total;
+      P.nchunks = cdiv(N, best_k);
+      P.grid = std::max<int64_t>(1, std::min(P.nchunks, max_grid));
+      tile_ok = true;
+      break;
+    }
+  }
+  if (tile_ok) return true;
+
+  // ---- stream kernel ----
+  const int64_t nwarps = B / 32;
+  const int64_t red = a16(nwarps * 8 * 8);
+  const int64_t base = a16(T * acc_size) * 2 + red;
+  int64_t need = base;
+  int cnt_mode = 1;
+  if (need_vr) {
+    if (!ov.force_args && base + a16(C * 4) <= lim.smem_optin) {
+      need += a16(C * 4);
+    } else {
+      cnt_mode = 0;
+      need += a16(T * 4);
+    }
+  }
+  if (need > lim.smem_optin) {
+    if (err) {
+      *err = "T = " + std::to_string(T) + " MC samples with C = " + std::to_string(C) +
+             " classes is too large for the CUDA kernel (per-sample statistics need " +
+             std::to_string(need) + " bytes of shared memory, the device allows " +
+             std::to_string(lim.smem_optin) + "); score this pool on the CPU";
+    }
+    return false;
+  }
+  P.path = kStreamPath;
+  P.cnt_mode = cnt_mode;
+  P.off_rm = 0;
+  P.off_rls = static_cast<int>(a16(T * acc_size));
+  P.off_red = static_cast<int>(2 * a16(T * acc_size));
+  P.off_args = static_cast<int>(base);  // counters (cnt_mode) or argmax indices
+  P.smem = need;
+  P.nchunks = N;
+  P.grid = std::max<int64_t>(1, std::min(N, max_grid));
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace fastbald

@@ -1,0 +1,809 @@
+"""The CUDA kernels of fastbald::pool_scores (csrc/cuda/).
+
+Four groups:
+
+* **Host emulation** (runs on any machine with g++, no GPU): csrc/cuda/kernels.h and plan.h, the
+  very sources nvcc compiles, built against a std::thread implementation of the device primitives
+  (csrc/cuda/device_compat.h, csrc/cuda/emu/emu_main.cpp). Every case of ``CASES`` runs through the
+  emulated kernels and is compared with the float64 reference, with the output pre-filled with a
+  sentinel (an element the kernels forget to write fails) and shared memory poisoned before every
+  block. A shuffle or barrier reached by only part of a warp/block deadlocks the emulator: the
+  subprocess timeout turns that into a failure.
+* **Plans** (emulator in plan-only mode): which kernel and configuration real GPU sizes get, with
+  H100 and A100 shared-memory limits.
+* **CUDA** (``pytest.mark.cuda``, skipped without a CUDA device): every case of ``CASES`` on the
+  device through the real op (kernel paths forced with FASTBALD_CUDA_PLAN), outputs poisoned through
+  the caching allocator, CPU-vs-CUDA agreement, the bad-input errors (same message as the CPU op),
+  streams/devices, opcheck, the public API, C = 100,000, and N*T*C > 2^31.
+* The self-test's CPU path (``fastbald.selftest``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastbald
+from fastbald import _ops
+from fastbald.reference import INPUT_KINDS, METRICS
+from fastbald.selftest import oracle
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+EMU_SOURCES = [
+    CSRC / "cuda" / "emu" / "emu_main.cpp",
+    CSRC / "cuda" / "kernels.h",
+    CSRC / "cuda" / "device_compat.h",
+    CSRC / "cuda" / "plan.h",
+    CSRC / "scores_math.h",
+]
+HAS_CUDA = torch.cuda.is_available()
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+SENTINEL = -777.0
+ALL = (1 << 7) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases shared by the emulator and the GPU tests.
+
+
+@dataclass
+class Case:
+    id: str
+    shape: tuple[int, int, int]  # logical N, T, C
+    dtype: torch.dtype = torch.float32
+    layout: str = "NTC"  # physical axis order of the stored tensor
+    kind: str = "logits"
+    metrics: int = ALL
+    scale: float = 3.0
+    offset: int = 0  # storage offset in elements (misaligned starts)
+    special: str = ""  # "masks" | "sliced" | "sliced_t" | "transposed" | "identical"
+    plan: dict = field(default_factory=dict)  # PlanOverrides (emulator) / FASTBALD_CUDA_PLAN
+    block: int = 64  # emulator threads per block (the GPU uses 256 unless plan says otherwise)
+    seed: int = 0
+
+
+def _cases() -> list[Case]:
+    cs: list[Case] = []
+    for layout in ("NTC", "TNC", "NCT"):
+        for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            cs.append(Case(f"{layout}-{str(dt)[6:]}", (37, 7, 10), dt, layout))
+    for C in (1, 2, 3, 4, 8, 16, 31, 32, 33, 64, 200):
+        cs.append(Case(f"C{C}", (23, 5, C)))
+    for C in (1, 4, 32, 33):
+        cs.append(Case(f"C{C}-TNC", (23, 5, C), layout="TNC"))
+    for T in (1, 2, 33, 100):
+        cs.append(Case(f"T{T}", (11, T, 10)))
+    cs += [
+        Case("N1-T1-C1", (1, 1, 1)),
+        Case("N1", (1, 3, 5)),
+        Case("N1-T50-C2-lanes", (1, 50, 2)),
+        Case("T100-C3-lanes8", (13, 100, 3), plan={"force_kk": 2}),
+        Case("sliced-rows", (19, 6, 28), special="sliced"),
+        Case("sliced-rows-Tstride", (19, 3, 4), special="sliced_t"),
+        Case("transposed-generic", (19, 17, 6), special="transposed"),
+        Case("masks-extreme", (17, 8, 10), special="masks", scale=3.0),
+        Case("masks-extreme-warp", (9, 8, 60), special="masks"),
+        Case("masks-extreme-stream", (9, 8, 10), special="masks", plan={"force_path": 1}),
+        Case("identical-samples", (12, 9, 10), special="identical"),
+        Case("identical-samples-warp", (6, 9, 70), special="identical"),
+        Case("scale50", (21, 6, 10), scale=50.0),
+        Case("scale0.01", (21, 6, 10), scale=0.01),
+    ]
+    for off in (1, 2, 3):
+        cs.append(Case(f"offset{off}", (29, 6, 10), offset=off))
+        cs.append(Case(f"offset{off}-f16-TNC", (29, 6, 12), torch.float16, "TNC", offset=off))
+    for kind in INPUT_KINDS:
+        for layout in ("NTC", "NCT"):
+            cs.append(Case(f"{kind}-{layout}", (21, 6, 9), layout=layout, kind=kind))
+    cs.append(Case("probs-stream", (7, 6, 40), kind="probs", plan={"force_path": 1}))
+    for m in range(7):
+        cs.append(Case(f"only-{METRICS[m]}", (21, 6, 9), metrics=1 << m))
+    for m in (1 << 3, 1 << 1, (1 << 2) | (1 << 4), 0b1010101):
+        cs.append(Case(f"metrics{m}-warp", (5, 6, 50), metrics=m))
+        cs.append(Case(f"metrics{m}-stream", (5, 6, 9), metrics=m, plan={"force_path": 1}))
+    cs.append(Case("only-variation_ratio-probs", (21, 6, 9), kind="probs", metrics=1 << 3))
+    plans = [
+        {"force_generic": 1},
+        {"force_one_array": 1},
+        {"max_grid": 2},
+        {"max_grid": 1, "force_kk": 2},
+        {"force_kk": 3},
+        {"force_path": 1},
+        {"force_path": 1, "force_args": 1},
+        {"tile_budget": 3000},
+    ]
+    for p in plans:
+        tag = ",".join(f"{k}={v}" for k, v in p.items())
+        cs.append(Case(f"[{tag}]-C10", (31, 9, 10), plan=p))
+        cs.append(Case(f"[{tag}]-C70-TNC", (13, 9, 70), layout="TNC", plan=p))
+        cs.append(Case(f"[{tag}]-C12-NCT-bf16", (13, 9, 12), torch.bfloat16, "NCT", plan=p))
+    # One block walks 4 chunks of 8 items, 4 items per warp: the order of the end-of-chunk barrier
+    # against the next chunk's counter reset matters (a missing barrier fails here).
+    cs.append(Case("multichunk-kk8", (31, 9, 10), plan={"max_grid": 1, "force_kk": 8}))
+    cs.append(Case("multichunk-kk8-warp", (31, 5, 40), plan={"max_grid": 1, "force_kk": 8}))
+    for G, C in ((2, 10), (8, 33), (16, 100), (32, 40), (32, 100)):
+        cs.append(Case(f"lanes{G}-C{C}", (9, 5, C), plan={"row_lanes": G}))
+    cs.append(
+        Case(
+            "lanes32-C40-TNC-probs", (9, 5, 40), layout="TNC", kind="probs", plan={"row_lanes": 32}
+        )
+    )
+    cs.append(Case("block256-C10", (300, 20, 10), block=256))
+    cs.append(Case("block256-C100", (9, 20, 100), block=256))
+    cs.append(Case("stream-f64-Tsmall", (3, 3, 45), torch.float64, plan={"force_path": 1}))
+    return cs
+
+
+CASES = _cases()
+
+
+def make_input(case: Case) -> torch.Tensor:
+    """The case's pool as a logical [N, T, C] view (strides as the case says, values rounded to
+    its dtype)."""
+    g = torch.Generator().manual_seed(case.seed)
+    N, T, C = case.shape
+    z = torch.randn(N, T, C, generator=g, dtype=torch.float64) * case.scale
+    if case.special == "masks":
+        z[min(3, N - 1), :, min(2, C - 1)] = -math.inf
+        if C > 1:
+            z[min(5, N - 1), min(2, T - 1), : C - 1] = -math.inf
+        z[min(7, N - 1)] *= 3000.0 / case.scale  # logits of order 1e4
+    if case.special == "identical":
+        z[:] = z[:, :1]
+    if case.kind == "log_probs":
+        z = torch.log_softmax(z, -1)
+    elif case.kind == "probs":
+        z = torch.softmax(z, -1)
+    if case.special in ("sliced", "sliced_t"):
+        step = 2 if case.special == "sliced_t" else 1
+        big = torch.randn(N, T * step, C + 12, generator=g, dtype=torch.float64) * case.scale
+        big[:, ::step, 3 : 3 + C] = z
+        return big.to(case.dtype)[:, ::step, 3 : 3 + C]
+    if case.special == "transposed":
+        big = torch.randn(N, C, T + 5, generator=g, dtype=torch.float64)
+        big[:, :, 2 : 2 + T] = z.transpose(1, 2)
+        return big.to(case.dtype).transpose(1, 2)[:, 2 : 2 + T, :]
+    perm = {"NTC": (0, 1, 2), "TNC": (1, 0, 2), "NCT": (0, 2, 1)}[case.layout]
+    inv = [perm.index(i) for i in range(3)]
+    phys = z.permute(*perm).contiguous().to(case.dtype)
+    if case.offset:
+        flat = torch.zeros(phys.numel() + case.offset, dtype=case.dtype)
+        flat[case.offset :] = phys.reshape(-1)
+        phys = flat[case.offset :].view(phys.shape)
+    return phys.permute(*inv)
+
+
+def tolerance(case: Case) -> float:
+    return 1e-9 if case.dtype == torch.float64 else 1e-5
+
+
+def check_against_reference(case: Case, x: torch.Tensor, out: torch.Tensor) -> None:
+    ref = oracle(x.detach().cpu().to(torch.float64), case.kind)
+    out = out.detach().cpu()
+    assert out.shape == (7, case.shape[0])
+    assert out.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
+    assert not (out == SENTINEL).any(), "an output element was never written"
+    for i, m in enumerate(METRICS):
+        if case.metrics >> i & 1:
+            err = (out[i].to(torch.float64) - ref[i]).abs().max().item()
+            assert err <= tolerance(case), f"{m}: max abs error {err:.3e}"
+        else:
+            assert torch.isnan(out[i]).all(), f"{m} was not requested but is not NaN"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host emulation.
+
+_DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_INFO = (
+    "status",
+    "bad",
+    "path",
+    "kk",
+    "load_mode",
+    "row_lanes",
+    "two_arrays",
+    "col_lanes",
+    "smem",
+    "grid",
+    "cnt_mode",
+    "Cp",
+    "gen_order",
+    "tnc_rows",
+)
+_PLAN_KEYS = (
+    "force_path",
+    "force_generic",
+    "force_one_array",
+    "tile_budget",
+    "block",
+    "max_grid",
+    "force_args",
+    "force_kk",
+    "smem_optin",
+    "smem_per_sm",
+    "plan_only",
+    "seed",
+    "row_lanes",
+)
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Path:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
+    h = hashlib.sha256()
+    for p in EMU_SOURCES:
+        h.update(p.read_bytes())
+    exe = ROOT / "build" / "cuda-emu" / f"emu-{h.hexdigest()[:16]}"
+    if not exe.exists():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(f".tmp{os.getpid()}")
+        cmd = [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wno-unused-parameter",
+            f"-I{CSRC}",
+            str(EMU_SOURCES[0]),
+            "-o",
+            str(tmp),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"emulator build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
+        os.replace(tmp, exe)
+        for old in exe.parent.glob("emu-*"):  # builds of earlier sources
+            if old != exe:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+    return exe
+
+
+def emu_run(
+    exe: Path,
+    x: torch.Tensor | None,
+    *,
+    kind: int = 0,
+    metrics: int = ALL,
+    check: bool = True,
+    tol: float = 1e-4,
+    shape: tuple | None = None,
+    strides: tuple | None = None,
+    dtype: torch.dtype | None = None,
+    offset: int = 0,
+    timeout: float = 300,
+    **plan,
+) -> tuple[dict, torch.Tensor]:
+    """Runs the emulated kernels on x (a logical [N, T, C] view of any strides); returns the plan
+    info and the [7, N] output. x=None with shape/strides/dtype: plan only."""
+    if x is not None:
+        N, T, C = x.shape
+        strides, dtype = x.stride(), x.dtype
+        st = x.untyped_storage()
+        isz = x.element_size()
+        numel = st.nbytes() // isz
+        base = torch.empty(0, dtype=x.dtype).set_(st, 0, (numel,), (1,))
+        raw = base.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[isz]).numpy().tobytes()
+        offset = x.storage_offset()
+    else:
+        N, T, C = shape
+        numel, raw = 0, b""
+        plan["plan_only"] = 1
+    vals = [plan.get(k, -1 if k == "force_path" else 0) for k in _PLAN_KEYS]
+    hdr = struct.pack(
+        "<8s12qd13q",
+        b"FBEMU1\0\0",
+        _DT[dtype],
+        N,
+        T,
+        C,
+        *strides,
+        numel,
+        offset,
+        kind,
+        metrics,
+        int(check),
+        tol,
+        *vals,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        fi, fo = Path(d) / "in", Path(d) / "out"
+        fi.write_bytes(hdr + raw)
+        r = subprocess.run(
+            [str(exe), str(fi), str(fo)], capture_output=True, text=True, timeout=timeout
+        )
+        assert r.returncode == 0, f"emulator exit {r.returncode}: {r.stderr[-2000:]}"
+        b = fo.read_bytes()
+    info = dict(zip(_INFO, struct.unpack("<14q", b[:112]), strict=True))
+    acc = np.float64 if dtype == torch.float64 else np.float32
+    out = torch.from_numpy(np.frombuffer(b[112:], dtype=acc).copy())
+    return info, (out.view(7, N) if out.numel() else out)
+
+
+def _emu_plan(case: Case) -> dict:
+    return {**case.plan, "block": case.block}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_emulated_kernels_match_reference(emulator: Path, case: Case) -> None:
+    x = make_input(case)
+    # The seed drives the emulator's thread schedule; cases built to expose barrier bugs try several.
+    seeds = range(4) if case.id.startswith("multichunk") else [zlib.crc32(case.id.encode())]
+    for seed in seeds:
+        info, out = emu_run(
+            emulator,
+            x,
+            kind=INPUT_KINDS.index(case.kind),
+            metrics=case.metrics,
+            seed=seed,
+            **_emu_plan(case),
+        )
+        assert info["status"] == 0, info
+        if case.plan.get("force_path") == 1:
+            assert info["path"] == 1
+        check_against_reference(case, x, out)
+
+
+def test_emulator_covers_every_path(emulator: Path) -> None:
+    """The case table reaches every load mode and order, row mode, storage mode, and both kernels."""
+    seen: set[tuple[str, int]] = set()
+    for case in CASES:
+        if case.block == 256:
+            continue
+        x = make_input(case)
+        info, _ = emu_run(
+            emulator,
+            None,
+            shape=tuple(x.shape),
+            strides=x.stride(),
+            dtype=x.dtype,
+            offset=x.storage_offset(),
+            kind=INPUT_KINDS.index(case.kind),
+            metrics=case.metrics,
+            **_emu_plan(case),
+        )
+        if info["path"] == 0:
+            seen |= {
+                ("load", info["load_mode"]),
+                ("row_lanes", info["row_lanes"]),
+                ("two", info["two_arrays"]),
+                ("lanes>1", int(info["col_lanes"] > 1)),
+            }
+            if info["Cp"] != x.shape[2]:
+                seen.add(("pad", info["load_mode"]))
+            if info["load_mode"] == 2:
+                seen.add(("generic order", info["gen_order"]))
+                if info["tnc_rows"]:
+                    seen.add(("tnc rows, generic load", 1))
+            if info["load_mode"] == 1 and x.shape[0] % info["kk"]:
+                seen.add(("tnc partial last chunk", 1))
+        else:
+            seen |= {("stream_cnt", info["cnt_mode"])}
+    want = {
+        ("load", 0),
+        ("load", 1),
+        ("load", 2),
+        ("generic order", 0),
+        ("generic order", 1),
+        ("generic order", 2),
+        ("tnc rows, generic load", 1),
+        ("tnc partial last chunk", 1),
+        ("row_lanes", 1),
+        ("row_lanes", 2),
+        ("row_lanes", 4),
+        ("row_lanes", 8),
+        ("row_lanes", 16),
+        ("row_lanes", 32),
+        ("two", 0),
+        ("two", 1),
+        ("lanes>1", 1),
+        ("pad", 0),
+        ("pad", 1),
+        ("pad", 2),
+        ("stream_cnt", 0),
+        ("stream_cnt", 1),
+    }
+    assert want <= seen, f"not reached: {sorted(want - seen)}"
+
+
+@pytest.mark.skipif(
+    not _ops.native_available(torch.device("cpu")), reason="native CPU kernel not built"
+)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.special != "masks"][::4], ids=lambda c: c.id
+)
+def test_emulated_kernels_agree_with_cpu_kernel(emulator: Path, case: Case) -> None:
+    x = make_input(case)
+    tol = 1e-9 if case.dtype == torch.float64 else 1e-5
+    _, out = emu_run(
+        emulator,
+        x,
+        kind=INPUT_KINDS.index(case.kind),
+        metrics=case.metrics,
+        tol=tol,
+        **_emu_plan(case),
+    )
+    cpu = torch.ops.fastbald.pool_scores(x, INPUT_KINDS.index(case.kind), case.metrics, True, 1e-4)
+    both = ~torch.isnan(cpu)
+    assert torch.equal(both, ~torch.isnan(out))
+    assert (out[both].double() - cpu[both].double()).abs().max().item() <= 2 * tol
+
+
+BAD_PLANS = [{}, {"force_path": 1}, {"force_generic": 1}, {"force_path": 1, "force_args": 1}]
+BAD_EMU = [
+    ({}, 10),
+    ({}, 50),
+    ({"force_path": 1}, 10),
+    ({"force_generic": 1}, 12),
+    ({"force_path": 1, "force_args": 1}, 40),
+]
+
+
+@pytest.mark.parametrize(
+    ("plan", "C"),
+    BAD_EMU,
+    ids=[(",".join(f"{k}={v}" for k, v in p.items()) or "default") + f"-C{c}" for p, c in BAD_EMU],
+)
+def test_emulated_bad_items(emulator: Path, plan: dict, C: int) -> None:
+    g = torch.Generator().manual_seed(C)
+    N, T = 30, 4
+    x = torch.randn(N, T, C, generator=g)
+    x[27, 2, 4] = math.nan
+    x[17, 3, 1] = math.inf
+    x[25, 1, :] = -math.inf
+    run = lambda x, **kw: emu_run(emulator, x, block=64, **plan, **kw)[0]  # noqa: E731
+    assert run(x)["bad"] == 17  # the lowest bad index, whatever the order blocks finish in
+    x[17, 3, 1] = 0.0
+    assert run(x)["bad"] == 25  # a sample that masks every class
+    assert run(x, check=False)["status"] == 0  # no check: no flag, no crash
+    p = torch.softmax(torch.randn(N, T, C, generator=g), -1)
+    p[29, 1, 0] += 0.01  # row sum off by more than tol ...
+    p[12, 1, 0] = -p[12, 1, 0]  # ... a negative probability (sum off by less than tol=1) ...
+    p[8, 0, :] = 0  # ... and an all-zero row: the lowest wins
+    assert run(p, kind=2, tol=1.0)["bad"] == 8
+    p[8, 0, 0] = 1.0
+    assert run(p, kind=2, tol=1.0)["bad"] == 12
+    p[12, 1, 0] = -p[12, 1, 0]
+    assert run(p, kind=2)["bad"] == 29
+    p[29, 1, 0] -= 0.01
+    assert run(p, kind=2)["status"] == 0
+
+
+H100 = {"smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024}
+A100 = {"smem_optin": 163 * 1024, "smem_per_sm": 164 * 1024}
+
+
+def _plan(emulator: Path, shape, dtype=torch.float32, layout="NTC", limits=H100, **kw) -> dict:
+    N, T, C = shape
+    st = {"NTC": (T * C, C, 1), "TNC": (C, N * C, 1), "NCT": (C * T, 1, T)}[layout]
+    return emu_run(emulator, None, shape=shape, strides=st, dtype=dtype, **limits, **kw)[0]
+
+
+def test_plans_at_gpu_sizes(emulator: Path) -> None:
+    p = _plan(emulator, (1_000_000, 20, 10))
+    assert (p["status"], p["path"], p["row_lanes"], p["two_arrays"], p["load_mode"]) == (
+        0,
+        0,
+        1,
+        1,
+        0,
+    )
+    assert p["smem"] <= 48 * 1024 and p["kk"] >= 16
+    p = _plan(emulator, (1_000_000, 20, 10), torch.bfloat16, "TNC")
+    assert (p["path"], p["load_mode"]) == (0, 1)
+    p = _plan(emulator, (1_000_000, 20, 10), layout="NCT")
+    assert (p["load_mode"], p["gen_order"]) == (2, 1)
+    p = _plan(emulator, (1_000_000, 20, 100))
+    assert (p["path"], p["two_arrays"]) == (0, 1) and p["row_lanes"] in (4, 8)
+    p = _plan(emulator, (100_000, 20, 1000))
+    assert (p["path"], p["kk"]) == (0, 1) and p["smem"] <= 113 * 1024  # two blocks per H100 SM
+    p = _plan(emulator, (100_000, 20, 1000), limits=A100)
+    assert p["path"] == 0 and p["smem"] <= 163 * 1024
+    p = _plan(emulator, (100_000, 100, 10))
+    assert p["path"] == 0
+    p = _plan(emulator, (2, 20, 100_000))
+    assert (p["path"], p["cnt_mode"]) == (1, 0)  # 400 KB of counters do not fit: argmax indices
+    p = _plan(emulator, (2, 1000, 100_000))
+    assert (p["status"], p["path"]) == (0, 1)
+    p = _plan(emulator, (4, 20_000, 2))
+    assert (p["status"], p["path"], p["cnt_mode"]) == (0, 1, 1)
+    p = _plan(emulator, (2, 100_000, 1000))
+    assert p["status"] == 1  # per-sample stats exceed shared memory: a clear error, not a crash
+    p = _plan(emulator, (1_000_000, 20, 10), torch.float64)
+    assert (p["path"], p["two_arrays"]) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA.
+
+
+def _plan_env(plan: dict) -> str:
+    m = {
+        "force_path": lambda v: f"path={'stream' if v == 1 else 'tile'}",
+        "force_generic": lambda v: f"generic={v}",
+        "force_one_array": lambda v: f"one_array={v}",
+        "tile_budget": lambda v: f"budget={v}",
+        "max_grid": lambda v: f"grid={v}",
+        "force_args": lambda v: f"args={v}",
+        "force_kk": lambda v: f"kk={v}",
+        "block": lambda v: f"block={v}",
+        "row_lanes": lambda v: f"lanes={v}",
+    }
+    return ",".join(m[k](v) for k, v in plan.items())
+
+
+@contextlib.contextmanager
+def cuda_plan(plan: dict):
+    old = os.environ.get("FASTBALD_CUDA_PLAN")
+    os.environ["FASTBALD_CUDA_PLAN"] = _plan_env(plan)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTBALD_CUDA_PLAN", None)
+        else:
+            os.environ["FASTBALD_CUDA_PLAN"] = old
+
+
+def _cuda_native() -> None:
+    if not _ops.native_available(torch.device("cuda")):
+        pytest.fail(
+            f"CUDA device present but the CUDA kernels are not built: {_ops.why_not('cuda')}"
+        )
+
+
+def cuda_op(
+    x: torch.Tensor,
+    kind: int = 0,
+    metrics: int = ALL,
+    check: bool = True,
+    tol: float = 1e-4,
+    plan: dict | None = None,
+) -> torch.Tensor:
+    """The CUDA op with its output poisoned: a block of the output's size filled with SENTINEL is
+    freed just before the call, so the caching allocator hands it to the op's output."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    poison = torch.full((7, x.shape[0]), SENTINEL, dtype=acc, device=x.device)
+    del poison
+    with cuda_plan(plan or {}):
+        out = torch.ops.fastbald.pool_scores(x, kind, metrics, check, tol)
+    torch.cuda.synchronize(x.device)
+    return out
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_cuda_matches_reference(case: Case) -> None:
+    _cuda_native()
+    x = make_input(case)
+    plan = dict(case.plan)
+    if case.block != 64 and case.block != 256:
+        plan["block"] = case.block
+    out = cuda_op(x.cuda(), INPUT_KINDS.index(case.kind), case.metrics, plan=plan)
+    check_against_reference(case, x, out)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "plan", [{}, {"block": 64}, {"force_path": 1}], ids=["default", "block64", "stream"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_agrees_with_cpu(dtype: torch.dtype, plan: dict) -> None:
+    _cuda_native()
+    if not _ops.native_available(torch.device("cpu")):
+        pytest.skip("native CPU kernel not built")
+    g = torch.Generator().manual_seed(1)
+    for shape in [(1000, 20, 10), (300, 7, 100), (20, 20, 1000), (3, 5, 100_000)]:
+        if plan.get("force_path") == 1 and shape[2] <= 10:
+            shape = (50, 20, 10)
+        x = (torch.randn(*shape, generator=g) * 4).to(dtype)
+        cpu = torch.ops.fastbald.pool_scores(x, 0, ALL, True, 1e-4)
+        gpu = cuda_op(x.cuda(), plan=plan).cpu()
+        tol = 1e-9 if dtype == torch.float64 else (2e-5 if shape[2] <= 1000 else 1e-4)
+        assert (gpu.double() - cpu.double()).abs().max().item() <= tol, shape
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("plan", BAD_PLANS, ids=lambda p: _plan_env(p) or "default")
+def test_cuda_bad_inputs_raise_like_cpu(plan: dict) -> None:
+    _cuda_native()
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    x = torch.randn(40, 6, 10, generator=g)
+    x[33, 2, 4] = math.nan
+    x[17, 5, 1] = math.nan
+    cases.append((x, 0, 1e-4, "pool item 17"))
+    x = torch.randn(40, 6, 50, generator=g)
+    x[21, 1, 7] = math.inf
+    cases.append((x, 0, 1e-4, "pool item 21"))
+    x = torch.randn(40, 6, 10, generator=g)
+    x[25, 3, :] = -math.inf
+    cases.append((x, 0, 1e-4, "pool item 25"))
+    p = torch.softmax(torch.randn(40, 6, 10, generator=g), -1)
+    p[30, 1, 0] += 0.01
+    cases.append((p, 2, 1e-4, "pool item 30"))
+    p = torch.softmax(torch.randn(40, 6, 10, generator=g), -1)
+    p[12, 1, 0] = -p[12, 1, 0]
+    cases.append((p, 2, 1.0, "pool item 12"))
+    for x, kind, tol, needle in cases:
+        with pytest.raises(ValueError, match=needle) as gpu_err:
+            cuda_op(x.cuda(), kind, tol=tol, plan=plan)
+        if _ops.native_available(torch.device("cpu")):
+            with pytest.raises(ValueError) as cpu_err:
+                torch.ops.fastbald.pool_scores(x, kind, ALL, True, tol)
+            assert str(gpu_err.value).splitlines()[0] == str(cpu_err.value).splitlines()[0]
+        out = cuda_op(x.cuda(), kind, check=False, tol=tol, plan=plan)  # no check: no error
+        assert out.shape == (7, 40)
+    # Public API: ValueError too, on every layout.
+    x = torch.randn(9, 4, 10, generator=g)
+    x[5, 2, 3] = math.nan
+    for layout, xx in (
+        ("NTC", x),
+        ("TNC", x.transpose(0, 1).contiguous()),
+        ("NCT", x.transpose(1, 2).contiguous()),
+    ):
+        with pytest.raises(ValueError, match="pool item 5"):
+            fastbald.scores(xx.cuda(), layout=layout)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_streams_devices_and_empty() -> None:
+    _cuda_native()
+    x = torch.randn(5000, 20, 10, device="cuda")
+    want = cuda_op(x)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        got = torch.ops.fastbald.pool_scores(x, 0, ALL, False, 1e-4)
+    s.synchronize()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # deterministic, on any stream
+    got2 = torch.ops.fastbald.pool_scores(x, 0, ALL, False, 1e-4)
+    assert torch.equal(got2, want)
+    e = torch.ops.fastbald.pool_scores(torch.empty(0, 20, 10, device="cuda"), 0, ALL, True, 1e-4)
+    assert e.shape == (7, 0) and e.is_cuda
+    if torch.cuda.device_count() > 1:
+        x1 = x.to("cuda:1")
+        with torch.cuda.device(0):
+            got = torch.ops.fastbald.pool_scores(x1, 0, ALL, True, 1e-4)
+        assert got.device == x1.device
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile() -> None:
+    _cuda_native()
+    x = torch.randn(64, 8, 10, device="cuda")
+    torch.library.opcheck(torch.ops.fastbald.pool_scores.default, (x, 0, ALL, True, 1e-4))
+    f = torch.compile(lambda x: fastbald.scores(x).bald, fullgraph=True)
+    torch.testing.assert_close(f(x), fastbald.bald(x))
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_public_api_and_acquire() -> None:
+    _cuda_native()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 20, 10, generator=g) * 3
+    s = fastbald.scores(x.cuda(), backend="native")
+    assert all(v.is_cuda for v in s)
+    ref = oracle(x.double(), "logits")
+    for i, m in enumerate(METRICS):
+        assert (getattr(s, m).cpu().double() - ref[i]).abs().max().item() <= 1e-5, m
+    idx = fastbald.acquire(x.cuda(), 10, "bald")
+    assert idx.is_cuda and idx.shape == (10,)
+    kth = torch.topk(ref[2], 10).values[-1]
+    assert (ref[2][idx.cpu()] >= kth - 2e-5).all()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_huge_classes(dtype: torch.dtype) -> None:
+    """C = 100,000 (stream kernel) against the float64 reference computed on the device."""
+    _cuda_native()
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = (torch.randn(3, 5, 100_000, device="cuda", generator=g) * 3).to(dtype)
+    out = cuda_op(x)
+    ref = oracle(x.double(), "logits").cpu()
+    assert (out.cpu().double() - ref).abs().max().item() <= 1e-4
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_huge_tile_T1000_C100000() -> None:
+    _cuda_native()
+    if torch.cuda.get_device_properties(0).total_memory < 30e9:
+        pytest.skip("needs 30 GB of device memory")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(2, 1000, 100_000, device="cuda", generator=g) * 3
+    out = cuda_op(x)
+    ref = torch.stack([oracle(x[i : i + 1].double(), "logits")[:, 0] for i in range(2)], 1).cpu()
+    assert (out.cpu().double() - ref).abs().max().item() <= 1e-4
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_more_than_2_to_31_elements() -> None:
+    """64-bit indexing: N*T*C > 2^31 (bf16, 4.4 GB); items at the end compared with the reference."""
+    _cuda_native()
+    if torch.cuda.get_device_properties(0).total_memory < 16e9:
+        pytest.skip("needs 16 GB of device memory")
+    N, T, C = (1 << 31) // 200 + 4096, 20, 10
+    x = torch.empty(N, T, C, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for i in range(0, N, 1 << 22):
+        x[i : i + (1 << 22)] = torch.randn(min(1 << 22, N - i), T, C, device="cuda", generator=g)
+    assert x.numel() > 2**31
+    out = cuda_op(x)
+    for sl in (slice(0, 1000), slice(N - 5000, N)):
+        ref = oracle(x[sl].double(), "logits").cpu()
+        assert (out[:, sl].cpu().double() - ref).abs().max().item() <= 1e-5
+    del x
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-test (CPU path here; every device on a GPU machine).
+
+
+def test_selftest_passes_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from fastbald import selftest
+
+    assert selftest.main(["--devices", "cpu", "--dtypes", "float32,bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "bald" in out and "cpu/float32" in out
+
+
+def test_selftest_reports_failure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastbald import selftest
+
+    real = selftest.scores
+
+    def broken(x, **kw):
+        s = real(x, **kw)
+        return s._replace(bald=s.bald + 1e-3)
+
+    monkeypatch.setattr(selftest, "scores", broken)
+    assert selftest.main(["--devices", "cpu", "--dtypes", "float32"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_selftest_usage_errors() -> None:
+    from fastbald import selftest
+
+    assert selftest.main(["--dtypes", "int8"]) == 2
+    assert selftest.main(["--bogus"]) == 2
+
+
+@cuda
+@pytest.mark.cuda
+def test_selftest_passes_on_cuda() -> None:
+    _cuda_native()
+    from fastbald import selftest
+
+    assert selftest.main(["--devices", "cuda"]) == 0
