@@ -24,6 +24,10 @@ $(DEPS_STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q setuptools wheel ninja pybind11 numpy tqdm pytest pytest-benchmark hypothesis ruff matplotlib
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	# Peers for the comparison benchmarks and the integration tests (baal, batchbald_redux): with
+	# --no-deps so they cannot replace torch / numpy; then only the small deps they import.
+	$(PIP) install -q --no-deps baal==2.1.0 batchbald-redux==2.0.5
+	$(PIP) install -q scipy==1.17.1 scikit-learn==1.9.1 "structlog>=22,<23" "torchmetrics>=1.7.3,<2" "toma<2" psutil
 	touch $@
 
 # Incremental (ninja) build of the extension into the source tree.
@@ -34,13 +38,14 @@ demo: build
 	$(PY) -m fastbald.demo
 
 test: build
-	FASTBALD_REQUIRE_NATIVE=1 $(PY) -m pytest -q
+	FASTBALD_REQUIRE_NATIVE=1 FASTBALD_REQUIRE_PEERS=1 $(PY) -m pytest -q
 
 test-fast: build
-	FASTBALD_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m "not slow"
+	FASTBALD_REQUIRE_NATIVE=1 FASTBALD_REQUIRE_PEERS=1 $(PY) -m pytest -q -m "not slow"
 
 bench: build
 	$(PY) benchmarks/bench_scores.py
+	$(PY) -m fastbald bench
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .
