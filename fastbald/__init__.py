@@ -2,6 +2,9 @@
 Ratios, Mean STD, margin, least confidence) for large image pools."""
 
 from .acquire import METHODS, acquire
+from .loop import ActiveLearningLoop, LoopProtocol
+from .mc import mc_logits
+from .pool import PoolResult, score_pool
 from .reference import METRICS, reference_scores
 from .scores import (
     PoolScores,
@@ -19,8 +22,11 @@ from .scores import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveLearningLoop",
+    "LoopProtocol",
     "METHODS",
     "METRICS",
+    "PoolResult",
     "PoolScores",
     "acquire",
     "backends",
@@ -28,9 +34,11 @@ __all__ = [
     "expected_entropy",
     "least_confidence",
     "margin",
+    "mc_logits",
     "mean_std",
     "predictive_entropy",
     "reference_scores",
+    "score_pool",
     "scores",
     "variation_ratio",
 ]

@@ -206,6 +206,7 @@ class MCDropout:
         self.consistent = bool(consistent)
         self.max_rows = max_rows
         self.trunk, self.head = resolve_split(model, trunk_head)
+        self._root = model if isinstance(model, nn.Module) else None
         self.dropouts = dropout_modules(self.trunk, self.head)
         self.sample = bool(sample) and bool(self.dropouts)
         if sample and not self.dropouts:
@@ -239,7 +240,7 @@ class MCDropout:
     def __enter__(self) -> MCDropout:
         if self._active:
             raise RuntimeError("this MCDropout is already active")
-        roots = [m for m in (self.trunk, self.head) if m is not None]
+        roots = [m for m in (self._root, self.trunk, self.head) if m is not None]
         seen: set[int] = set()
         for root in roots:
             for m in root.modules():
@@ -404,7 +405,10 @@ class MCDropout:
                 if out is None:
                     return x.new_empty((0, self.T, 0))
                 return out.unsqueeze(1).expand(B, self.T, out.shape[1])
-            step = max(1, self.max_rows // self.T)
+            # Sub-batches of equal size (e.g. 128 + 128, not 204 + 52): fewer distinct
+            # allocation sizes, less heap fragmentation over a long run.
+            parts = -(-B * self.T // self.max_rows)
+            step = max(1, -(-B // max(1, parts)))
             pieces: list[torch.Tensor] = []
             for s in range(0, B, step):
                 xs, idx = x[s : s + step], indices[s : s + step]

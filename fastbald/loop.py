@@ -1,0 +1,810 @@
+"""The active-learning loop of Gal, Islam & Ghahramani (2017), resumable and deterministic.
+
+One *round* ``r`` of :class:`ActiveLearningLoop`:
+
+1. ``r > 0``: score the remaining pool with the model of round ``r - 1`` (MC dropout through
+   :func:`fastbald.score_pool`, or one deterministic pass for a deterministic model; the whole
+   pool, or a random ``pool_subset`` of it as in the authors' code) and move the ``per_round``
+   best items to the labelled set (``random``: a uniform draw, nothing is scored);
+2. re-initialise the model and train it from scratch on the labelled set (Adam, batch 128,
+   ``epochs`` epochs, L2 weight decay ``2 c / N_train`` on the dense layer, see
+   :func:`fastbald.models.paper_weight_decay`);
+3. evaluate it on the test set (dropout off) and on the held-out validation set.
+
+Round 0 trains on the initial labelled set (nothing acquired). After ``rounds`` rounds,
+``rounds * per_round`` images have been acquired.
+
+Every random draw is seeded from ``(seed, round, purpose)`` alone, so a round's result does not
+depend on what ran before it in the process. After every round the state (protocol, labelled
+indices in acquisition order, per-round metrics, model weights, RNG state) is committed
+atomically: the model checkpoint first, then ``state.json`` (temporary file + ``os.replace``),
+which is the commit point, then the per-round CSV. A run killed at any moment and restarted with
+the same protocol resumes at the first uncommitted round and produces exactly what an
+uninterrupted run would have (same labelled indices, same test errors; timings differ).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mc import mix_seed
+from .models import BayesianCNN, paper_weight_decay
+
+__all__ = [
+    "ACQUISITIONS",
+    "ALIASES",
+    "CSV_COLUMNS",
+    "DISPLAY_NAMES",
+    "ActiveLearningLoop",
+    "LoopProtocol",
+    "RoundRecord",
+    "StateMismatchError",
+    "canonical_acquisition",
+    "read_csv",
+]
+
+#: Acquisition functions the loop supports (fastbald metric names, plus ``random``).
+ACQUISITIONS: tuple[str, ...] = (
+    "bald",
+    "variation_ratio",
+    "entropy",
+    "mean_std",
+    "margin",
+    "least_confidence",
+    "random",
+)
+
+#: Other spellings accepted by :func:`canonical_acquisition` (the paper's names among them).
+ALIASES: dict[str, str] = {
+    "max_entropy": "entropy",
+    "maxentropy": "entropy",
+    "predictive_entropy": "entropy",
+    "var_ratios": "variation_ratio",
+    "variation_ratios": "variation_ratio",
+    "varratios": "variation_ratio",
+    "meanstd": "mean_std",
+    "mean_stddev": "mean_std",
+    "uniform": "random",
+}
+
+#: How the paper (and the report) names each acquisition function.
+DISPLAY_NAMES: dict[str, str] = {
+    "bald": "BALD",
+    "variation_ratio": "Var Ratios",
+    "entropy": "Max Entropy",
+    "mean_std": "Mean STD",
+    "margin": "Margin",
+    "least_confidence": "Least confidence",
+    "random": "Random",
+}
+
+#: Columns of the per-round CSV.
+CSV_COLUMNS: tuple[str, ...] = (
+    "round",
+    "labelled",
+    "acquired",
+    "test_error",
+    "train_seconds",
+    "score_seconds",
+)
+
+STATE_VERSION = 1
+_STATE_JSON = "state.json"
+
+# Purposes of the per-round seeds (mixed with the protocol seed and the round number).
+_SEED_SPLIT, _SEED_TRAIN, _SEED_SCORE, _SEED_SUBSET, _SEED_RANDOM, _SEED_TEST = range(6)
+
+
+def canonical_acquisition(name: str) -> str:
+    """The canonical name of an acquisition function (``"Max Entropy"`` -> ``"entropy"``).
+
+    Raises ValueError for unknown names, listing the valid ones.
+    """
+    key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    key = ALIASES.get(key, key)
+    if key not in ACQUISITIONS:
+        raise ValueError(
+            f"unknown acquisition function {name!r}; choose from {', '.join(ACQUISITIONS)} "
+            f"(aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return key
+
+
+class StateMismatchError(RuntimeError):
+    """A state directory holds a run with a different protocol or different data."""
+
+
+class PoolData(TypingProtocol):
+    """What the loop needs from a dataset (e.g. :class:`fastbald.data.MNISTData`)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# Protocol and records
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoopProtocol:
+    """Everything that fixes a run's result (the defaults are the paper's MNIST protocol).
+
+    Attributes:
+        acquisition: one of :data:`ACQUISITIONS` (aliases are normalised).
+        seed: base seed; every random draw of round ``r`` is seeded from ``(seed, r, purpose)``.
+        initial: size of the initial labelled set (20).
+        balanced_initial: draw the initial set class-balanced (2 per class for 20 and MNIST).
+        validation: held-out validation images (100): never trained on or acquired; their
+            error is recorded in the state only.
+        per_round: images acquired per round (10).
+        rounds: acquisition rounds (100): ``rounds * per_round`` images acquired in the end.
+        epochs: training epochs per round, from scratch (50).
+        batch_size: training batch size (128).
+        lr: Adam learning rate (1e-3, Keras' default as in the authors' code).
+        weight_decay_c: ``c`` of the authors' ``l2(c / N_train)`` (3.5); the PyTorch
+            coefficient is :func:`fastbald.models.paper_weight_decay` ``(N_train, c)``.
+        weight_decay_scope: ``"paper"`` (the 128-unit dense layer's weight only) or ``"dense"``.
+        T: MC-dropout samples per pool item (100, as in the authors' code).
+        pool_subset: score only this many random pool items per round (the authors' code used
+            2000); ``None`` scores the whole remaining pool.
+        deterministic_model: acquire with one deterministic (dropout-off) pass instead of MC
+            dropout (the paper's Bayesian-vs-deterministic comparison).
+        score_block_size: items per MC-dropout compute block (part of the scores' seed key).
+        test_subset: evaluate on this many test images only (a fixed random subset, the same
+            for every seed; for quick demos); ``None`` uses the whole test set.
+    """
+
+    acquisition: str = "bald"
+    seed: int = 0
+    initial: int = 20
+    balanced_initial: bool = True
+    validation: int = 100
+    per_round: int = 10
+    rounds: int = 100
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay_c: float = 3.5
+    weight_decay_scope: str = "paper"
+    T: int = 100
+    pool_subset: int | None = None
+    deterministic_model: bool = False
+    score_block_size: int = 256
+    test_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "acquisition", canonical_acquisition(self.acquisition))
+        ints = {
+            "initial": (self.initial, 1),
+            "validation": (self.validation, 0),
+            "per_round": (self.per_round, 1),
+            "rounds": (self.rounds, 0),
+            "epochs": (self.epochs, 1),
+            "batch_size": (self.batch_size, 1),
+            "T": (self.T, 1),
+            "score_block_size": (self.score_block_size, 1),
+        }
+        for name, (v, lo) in ints.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.pool_subset is not None and (
+            isinstance(self.pool_subset, bool)
+            or not isinstance(self.pool_subset, int)
+            or self.pool_subset < self.per_round
+        ):
+            raise ValueError(
+                f"pool_subset must be None or an integer >= per_round ({self.per_round}), "
+                f"got {self.pool_subset!r}"
+            )
+        if self.test_subset is not None and (
+            isinstance(self.test_subset, bool)
+            or not isinstance(self.test_subset, int)
+            or self.test_subset < 1
+        ):
+            raise ValueError(f"test_subset must be None or an integer >= 1, got {self.test_subset!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (self.weight_decay_c >= 0 and math.isfinite(self.weight_decay_c)):
+            raise ValueError(f"weight_decay_c must be >= 0, got {self.weight_decay_c!r}")
+        if self.weight_decay_scope not in ("paper", "dense"):
+            raise ValueError(
+                f"weight_decay_scope must be 'paper' or 'dense', got {self.weight_decay_scope!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        """``<acquisition>_seed<seed>``: the stem of the run's CSV and state directory."""
+        return f"{self.acquisition}_seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopProtocol:
+        """Inverse of :meth:`to_dict` (unknown keys raise)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown protocol fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def differences(self, other: LoopProtocol, *, ignore: Iterable[str] = ("rounds",)) -> list[str]:
+        """``"field: mine != other"`` for every differing field except ``ignore``."""
+        skip = set(ignore)
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if k not in skip and a[k] != b[k]]
+
+
+@dataclass
+class RoundRecord:
+    """The outcome of one round.
+
+    Attributes:
+        round: round number (0 = the initial labelled set).
+        labelled: labelled images the model was trained on.
+        acquired: images acquired so far (``labelled - initial``).
+        test_error: error rate on the test set, in [0, 1] (dropout off).
+        val_error: error rate on the held-out validation set (None when it is empty).
+        train_loss: mean training loss of the last epoch.
+        train_seconds: wall time of training (from scratch).
+        score_seconds: wall time of scoring the pool and choosing this round's acquisitions.
+        eval_seconds: wall time of the test and validation evaluation.
+        new_indices: training-set indices acquired this round, best first.
+        pool_size: pool items left to choose from (before this round's acquisition).
+        scored: pool items scored this round (0 for round 0 and for ``random``).
+    """
+
+    round: int
+    labelled: int
+    acquired: int
+    test_error: float
+    val_error: float | None
+    train_loss: float
+    train_seconds: float
+    score_seconds: float
+    eval_seconds: float
+    new_indices: list[int] = field(default_factory=list)
+    pool_size: int = 0
+    scored: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+    def csv_row(self) -> list[str]:
+        """The row of the per-round CSV (:data:`CSV_COLUMNS`)."""
+        return [
+            str(self.round),
+            str(self.labelled),
+            str(self.acquired),
+            f"{self.test_error:.6f}",
+            f"{self.train_seconds:.3f}",
+            f"{self.score_seconds:.3f}",
+        ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic files
+# ------------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync and
+    ``os.replace``: readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def write_csv(path: str | os.PathLike[str], records: Sequence[RoundRecord]) -> None:
+    """Write the per-round CSV (:data:`CSV_COLUMNS`) atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in records:
+        w.writerow(r.csv_row())
+    _atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+def read_csv(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read a per-round CSV into ``{column: array}`` (ints for round/labelled/acquired).
+
+    Raises ValueError naming the file when a required column is missing or a value is bad.
+    """
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing CSV column(s) {missing}; expected {CSV_COLUMNS}")
+        rows = list(reader)
+    out: dict[str, np.ndarray] = {}
+    try:
+        for c in CSV_COLUMNS:
+            kind = int if c in ("round", "labelled", "acquired") else float
+            out[c] = np.array([kind(r[c]) for r in rows], dtype=np.int64 if kind is int else float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad value in column {c!r}: {e}") from e
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def _generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(*parts))
+
+
+def data_fingerprint(data: PoolData) -> dict[str, Any]:
+    """Shapes and a sha256 of the labels and of a slice of the images: enough to refuse resuming
+    a run on different data."""
+    h = hashlib.sha256()
+    for t in (data.y_train, data.y_test):
+        h.update(t.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    for t in (data.x_train, data.x_test):
+        sl = t[: min(256, t.shape[0])].detach().cpu().to(torch.float32).contiguous()
+        h.update(sl.numpy().tobytes())
+    return {
+        "n_train": int(data.x_train.shape[0]),
+        "n_test": int(data.x_test.shape[0]),
+        "image_shape": [int(s) for s in data.x_train.shape[1:]],
+        "sha256": h.hexdigest(),
+    }
+
+
+def split_initial(
+    y: torch.Tensor, protocol: LoopProtocol, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(initial, validation)`` training-set indices for ``protocol`` (seeded by its seed).
+
+    The validation images are a uniform draw; the initial set is drawn from the rest, with
+    ``initial // num_classes`` per class (the remainder to randomly chosen classes) when
+    ``balanced_initial``, else uniformly.
+    """
+    n = int(y.shape[0])
+    need = protocol.initial + protocol.validation + protocol.per_round * protocol.rounds
+    if need > n:
+        raise ValueError(
+            f"the training set has {n} images, fewer than initial + validation + "
+            f"rounds x per_round = {need}"
+        )
+    g = _generator(protocol.seed, _SEED_SPLIT)
+    perm = torch.randperm(n, generator=g)
+    val = perm[: protocol.validation]
+    rest = perm[protocol.validation :]
+    if not protocol.balanced_initial:
+        return rest[: protocol.initial].clone(), val.clone()
+    y_rest = y.cpu()[rest]
+    counts = torch.bincount(y_rest, minlength=num_classes)
+    per, extra = divmod(protocol.initial, num_classes)
+    quota = torch.full((num_classes,), per, dtype=torch.int64)
+    quota[torch.randperm(num_classes, generator=g)[:extra]] += 1
+    short = [c for c in range(num_classes) if int(counts[c]) < int(quota[c])]
+    if short:
+        raise ValueError(
+            f"cannot draw a balanced initial set of {protocol.initial}: class(es) {short} have "
+            "too few training images (use balanced_initial=False)"
+        )
+    chosen: list[torch.Tensor] = []
+    for c in range(num_classes):
+        idx = rest[y_rest == c]  # in the order of the random permutation
+        chosen.append(idx[: int(quota[c])])
+    initial = torch.cat(chosen)
+    # Interleave randomly so that the labelled order carries no class structure.
+    initial = initial[torch.randperm(initial.numel(), generator=g)]
+    return initial, val.clone()
+
+
+def _error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    if x.shape[0] == 0:
+        return float("nan")
+    was = model.training
+    model.eval()
+    wrong = 0
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch):
+            pred = model(x[s : s + batch]).argmax(1)
+            wrong += int((pred != y[s : s + batch]).sum())
+    model.train(was)
+    return wrong / x.shape[0]
+
+
+RoundCallback = Callable[["ActiveLearningLoop", RoundRecord], None]
+ModelFactory = Callable[[LoopProtocol, int], nn.Module]
+
+
+def default_model_factory(protocol: LoopProtocol, num_classes: int) -> nn.Module:
+    """The paper's Bayesian CNN (deterministic at acquisition if the protocol says so)."""
+    return BayesianCNN(num_classes, deterministic=protocol.deterministic_model)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+class ActiveLearningLoop:
+    """A resumable active-learning run: a labelled set grown from a pool, one round at a time.
+
+    Args:
+        data: ``x_train``/``y_train`` (labelled set, validation and pool are drawn from it) and
+            ``x_test``/``y_test`` (e.g. :class:`fastbald.data.MNISTData`).
+        protocol: the run's settings (:class:`LoopProtocol`; the paper's by default).
+        state_dir: where the state is committed after every round (``None``: in memory only).
+            An existing state with the same protocol (``rounds`` may differ) and data is
+            resumed; a different one raises :class:`StateMismatchError` unless ``restart``.
+        csv_path: also write the per-round CSV there after every round (atomically).
+        restart: discard an existing state in ``state_dir`` and start over.
+        num_classes: number of classes (default: ``data.num_classes`` or ``max(y) + 1``).
+        model_factory: ``(protocol, num_classes) -> nn.Module`` building an untrained model
+            (default: :class:`fastbald.models.BayesianCNN`). Called once per round right after
+            the round's training seed is set, so its initialisation is reproducible. Models with
+            ``param_groups(wd, scope=...)`` get the paper's dense-layer-only weight decay.
+
+    Each round seeds torch's global RNG (``torch.manual_seed``) for the model's initialisation
+    and training dropout; the global RNG state after the last committed round is saved with the
+    checkpoint and restored on resume. Results are bit-for-bit reproducible on the same machine,
+    software and number of threads (``torch.set_num_threads``): keep those fixed across restarts.
+        device: where to train and score (default CPU).
+        callbacks: called as ``cb(loop, record)`` after each round is committed (progress
+            displays; raising from one stops the run with that round safely saved).
+        score_progress: show :func:`fastbald.score_pool`'s progress bar while scoring.
+        deterministic: call ``torch.use_deterministic_algorithms(True, warn_only=True)`` while
+            running (restored afterwards).
+    """
+
+    def __init__(
+        self,
+        data: PoolData,
+        protocol: LoopProtocol | None = None,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        csv_path: str | os.PathLike[str] | None = None,
+        restart: bool = False,
+        num_classes: int | None = None,
+        model_factory: ModelFactory | None = None,
+        device: str | torch.device | None = None,
+        callbacks: Sequence[RoundCallback] = (),
+        score_progress: bool = False,
+        deterministic: bool = True,
+    ) -> None:
+        self.protocol = protocol if protocol is not None else LoopProtocol()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.model_factory = model_factory or default_model_factory
+        self.callbacks = list(callbacks)
+        self.score_progress = bool(score_progress)
+        self.deterministic = bool(deterministic)
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            if not isinstance(getattr(data, name, None), torch.Tensor):
+                raise TypeError(f"data.{name} must be a torch.Tensor")
+        if data.x_train.shape[0] != data.y_train.shape[0]:
+            raise ValueError("data.x_train and data.y_train differ in length")
+        if data.x_test.shape[0] != data.y_test.shape[0]:
+            raise ValueError("data.x_test and data.y_test differ in length")
+        if num_classes is None:
+            num_classes = getattr(data, "num_classes", None) or int(data.y_train.max()) + 1
+        self.num_classes = int(num_classes)
+        self.fingerprint = data_fingerprint(data)
+        self.x_train = data.x_train.to(self.device)
+        self.y_train = data.y_train.to(self.device)
+        x_test, y_test = data.x_test, data.y_test
+        ts = self.protocol.test_subset
+        if ts is not None and ts < x_test.shape[0]:
+            keep = torch.randperm(x_test.shape[0], generator=_generator(0, _SEED_TEST))[:ts]
+            x_test, y_test = x_test[keep.sort().values], y_test[keep.sort().values]
+        self.x_test = x_test.to(self.device)
+        self.y_test = y_test.to(self.device)
+        self._n = int(data.x_train.shape[0])
+
+        self.records: list[RoundRecord] = []
+        self.model: nn.Module | None = None
+        initial, val = split_initial(data.y_train, self.protocol, self.num_classes)
+        self.initial_indices: list[int] = initial.tolist()
+        self.validation_indices: list[int] = val.tolist()
+        self.labelled_indices: list[int] = list(self.initial_indices)
+        if self.state_dir is not None:
+            if restart:
+                self._clear_state()
+            elif (self.state_dir / _STATE_JSON).exists():
+                self._load_state()
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def next_round(self) -> int:
+        """The round :meth:`step` runs next (= rounds completed)."""
+        return len(self.records)
+
+    @property
+    def done(self) -> bool:
+        """Whether every round of the protocol has run."""
+        return self.next_round > self.protocol.rounds
+
+    def pool_indices(self) -> torch.Tensor:
+        """Training-set indices still in the pool (neither labelled nor validation), ascending."""
+        taken = torch.zeros(self._n, dtype=torch.bool)
+        if self.labelled_indices:
+            taken[torch.tensor(self.labelled_indices, dtype=torch.int64)] = True
+        if self.validation_indices:
+            taken[torch.tensor(self.validation_indices, dtype=torch.int64)] = True
+        return (~taken).nonzero().reshape(-1)
+
+    def round_seed(self, round_: int, purpose: int) -> int:
+        """The seed of one purpose (train, score, subset, random) in round ``round_``."""
+        return mix_seed(self.protocol.seed, round_, purpose)
+
+    # -- one round -------------------------------------------------------------------------------
+    def _acquire(self, round_: int) -> tuple[list[int], float, int, int]:
+        p = self.protocol
+        t0 = time.perf_counter()
+        pool = self.pool_indices()
+        if pool.numel() < p.per_round:
+            raise RuntimeError(
+                f"round {round_}: the pool has {pool.numel()} images left, fewer than "
+                f"per_round = {p.per_round}"
+            )
+        if p.acquisition == "random":
+            g = _generator(p.seed, round_, _SEED_RANDOM)
+            new = pool[torch.randperm(pool.numel(), generator=g)[: p.per_round]]
+            return new.tolist(), time.perf_counter() - t0, int(pool.numel()), 0
+        cand = pool
+        if p.pool_subset is not None and p.pool_subset < pool.numel():
+            g = _generator(p.seed, round_, _SEED_SUBSET)
+            cand = pool[torch.randperm(pool.numel(), generator=g)[: p.pool_subset]].sort().values
+        if self.model is None:
+            raise RuntimeError("no trained model to score the pool with")
+        from .pool import score_pool  # imported lazily: the loop itself does not need it
+
+        res = score_pool(
+            self.model,
+            self.x_train[cand.to(self.device)],
+            T=p.T,
+            method=p.acquisition,
+            k=p.per_round,
+            block_size=p.score_block_size,
+            batch_size=p.score_block_size,
+            seed=self.round_seed(round_, _SEED_SCORE),
+            progress=self.score_progress,
+        )
+        assert res.topk is not None
+        new = cand[res.topk.cpu()]
+        return new.tolist(), time.perf_counter() - t0, int(pool.numel()), int(cand.numel())
+
+    def _train(self, round_: int) -> tuple[nn.Module, float, float]:
+        p = self.protocol
+        t0 = time.perf_counter()
+        torch.manual_seed(self.round_seed(round_, _SEED_TRAIN))  # init and training dropout
+        model = self.model_factory(p, self.num_classes).to(self.device)
+        idx = torch.tensor(self.labelled_indices, dtype=torch.int64, device=self.device)
+        x, y = self.x_train[idx], self.y_train[idx]
+        n = int(idx.numel())
+        wd = paper_weight_decay(n, p.weight_decay_c) if p.weight_decay_c > 0 else 0.0
+        groups = getattr(model, "param_groups", None)
+        params: Any = (
+            groups(wd, scope=p.weight_decay_scope)
+            if callable(groups)
+            else [{"params": list(model.parameters()), "weight_decay": wd}]
+        )
+        opt = torch.optim.Adam(params, lr=p.lr)
+        g = _generator(p.seed, round_, _SEED_TRAIN, 1)
+        model.train()
+        last = float("nan")
+        for _ in range(p.epochs):
+            perm = torch.randperm(n, generator=g).to(self.device)
+            total, seen = 0.0, 0
+            for s in range(0, n, p.batch_size):
+                b = perm[s : s + p.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x[b]), y[b])
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * b.numel()
+                seen += b.numel()
+            last = total / max(seen, 1)
+        if not math.isfinite(last):
+            raise FloatingPointError(f"round {round_}: the training loss diverged ({last})")
+        model.eval()
+        return model, last, time.perf_counter() - t0
+
+    def step(self) -> RoundRecord:
+        """Run the next round, commit the state and call the callbacks; returns its record."""
+        r = self.next_round
+        p = self.protocol
+        if r > p.rounds:
+            raise RuntimeError(f"the run is complete ({p.rounds} rounds)")
+        prev_det = torch.are_deterministic_algorithms_enabled()
+        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        if self.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            if r == 0:
+                new: list[int] = []
+                score_s, pool_size, scored = 0.0, len(self.pool_indices()), 0
+            else:
+                new, score_s, pool_size, scored = self._acquire(r)
+            labelled = self.labelled_indices + new
+            if len(set(labelled)) != len(labelled):  # pragma: no cover - a bug if it happens
+                raise RuntimeError(f"round {r}: an acquired image was already labelled")
+            prev_labelled = self.labelled_indices
+            self.labelled_indices = labelled
+            try:
+                model, loss, train_s = self._train(r)
+            except BaseException:
+                self.labelled_indices = prev_labelled
+                raise
+            t0 = time.perf_counter()
+            test_err = _error_rate(model, self.x_test, self.y_test)
+            vidx = torch.tensor(self.validation_indices, dtype=torch.int64, device=self.device)
+            val_err = (
+                _error_rate(model, self.x_train[vidx], self.y_train[vidx])
+                if vidx.numel()
+                else None
+            )
+            eval_s = time.perf_counter() - t0
+        finally:
+            if self.deterministic:
+                torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        rec = RoundRecord(
+            round=r,
+            labelled=len(labelled),
+            acquired=len(labelled) - p.initial,
+            test_error=test_err,
+            val_error=val_err,
+            train_loss=loss,
+            train_seconds=train_s,
+            score_seconds=score_s,
+            eval_seconds=eval_s,
+            new_indices=[int(i) for i in new],
+            pool_size=pool_size,
+            scored=scored,
+        )
+        self.model = model
+        self.records.append(rec)
+        self._commit()
+        for cb in self.callbacks:
+            cb(self, rec)
+        return rec
+
+    def run(self, rounds: int | None = None) -> list[RoundRecord]:
+        """Run until round ``rounds`` (default: the protocol's) is done; returns all records.
+
+        Resumed runs continue where the state left off; a finished run returns at once.
+        """
+        last = self.protocol.rounds if rounds is None else min(int(rounds), self.protocol.rounds)
+        while self.next_round <= last:
+            self.step()
+        return list(self.records)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _ckpt_path(self, round_: int) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / f"round_{round_:04d}.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON part of the state."""
+        return {
+            "version": STATE_VERSION,
+            "protocol": self.protocol.to_dict(),
+            "data": self.fingerprint,
+            "num_classes": self.num_classes,
+            "initial_indices": self.initial_indices,
+            "validation_indices": self.validation_indices,
+            "labelled_indices": self.labelled_indices,
+            "rounds_done": self.next_round,
+            "checkpoint": self._ckpt_path(self.next_round - 1).name
+            if self.state_dir is not None and self.records
+            else None,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def _commit(self) -> None:
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            r = self.next_round - 1
+            assert self.model is not None
+            _atomic_torch_save(
+                {
+                    "round": r,
+                    "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                    "torch_rng_state": torch.get_rng_state(),
+                    "labelled": len(self.labelled_indices),
+                },
+                self._ckpt_path(r),
+            )
+            blob = json.dumps(self.state_dict(), indent=1).encode()
+            _atomic_write_bytes(self.state_dir / _STATE_JSON, blob)  # the commit point
+            for old in self.state_dir.glob("round_*.pt"):
+                if old.name != self._ckpt_path(r).name:
+                    try:
+                        old.unlink()
+                    except OSError:
+                        pass
+        if self.csv_path is not None:
+            write_csv(self.csv_path, self.records)
+
+    def _clear_state(self) -> None:
+        assert self.state_dir is not None
+        for f in [self.state_dir / _STATE_JSON, *self.state_dir.glob("round_*.pt")]:
+            f.unlink(missing_ok=True)
+
+    def _load_state(self) -> None:
+        assert self.state_dir is not None
+        path = self.state_dir / _STATE_JSON
+        try:
+            st = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StateMismatchError(f"cannot read the state {path}: {e}") from e
+        if st.get("version") != STATE_VERSION:
+            raise StateMismatchError(f"{path}: state version {st.get('version')!r} is not supported")
+        saved = LoopProtocol.from_dict(st["protocol"])
+        diff = self.protocol.differences(saved)
+        if diff:
+            raise StateMismatchError(
+                f"{path} holds a run with a different protocol ({'; '.join(diff)}): use another "
+                "output directory, the same settings, or restart it"
+            )
+        if st["data"] != self.fingerprint:
+            raise StateMismatchError(
+                f"{path} was run on different data ({st['data']} vs {self.fingerprint})"
+            )
+        if (
+            st["initial_indices"] != self.initial_indices
+            or st["validation_indices"] != self.validation_indices
+        ):
+            raise StateMismatchError(f"{path}: the initial split does not match the seed")
+        self.records = [RoundRecord.from_dict(d) for d in st["records"]]
+        self.labelled_indices = [int(i) for i in st["labelled_indices"]]
+        if self.records:
+            ckpt = self.state_dir / st["checkpoint"]
+            try:
+                blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError) as e:
+                raise StateMismatchError(f"cannot read the checkpoint {ckpt}: {e}") from e
+            if blob["round"] != self.next_round - 1:
+                raise StateMismatchError(f"{ckpt} is for round {blob['round']}, not the last one")
+            model = self.model_factory(self.protocol, self.num_classes)
+            model.load_state_dict(blob["model"])
+            self.model = model.to(self.device).eval()
+            torch.set_rng_state(blob["torch_rng_state"])
+        if self.csv_path is not None:  # the CSV may lag the state by one round after a kill
+            write_csv(self.csv_path, self.records)

@@ -1,0 +1,159 @@
+"""Tests for the fastbald command line: help, argument errors, a tiny experiment, report, score
+and the bench/selftest hooks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastbald import cli
+from fastbald.cli import main
+from fastbald.loop import read_csv
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--synthetic", "400", "--rounds", "1", "--epochs", "2", "-T", "3", "--validation", "10",
+        "--threads", "1"]
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--help"], ["experiment", "report", "score", "bench", "selftest"]),
+        (["experiment", "--help"], ["mnist"]),
+        (["experiment", "mnist", "--help"],
+         ["--acquisition", "--pool-subset", "--preset", "Default: 100", "T=100", "resumes",
+          "Gal, Islam & Ghahramani"]),
+        (["report", "--help"], ["10%", "Table 1", "--out", "--plot"]),
+        (["score", "--help"], ["--input", "--layout", "--top"]),
+    ],
+)
+def test_help(argv, expect, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for word in expect:
+        assert word in out, word
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("fastbald ")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["experiment"], "required"),
+        (["experiment", "mnist", "--acquisition", "coreset"], "unknown acquisition"),
+        (["experiment", "mnist", "--epochs", "0"], "expected an integer >= 1"),
+        (["experiment", "mnist", "--rounds", "ten"], "expected an integer"),
+        (["experiment", "mnist", "--lr", "-1"], "expected a positive number"),
+        (["experiment", "mnist", "--preset", "fast"], "invalid choice"),
+        (["experiment", "mnist", "--pool-subset", "5", "--synthetic", "100"], "pool_subset"),
+        (["score"], "required"),
+        (["score", "x.pt", "--input", "odds"], "invalid choice"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_experiment_report_roundtrip(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["experiment", "mnist", *TINY, "--acquisition", "bald", "Var Ratios",
+               "--out", str(out), "--report"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "[BALD seed 0] round 1/1" in text and "[Var Ratios seed 0] round 0/1" in text
+    assert "| BALD | 0 | 10 |" in text and "| Var Ratios | 0 | 10 |" in text
+    assert (out / "test_error.png").exists()
+    for name in ("bald_seed0", "variation_ratio_seed0"):
+        assert read_csv(out / f"{name}.csv")["acquired"].tolist() == [0, 10]
+        assert (out / "state" / name / "state.json").exists()
+    # The same command again: nothing to do.
+    assert main(["experiment", "mnist", *TINY, "--acquisition", "bald", "--out", str(out)]) == 0
+    assert "complete" in capsys.readouterr().out
+    # A different protocol in the same directory is refused with a clear message.
+    assert main(["experiment", "mnist", *TINY, "-T", "4", "--out", str(out)]) == 1
+    assert "different protocol" in capsys.readouterr().err
+    # report subcommand
+    md = tmp_path / "REPORT.md"
+    assert main(["report", str(out), "--out", str(md)]) == 0
+    assert "Table 1" in md.read_text() and (tmp_path / "test_error.png").exists()
+    assert main(["report", str(tmp_path / "nothing-here")]) == 1
+    assert "no such" in capsys.readouterr().err
+
+
+def test_experiment_state_dir_and_stop_after(tmp_path, capsys):
+    out, st = tmp_path / "res", tmp_path / "st"
+    args = ["experiment", "mnist", *TINY, "--rounds", "2", "--out", str(out),
+            "--state-dir", str(st), "-q"]
+    assert main([*args, "--stop-after", "0"]) == 0
+    assert read_csv(out / "bald_seed0.csv")["round"].tolist() == [0]
+    assert (st / "bald_seed0" / "state.json").exists() and not (out / "state").exists()
+    assert main(args) == 0
+    assert read_csv(out / "bald_seed0.csv")["round"].tolist() == [0, 1, 2]
+    assert capsys.readouterr().out == ""  # --quiet
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy"])
+def test_score(tmp_path, capsys, suffix):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, 10, generator=g)
+    f = tmp_path / f"pred{suffix}"
+    if suffix == ".pt":
+        torch.save(x, f)
+    else:
+        np.save(f, x.numpy())
+    csv_out = tmp_path / "scores.csv"
+    assert main(["score", str(f), "--top", "3", "--out", str(csv_out)]) == 0
+    out = capsys.readouterr().out
+    import fastbald
+
+    best = fastbald.acquire(x, 3, "bald").tolist()
+    rows = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert [int(r[1]) for r in rows] == best
+    assert "bald" in out and "(50, 8, 10)" in out
+    lines = csv_out.read_text().splitlines()
+    assert lines[0].startswith("item,entropy") and len(lines) == 51
+
+
+def test_score_errors(tmp_path, capsys):
+    assert main(["score", str(tmp_path / "missing.pt")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.zeros(3, 4), bad)
+    assert main(["score", str(bad)]) == 1
+    assert "3 dimensions" in capsys.readouterr().err
+
+
+def test_plugin_hooks(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("fastbald.bench")
+    fake.main = lambda argv: calls.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fastbald.bench", fake)
+    assert main(["bench", "--size", "10", "-x"]) == 0
+    assert calls == [["--size", "10", "-x"]]
+    assert cli._cmd_plugin("not_a_module_xyz", []) == 2
+    assert "not available" in capsys.readouterr().err
+    nomain = types.ModuleType("fastbald.selftest")
+    monkeypatch.setitem(sys.modules, "fastbald.selftest", nomain)
+    assert main(["selftest"]) == 2
+    assert "no main" in capsys.readouterr().err
+
+
+def test_python_dash_m(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastbald", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "experiment" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastbald", "experiment", "mnist", "--seed", "x"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "expected an integer" in r.stderr

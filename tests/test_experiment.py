@@ -1,0 +1,145 @@
+"""Tests for fastbald.experiments: the MNIST protocol wrapper (on synthetic data) and the report
+(table and plot from fake CSVs)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastbald.data import synthetic_mnist_like
+from fastbald.experiments import PAPER_TABLE1, csv_path, load_runs, report, run_mnist, state_dir
+from fastbald.experiments.mnist import PAPER_PROTOCOL, PRESETS, ProgressPrinter, make_protocol
+from fastbald.experiments.report import images_to_reach
+from fastbald.loop import CSV_COLUMNS, LoopProtocol, read_csv
+
+
+def write_fake_csv(path: Path, errors: list[float], per_round: int = 10) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(CSV_COLUMNS)]
+    for r, e in enumerate(errors):
+        lines.append(f"{r},{20 + per_round * r},{per_round * r},{e:.6f},1.5,{0.0 if r == 0 else 2.5}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def curve(start: float, rate: float, n: int = 101, floor: float = 0.01) -> list[float]:
+    return [max(floor, start * float(np.exp(-rate * r))) for r in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+def test_paper_protocol_and_presets():
+    assert PAPER_PROTOCOL == LoopProtocol()
+    assert PAPER_TABLE1["bald"] == (145, 335) and PAPER_TABLE1["random"] == (255, 835)
+    p = make_protocol("Max Entropy", 3, "authors")
+    assert (p.acquisition, p.seed, p.pool_subset, p.T) == ("entropy", 3, 2000, 100)
+    d = make_protocol("bald", 0, "demo", epochs=7)
+    assert d.epochs == 7 and d.rounds == PRESETS["demo"]["rounds"] and d.T == 20
+    assert make_protocol("bald", 0, epochs=None).epochs == 50  # None keeps the preset's value
+    with pytest.raises(ValueError, match="preset"):
+        make_protocol("bald", 0, "nope")
+    with pytest.raises(TypeError, match="unknown protocol setting"):
+        make_protocol("bald", 0, bogus=1)
+    assert csv_path("out", "Var Ratios", 2) == Path("out/variation_ratio_seed2.csv")
+    assert state_dir("out", "bald", 0) == Path("out/state/bald_seed0")
+
+
+def test_run_mnist_tiny_and_resume(tmp_path, capsys):
+    data = synthetic_mnist_like(400, seed=0, n_test=100)
+    kw = {"rounds": 2, "epochs": 2, "T": 4, "validation": 20}
+    recs = run_mnist("bald", 0, tmp_path, data=data, **kw)
+    assert [r.acquired for r in recs] == [0, 10, 20]
+    out = capsys.readouterr().out
+    assert "[BALD seed 0] round 0/2" in out and "test error" in out and "train" in out
+    cols = read_csv(tmp_path / "bald_seed0.csv")
+    assert cols["acquired"].tolist() == [0, 10, 20]
+    again = run_mnist("bald", 0, tmp_path, data=data, **kw)  # complete: nothing re-run
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in recs]
+    assert "complete" in capsys.readouterr().out
+
+
+def test_progress_printer_line():
+    from fastbald.loop import RoundRecord
+
+    class L:
+        protocol = LoopProtocol(rounds=100)
+
+    buf = io.StringIO()
+    pp = ProgressPrinter(stream=buf, prefix="[x] ")
+    pp(L(), RoundRecord(3, 50, 30, 0.1234, 0.1, 0.5, 12.0, 80.0, 5.0, [1], 59000, 59000))
+    line = buf.getvalue()
+    assert line.startswith("[x] round   3/100") and "labelled    50" in line
+    assert "12.34%" in line and "train   12.0s" in line and "score   80.0s" in line
+    assert "eta" in line
+
+
+def test_images_to_reach_and_load_runs(tmp_path):
+    write_fake_csv(tmp_path / "bald_seed0.csv", [0.5, 0.2, 0.09, 0.11, 0.04])
+    write_fake_csv(tmp_path / "random_seed0.csv", [0.5, 0.3, 0.2])
+    (tmp_path / "notes.txt").write_text("ignored")
+    runs = load_runs([tmp_path])
+    assert list(runs) == ["bald", "random"]
+    bald = runs["bald"][0]
+    assert images_to_reach(bald, 0.10) == 20  # the first crossing, even if it goes back up
+    assert images_to_reach(bald, 0.05) == 40
+    assert images_to_reach(runs["random"][0], 0.10) is None
+    with pytest.raises(ValueError, match="found twice"):
+        load_runs([tmp_path, tmp_path / "bald_seed0.csv"])
+
+
+def test_report_table_and_plot(tmp_path):
+    d = tmp_path / "results"
+    # BALD: 3 seeds reaching 10% at 140/150/160 and 5% at 330/340/(not reached).
+    for seed, (a, b) in enumerate([(14, 33), (15, 34), (16, None)]):
+        errs = [0.5] * 101
+        for r in range(101):
+            errs[r] = 0.12 if r < a else (0.07 if b is None or r < b else 0.03)
+        write_fake_csv(d / f"bald_seed{seed}.csv", errs)
+    write_fake_csv(d / "random_seed0.csv", curve(0.5, 0.012))
+    write_fake_csv(d / "mean_std_seed0.csv", [0.4, 0.3, 0.25])  # a run still going
+    write_fake_csv(d / "margin_seed0.csv", curve(0.5, 0.03))
+    md = tmp_path / "REPORT.md"
+    text = report([d], out=md)
+    assert md.read_text() == text
+    png = tmp_path / "test_error.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    bald = lines["BALD"]
+    assert "| 0, 1, 2 |" in bald
+    assert "150 ± 10" in bald and "| 145 |" in bald and "| 335 |" in bald
+    assert "335 ± 7 (2/3 seeds; others not reached by 1000)" in bald
+    assert "not reached (> 20)" in lines["Mean STD"] and "| 230 |" in lines["Mean STD"]
+    assert "| Random | 0 | 1000 |" in lines["Random"]
+    assert "| – |" in lines["Margin"]  # no paper value
+    order = [k for k in lines if k in ("BALD", "Mean STD", "Margin", "Random")]
+    assert order == ["BALD", "Mean STD", "Margin", "Random"]  # the paper's order, then extras
+    assert "![test error vs acquired images](test_error.png)" in text
+
+
+def test_report_plot_options_and_errors(tmp_path):
+    write_fake_csv(tmp_path / "bald_seed0.csv", curve(0.5, 0.02))
+    report(tmp_path, plot=False)
+    assert not (tmp_path / "test_error.png").exists()
+    report(tmp_path)
+    assert (tmp_path / "test_error.png").exists()
+    report(tmp_path, plot=tmp_path / "sub" / "fig.png")
+    assert (tmp_path / "sub" / "fig.png").exists()
+    with pytest.raises(FileNotFoundError, match="no results"):
+        report(tmp_path / "sub")
+    with pytest.raises(FileNotFoundError, match="no such"):
+        report(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "bald_seed0.csv").write_text("round,labelled\n0,20\n")
+    with pytest.raises(ValueError, match="missing CSV column"):
+        report(bad)
+
+
+def test_report_on_real_loop_output(tmp_path):
+    data = synthetic_mnist_like(400, seed=0, n_test=100)
+    for acq in ("random", "bald"):
+        run_mnist(acq, 0, tmp_path, data=data, progress=False,
+                  **{"rounds": 1, "epochs": 2, "T": 3, "validation": 10})
+    text = report([tmp_path], plot=False)
+    assert "| BALD | 0 | 10 |" in text and "| Random | 0 | 10 |" in text

@@ -1,0 +1,293 @@
+"""Tests for fastbald.loop: protocol validation, the initial split, a tiny run, atomic resumable
+state and kill-and-resume equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbald.data import synthetic_mnist_like
+from fastbald.loop import (
+    ACQUISITIONS,
+    CSV_COLUMNS,
+    ActiveLearningLoop,
+    LoopProtocol,
+    StateMismatchError,
+    canonical_acquisition,
+    read_csv,
+    split_initial,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast: 400 synthetic images, 2 epochs, T=4.
+TINY = {"rounds": 2, "epochs": 2, "T": 4, "validation": 20, "per_round": 10}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_mnist_like(400, seed=0, n_test=100)
+
+
+def _key(records):
+    return [(r.round, r.labelled, r.acquired, r.test_error, r.val_error, r.train_loss,
+             r.new_indices, r.pool_size, r.scored) for r in records]
+
+
+class Boom(Exception):
+    pass
+
+
+def _stop_after(round_):
+    def cb(loop, rec):
+        if rec.round == round_:
+            raise Boom(f"simulated kill after round {round_}")
+
+    return cb
+
+
+# ------------------------------------------------------------------------------------------------
+def test_canonical_acquisition():
+    assert canonical_acquisition("BALD") == "bald"
+    assert canonical_acquisition("Max Entropy") == "entropy"
+    assert canonical_acquisition("var-ratios") == "variation_ratio"
+    assert canonical_acquisition("Mean STD") == "mean_std"
+    for a in ACQUISITIONS:
+        assert canonical_acquisition(a) == a
+    with pytest.raises(ValueError, match="unknown acquisition"):
+        canonical_acquisition("coreset")
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"rounds": -1}, "rounds"),
+        ({"epochs": 0}, "epochs"),
+        ({"T": 0}, "T must"),
+        ({"per_round": 0}, "per_round"),
+        ({"pool_subset": 5}, "pool_subset"),
+        ({"test_subset": 0}, "test_subset"),
+        ({"lr": 0.0}, "lr"),
+        ({"weight_decay_scope": "all"}, "weight_decay_scope"),
+        ({"seed": -1}, "seed"),
+        ({"acquisition": "nope"}, "unknown acquisition"),
+    ],
+)
+def test_protocol_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoopProtocol(**kw)
+
+
+def test_protocol_defaults_are_the_papers():
+    p = LoopProtocol()
+    assert (p.initial, p.validation, p.per_round, p.rounds) == (20, 100, 10, 100)
+    assert (p.epochs, p.batch_size, p.lr, p.weight_decay_c, p.T) == (50, 128, 1e-3, 3.5, 100)
+    assert p.balanced_initial and p.pool_subset is None and p.weight_decay_scope == "paper"
+    assert LoopProtocol.from_dict(p.to_dict()) == p
+    assert p.differences(LoopProtocol(rounds=5)) == []
+    assert p.differences(LoopProtocol(T=20)) == ["T: 100 != 20"]
+
+
+def test_split_is_balanced_disjoint_and_seeded(data):
+    p = LoopProtocol(validation=50, rounds=10)
+    init, val = split_initial(data.y_train, p, 10)
+    assert init.numel() == 20 and val.numel() == 50
+    assert torch.bincount(data.y_train[init], minlength=10).tolist() == [2] * 10
+    assert not set(init.tolist()) & set(val.tolist())
+    init2, val2 = split_initial(data.y_train, p, 10)
+    assert torch.equal(init, init2) and torch.equal(val, val2)
+    init3, _ = split_initial(data.y_train, LoopProtocol(validation=50, rounds=10, seed=1), 10)
+    assert not torch.equal(init, init3)
+    odd, _ = split_initial(data.y_train, LoopProtocol(initial=13, validation=0, rounds=0), 10)
+    counts = torch.bincount(data.y_train[odd], minlength=10)
+    assert odd.numel() == 13 and counts.min() == 1 and counts.max() == 2
+    with pytest.raises(ValueError, match="fewer than"):
+        split_initial(data.y_train, LoopProtocol(rounds=1000), 10)
+
+
+def test_tiny_run(data, tmp_path):
+    p = LoopProtocol(acquisition="bald", **TINY)
+    seen = []
+    loop = ActiveLearningLoop(
+        data, p, state_dir=tmp_path / "st", csv_path=tmp_path / "r.csv",
+        callbacks=[lambda lp, r: seen.append(r.round)],
+    )
+    recs = loop.run()
+    assert seen == [0, 1, 2] and loop.done
+    assert [r.labelled for r in recs] == [20, 30, 40]
+    assert [r.acquired for r in recs] == [0, 10, 20]
+    assert recs[0].new_indices == [] and recs[0].score_seconds == 0.0
+    pool0 = 400 - 20 - 20
+    assert [r.pool_size for r in recs] == [pool0, pool0, pool0 - 10]
+    assert [r.scored for r in recs] == [0, pool0, pool0 - 10]
+    labelled = loop.labelled_indices
+    assert len(set(labelled)) == 40 and not set(labelled) & set(loop.validation_indices)
+    assert labelled[20:] == recs[1].new_indices + recs[2].new_indices
+    assert all(0.0 <= r.test_error <= 1.0 for r in recs)
+    # CSV: the required columns, one row per round
+    cols = read_csv(tmp_path / "r.csv")
+    assert list(cols) == list(CSV_COLUMNS)
+    assert cols["round"].tolist() == [0, 1, 2] and cols["labelled"].tolist() == [20, 30, 40]
+    assert cols["test_error"].tolist() == pytest.approx([r.test_error for r in recs], abs=1e-6)
+    # State: JSON + the last checkpoint only, no temporary files
+    st = json.loads((tmp_path / "st" / "state.json").read_text())
+    assert st["rounds_done"] == 3 and st["labelled_indices"] == labelled
+    assert st["protocol"]["acquisition"] == "bald"
+    assert sorted(f.name for f in (tmp_path / "st").iterdir()) == ["round_0002.pt", "state.json"]
+    with pytest.raises(RuntimeError, match="complete"):
+        loop.step()
+
+
+def test_acquired_are_the_top_scored(data):
+    """Round 1's acquisitions are the top-k of score_pool over the remaining pool."""
+    from fastbald.loop import _SEED_SCORE
+    from fastbald.pool import score_pool
+
+    p = LoopProtocol(acquisition="entropy", **{**TINY, "rounds": 1})
+    loop = ActiveLearningLoop(data, p)
+    loop.step()
+    model = loop.model
+    pool = loop.pool_indices()
+    rec = loop.step()
+    res = score_pool(model, data.x_train[pool], T=p.T, method="entropy", k=10,
+                     seed=loop.round_seed(1, _SEED_SCORE), progress=False)
+    assert rec.new_indices == pool[res.topk].tolist()
+
+
+@pytest.mark.parametrize("acq", ["random", "margin"])
+def test_pool_subset_and_other_acquisitions(data, acq):
+    p = LoopProtocol(acquisition=acq, pool_subset=50, test_subset=40, **TINY)
+    loop = ActiveLearningLoop(data, p)
+    recs = loop.run()
+    assert loop.x_test.shape[0] == 40
+    assert [r.scored for r in recs] == ([0, 0, 0] if acq == "random" else [0, 50, 50])
+    assert len(set(loop.labelled_indices)) == 40
+
+
+def test_same_seed_same_result_and_seeds_differ(data):
+    p = LoopProtocol(acquisition="bald", **{**TINY, "rounds": 1})
+    a = ActiveLearningLoop(data, p).run()
+    torch.manual_seed(12345)  # the loop must not depend on the global RNG state
+    b = ActiveLearningLoop(data, p).run()
+    assert _key(a) == _key(b)
+    c = ActiveLearningLoop(data, LoopProtocol(acquisition="bald", seed=1, **{**TINY, "rounds": 1}))
+    assert _key(c.run()) != _key(a)
+
+
+@pytest.mark.parametrize("acq", ["bald", "random"])
+def test_resume_after_simulated_kill_matches_uninterrupted(data, tmp_path, acq):
+    p = LoopProtocol(acquisition=acq, pool_subset=200, **{**TINY, "rounds": 3})
+    full_loop = ActiveLearningLoop(data, p)
+    full = full_loop.run()
+
+    st = tmp_path / "st"
+    with pytest.raises(Boom):
+        ActiveLearningLoop(data, p, state_dir=st, csv_path=tmp_path / "r.csv",
+                           callbacks=[_stop_after(1)]).run()
+    assert read_csv(tmp_path / "r.csv")["round"].tolist() == [0, 1]
+    torch.manual_seed(999)
+    resumed = ActiveLearningLoop(data, p, state_dir=st, csv_path=tmp_path / "r.csv")
+    assert resumed.next_round == 2
+    assert resumed.model is not None
+    rest = resumed.run()
+    assert _key(rest) == _key(full)
+    assert resumed.labelled_indices == full_loop.labelled_indices
+    assert read_csv(tmp_path / "r.csv")["test_error"].tolist() == pytest.approx(
+        [r.test_error for r in full], abs=1e-6)
+
+
+def test_rounds_can_be_extended_but_protocol_must_match(data, tmp_path):
+    st = tmp_path / "st"
+    short = LoopProtocol(acquisition="bald", **{**TINY, "rounds": 1})
+    ActiveLearningLoop(data, short, state_dir=st).run()
+    longer = LoopProtocol(acquisition="bald", **TINY)
+    loop = ActiveLearningLoop(data, longer, state_dir=st)
+    assert loop.next_round == 2
+    extended = loop.run()
+    assert _key(extended) == _key(ActiveLearningLoop(data, longer).run())
+    with pytest.raises(StateMismatchError, match="T: 5 != 4"):
+        ActiveLearningLoop(data, LoopProtocol(acquisition="bald", **{**TINY, "T": 5}),
+                           state_dir=st)
+    other = synthetic_mnist_like(400, seed=1, n_test=100)
+    with pytest.raises(StateMismatchError, match="different data"):
+        ActiveLearningLoop(other, longer, state_dir=st)
+    fresh = ActiveLearningLoop(data, LoopProtocol(acquisition="bald", **{**TINY, "T": 5}),
+                               state_dir=st, restart=True)
+    assert fresh.next_round == 0
+
+
+def test_corrupt_state_is_reported(data, tmp_path):
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "state.json").write_text("{not json")
+    with pytest.raises(StateMismatchError, match="cannot read"):
+        ActiveLearningLoop(data, LoopProtocol(**TINY), state_dir=st)
+
+
+def test_training_is_stopped_cleanly_by_an_exception(data, tmp_path, monkeypatch):
+    """An error inside a round leaves the committed state of the previous round untouched."""
+    p = LoopProtocol(acquisition="bald", **TINY)
+    loop = ActiveLearningLoop(data, p, state_dir=tmp_path / "st")
+    loop.step()
+    before = (tmp_path / "st" / "state.json").read_bytes()
+    labelled = list(loop.labelled_indices)
+
+    def fail(*a, **k):
+        raise Boom("in training")
+
+    monkeypatch.setattr(loop, "_train", fail)
+    with pytest.raises(Boom):
+        loop.step()
+    assert loop.labelled_indices == labelled and loop.next_round == 1
+    assert (tmp_path / "st" / "state.json").read_bytes() == before
+    assert not [f for f in (tmp_path / "st").iterdir() if f.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_subprocess(tmp_path):
+    """SIGKILL a real CLI run after round 1 is committed; the same command resumes it and the
+    result equals an uninterrupted run's."""
+    args = [sys.executable, "-m", "fastbald", "experiment", "mnist", "--synthetic", "400",
+            "--acquisition", "bald", "--rounds", "3", "--epochs", "2", "-T", "4",
+            "--validation", "20", "--threads", "1", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    state = killed / "state" / "bald_seed0" / "state.json"
+    proc = subprocess.Popen([*args, "--out", str(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if state.exists() and json.loads(state.read_text())["rounds_done"] >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it was killed: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("round 1 was never committed")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = json.loads(state.read_text())["rounds_done"]
+    assert 2 <= done <= 4
+    for out in (killed, clean):
+        subprocess.run([*args, "--out", str(out)], cwd=REPO, env=env, check=True,
+                       capture_output=True)
+    a = json.loads(state.read_text())
+    b = json.loads((clean / "state" / "bald_seed0" / "state.json").read_text())
+    assert a["labelled_indices"] == b["labelled_indices"]
+    strip = ("train_seconds", "score_seconds", "eval_seconds")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in a["records"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in b["records"]
+    ]
+    ca, cb = read_csv(killed / "bald_seed0.csv"), read_csv(clean / "bald_seed0.csv")
+    assert ca["test_error"].tolist() == cb["test_error"].tolist()
+    assert ca["round"].tolist() == [0, 1, 2, 3]

@@ -1,0 +1,236 @@
+"""MC-dropout inference: fastbald.mc."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fastbald.mc import MCDropout, dropout_modules, mc_logits, mix_seed, resolve_split
+
+pytestmark = pytest.mark.filterwarnings("ignore:fastbald. using the pure-PyTorch backend")
+
+
+class Split(nn.Module):
+    """A small CNN with a deterministic trunk (conv + BatchNorm) and a dropout head."""
+
+    def __init__(self, c: int = 5, p1: float = 0.25, p2: float = 0.5) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.head = nn.Sequential(
+            nn.Dropout(p1), nn.Flatten(), nn.Linear(4 * 3 * 3, 16), nn.ReLU(), nn.Dropout(p2),
+            nn.Linear(16, c),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        return self.trunk, self.head
+
+
+def _model(seed: int = 0, **kw: float) -> Split:
+    torch.manual_seed(seed)
+    m = Split(**kw)
+    with torch.no_grad():  # non-trivial running statistics
+        m.trunk[1].running_mean.uniform_(-0.5, 0.5)
+        m.trunk[1].running_var.uniform_(0.5, 2.0)
+    return m
+
+
+X = torch.rand(23, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_shape_and_split_detected() -> None:
+    m = _model()
+    out = mc_logits(m, X, 6, seed=0)
+    assert out.shape == (23, 6, 5)
+    trunk, head = resolve_split(m)
+    assert trunk is m.trunk and head is m.head
+    assert resolve_split(m, False) == (None, m)
+
+
+def test_trunk_head_equals_full_model_with_same_masks() -> None:
+    """Trunk once + head T times gives the full model's T passes (same masks, same seed)."""
+    m = _model()
+    for consistent in (True, False):
+        split = mc_logits(m, X, 7, seed=11, consistent=consistent)
+        full = mc_logits(m, X, 7, seed=11, consistent=consistent, trunk_head=False)
+        pair = mc_logits((m.trunk, m.head), X, 7, seed=11, consistent=consistent)
+        torch.testing.assert_close(split, full, rtol=1e-6, atol=1e-6)
+        assert torch.equal(split, pair)
+    # The fast path (Sequential head starting with dropout) equals the generic hook path.
+    generic = mc_logits((m.trunk, nn.Sequential(nn.Identity(), *m.head)), X, 7, seed=11)
+    assert torch.equal(mc_logits(m, X, 7, seed=11), generic)
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+def test_bit_identical_across_batch_sizes(consistent: bool) -> None:
+    m = _model()
+    whole = mc_logits(m, X, 9, seed=3, consistent=consistent)
+    for bs in (1, 7, 16):
+        parts = [
+            mc_logits(m, X[s : s + bs], 9, seed=3, consistent=consistent,
+                      indices=torch.arange(s, min(s + bs, len(X))))
+            for s in range(0, len(X), bs)
+        ]
+        assert torch.equal(torch.cat(parts), whole)
+    # max_rows splits the forward internally; the values do not change either.
+    assert torch.equal(mc_logits(m, X, 9, seed=3, consistent=consistent, max_rows=10), whole)
+
+
+def test_consistent_masks_shared_by_items_and_independent_masks_not() -> None:
+    drop = nn.Sequential(nn.Dropout(0.5))
+    x = torch.ones(6, 40)
+    cons = mc_logits(drop, x, 5, seed=0)
+    assert torch.equal(cons, cons[:1].expand_as(cons))  # same T masks for every item
+    assert not torch.equal(cons[:, 0], cons[:, 1])  # but different across samples
+    ind = mc_logits(drop, x, 5, seed=0, consistent=False)
+    assert not torch.equal(ind[0], ind[1])
+    # Independent masks depend on the global index, not on the position in the batch.
+    shifted = mc_logits(drop, x[:2], 5, seed=0, consistent=False, indices=torch.tensor([4, 5]))
+    assert torch.equal(shifted, ind[4:6])
+
+
+def test_seeds() -> None:
+    m = _model()
+    a = mc_logits(m, X, 4, seed=5)
+    assert torch.equal(a, mc_logits(m, X, 4, seed=5))
+    assert not torch.equal(a, mc_logits(m, X, 4, seed=6))
+    # The first t samples do not depend on T.
+    assert torch.equal(mc_logits(m, X, 2, seed=5), a[:, :2])
+    torch.manual_seed(0)
+    b = mc_logits(m, X, 4)
+    torch.manual_seed(0)
+    assert torch.equal(b, mc_logits(m, X, 4))
+    assert mix_seed(1, 2) != mix_seed(2, 1) and 0 <= mix_seed(2**70, -1) < 2**63
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_dropout_distribution_matches_torch(p: float) -> None:
+    """Keep rate 1 - p, scale 1/(1-p) (torch's exact value), independent units."""
+    F, T = 500, 200
+    out = mc_logits(nn.Sequential(nn.Dropout(p)), torch.ones(1, F), T, seed=0)[0]
+    kept = out != 0
+    n = kept.numel()
+    frac = kept.float().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    ref = nn.functional.dropout(torch.ones(10_000), p, training=True)
+    assert torch.equal(out[kept].unique(), ref[ref != 0].unique())
+    # Units are independent: correlation between two units' masks across samples ~ 0.
+    corr = torch.corrcoef(kept[:, :2].T.float())[0, 1].item()
+    assert abs(corr) < 5 / math.sqrt(T)
+
+
+@pytest.mark.filterwarnings("ignore:dropout2d. Received a 3D input")
+def test_channel_dropout_masks_whole_channels() -> None:
+    x = torch.ones(3, 6, 4, 5)
+    out = mc_logits(nn.Sequential(nn.Dropout2d(0.5), nn.Flatten()), x, 30, seed=1)
+    out = out.reshape(3, 30, 6, 20)
+    per_channel = out.amin(-1) == out.amax(-1)
+    assert bool(per_channel.all())
+    assert 0 < (out == 0).float().mean().item() < 1
+    with pytest.raises(ValueError, match="feature dims"):
+        mc_logits(nn.Sequential(nn.Dropout2d(0.5)), torch.ones(3, 6, 4), 2, seed=0)
+
+
+def test_output_distribution_matches_torch_train_mode() -> None:
+    """MC samples of a small MLP: same mean and spread as torch's own dropout in train mode."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+    x = torch.randn(1, 8)
+    T = 4000
+    ours = mc_logits(m, x, T, seed=0, consistent=False)[0]
+    m.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        theirs = m(x.expand(T, 8))
+    se = (ours.std(0) ** 2 / T + theirs.std(0) ** 2 / T).sqrt()
+    assert bool(((ours.mean(0) - theirs.mean(0)).abs() < 5 * se).all())
+    ratio = ours.std(0) / theirs.std(0)
+    assert bool(((ratio > 0.9) & (ratio < 1.1)).all())
+
+
+def test_batchnorm_stays_in_eval_and_modes_restored() -> None:
+    m = _model(p1=0.0, p2=0.0)
+    m.train()
+    before = m.trunk[1].running_mean.clone()
+    out = mc_logits(m, X, 3, seed=0)
+    assert torch.equal(m.trunk[1].running_mean, before)
+    m.eval()
+    with torch.no_grad():
+        expect = m(X)
+    torch.testing.assert_close(out, expect.unsqueeze(1).expand(-1, 3, -1), rtol=1e-6, atol=1e-6)
+    m.train()
+    mc_logits(m, X, 3, seed=0)
+    assert all(mod.training for mod in m.modules())
+    assert not any(mod._forward_hooks for mod in m.modules())
+
+
+def test_no_dropout_warns() -> None:
+    m = nn.Sequential(nn.Linear(4, 3))
+    with pytest.warns(RuntimeWarning, match="no dropout layer"):
+        out = mc_logits(m, torch.randn(5, 4), 4)
+    assert out.shape == (5, 4, 3)
+    assert torch.equal(out, out[:, :1].expand_as(out))
+
+
+def test_bad_inputs() -> None:
+    m = _model()
+    for T in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="T"):
+            mc_logits(m, X, T)  # type: ignore[arg-type]
+
+    class Wrong(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.d(x).sum(0, keepdim=True)  # [1, C] whatever the batch
+
+    with pytest.raises(ValueError, match=r"returned shape \(1, 4\) for a batch of 15 inputs"):
+        mc_logits(Wrong(), torch.ones(5, 4), 3)
+    with pytest.raises(ValueError, match="dropout layers"):
+        mc_logits(m, X, 2, trunk_head=(nn.Sequential(nn.Dropout(0.1)), m.head))
+    with pytest.raises(ValueError, match="exposes no split"):
+        mc_logits(nn.Sequential(nn.Dropout(0.1)), X, 2, trunk_head=True)
+    with pytest.raises(TypeError, match="AlphaDropout"):
+        dropout_modules(nn.Sequential(nn.AlphaDropout(0.1)))
+    with pytest.raises(TypeError, match="logits tensor"):
+        mc_logits(nn.Sequential(nn.Dropout(0.1), _Tuple()), torch.ones(2, 3), 2)
+
+
+class _Tuple(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+def test_reused_dropout_module_draws_a_mask_per_call() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.d = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.d(x), self.d(x)], 1)
+
+    out = mc_logits(Twice(), torch.ones(1, 64), 3, seed=0)
+    assert not torch.equal(out[..., :64], out[..., 64:])
+
+
+def test_engine_context_and_deterministic_mode() -> None:
+    m = _model()
+    with MCDropout(m, 4, seed=2) as mc:
+        a = mc(X)
+        assert not m.training
+    assert torch.equal(a, mc_logits(m, X, 4, seed=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det = MCDropout(m, 4, sample=False)(X)
+    assert torch.equal(det, det[:, :1].expand_as(det))
