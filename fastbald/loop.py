@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_torch_save, atomic_write_bytes
 from .mc import mix_seed
 from .models import BayesianCNN, paper_weight_decay
 
@@ -313,29 +313,8 @@ class RoundRecord:
 # ------------------------------------------------------------------------------------------------
 # Atomic files
 # ------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync and
-    ``os.replace``: readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write_bytes(path, buf.getvalue())
+_atomic_write_bytes = atomic_write_bytes
+_atomic_torch_save = atomic_torch_save
 
 
 def write_csv(path: str | os.PathLike[str], records: Sequence[RoundRecord]) -> None:

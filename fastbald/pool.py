@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -37,6 +36,7 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 
 from . import distributed as _dist
+from ._io import atomic_torch_save  # noqa: F401  (re-exported)
 from .acquire import ranking_key
 from .mc import DEFAULT_MAX_ROWS, MCDropout
 from .reference import METRICS
@@ -116,28 +116,6 @@ class PoolResult:
         """Read a result written by :meth:`save`."""
         d = torch.load(path, map_location="cpu", weights_only=True)
         return cls(**d)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same directory + ``os.replace``."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ------------------------------------------------------------------------------------------------
