@@ -3,8 +3,8 @@ Ratios, Mean STD, margin, least confidence) for large image pools."""
 
 from .acquire import METHODS, acquire
 from .loop import ActiveLearningLoop, LoopProtocol
-from .mc import mc_logits
-from .pool import PoolResult, score_pool
+from .mc import MCDropout, mc_logits
+from .pool import PoolResult, SyntheticPool, score_pool
 from .reference import METRICS, reference_scores
 from .scores import (
     PoolScores,
@@ -24,10 +24,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ActiveLearningLoop",
     "LoopProtocol",
+    "MCDropout",
     "METHODS",
     "METRICS",
     "PoolResult",
     "PoolScores",
+    "SyntheticPool",
     "acquire",
     "backends",
     "bald",
