@@ -2,6 +2,7 @@
 
 Extensions:
   fastbald._C         op schemas; the CUDA kernels when built with CUDA
+  fastbald._cpu_avx512  CPU kernel compiled for AVX-512 (F/BW/VL/DQ; loaded on CPUs that have it)
   fastbald._cpu_avx2  CPU kernel compiled for AVX2+FMA (loaded on CPUs that have them)
   fastbald._cpu_base  the same CPU kernel for any x86-64 / other CPUs
 
@@ -94,6 +95,13 @@ def extensions():
     variants = [("base", [])]
     if is_x86:
         variants.insert(0, ("avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]))
+        # torch's own AVX512 capability flags (ATen/native/cpu builds), plus AVX2/FMA for the
+        # 256-bit transposes the group kernel still uses.
+        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+        # GCC 12 flags _mm512_undefined_ps() (`__m512 __Y = __Y;` in its own avx512fintrin.h) as
+        # (maybe-)uninitialized once inlined into our code, a known false positive; -Werror stays on.
+        avx512 += ["-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+        variants.insert(0, ("avx512", [*avx512, "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]))
     for name, flags in variants:
         exts.append(
             CppExtension(

@@ -74,6 +74,8 @@ struct Ops<float> {
   static FB_HD float log(float x) { return ::logf(x); }
   // IEEE 754-2019 maximum: propagates NaN from either side.
   static FB_HD float max(float a, float b) { return (a > b || a != a) ? a : b; }
+  // max(x, lo) for a never-NaN lo that keeps a NaN x (NaN inputs then reach the sums).
+  static FB_HD float clamp_low(float x, float lo) { return max(x, lo); }
   static FB_HD M gt(float a, float b) { return a > b; }
   static FB_HD M eq(float a, float b) { return a == b; }
   static FB_HD M mask_andnot(M a, M b) { return a && !b; }
@@ -88,6 +90,8 @@ struct Ops<double> {
   static FB_HD double exp(double x) { return ::exp(x); }
   static FB_HD double log(double x) { return ::log(x); }
   static FB_HD double max(double a, double b) { return (a > b || a != a) ? a : b; }
+  // max(x, lo) for a never-NaN lo that keeps a NaN x (NaN inputs then reach the sums).
+  static FB_HD double clamp_low(double x, double lo) { return max(x, lo); }
   static FB_HD M gt(double a, double b) { return a > b; }
   static FB_HD M eq(double a, double b) { return a == b; }
   static FB_HD M mask_andnot(M a, M b) { return a && !b; }
@@ -169,7 +173,7 @@ struct Limits<double> {
 template <class V, class A>
 FB_HD V shifted(const V& z, const V& m) {
   using O = Ops<V>;
-  return O::max(z - m, O::splat(Limits<A>::exp_floor));
+  return O::clamp_low(z - m, O::splat(Limits<A>::exp_floor));
 }
 
 // Pass 2: shifted logits d, their exps e (sink(c, d, e) may store them), the row sum s and

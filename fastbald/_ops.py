@@ -4,9 +4,10 @@ The native library is split in three shared objects:
 
 * ``fastbald._C``: the op schemas (``TORCH_LIBRARY(fastbald, m)``) and, when built with CUDA, the
   CUDA kernels;
-* ``fastbald._cpu_avx2`` / ``fastbald._cpu_base``: the same CPU kernel compiled with and without
-  AVX2+FMA. Exactly one is loaded, chosen at run time from the CPU's capability, so the package
-  never executes an AVX2 instruction on a CPU without it.
+* ``fastbald._cpu_avx512`` / ``fastbald._cpu_avx2`` / ``fastbald._cpu_base``: the same CPU kernel
+  compiled for AVX-512, for AVX2+FMA and for any CPU. Exactly one is loaded, chosen at run time from
+  the CPU's capability as torch reports it (``FASTBALD_CPU_KERNEL`` overrides), so the package never
+  executes an instruction the CPU lacks.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ _STATE: dict[str, Any] = {"loaded": False, "native": False, "cpu": None, "cuda":
 # Bit of each metric in the op's ``metrics`` mask (order of fastbald.reference.METRICS).
 N_METRICS = 7
 
+# CPU kernel builds, widest first: a build that is missing falls back to the next narrower one.
+CPU_VARIANTS = ("avx512", "avx2", "base")
+
 
 def _cpu_variant() -> str:
     forced = os.environ.get("FASTBALD_CPU_KERNEL")
-    if forced in ("avx2", "base"):
+    if forced in CPU_VARIANTS:
         return forced
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         cap = "DEFAULT"
-    return "avx2" if cap in ("AVX2", "AVX512") else "base"
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "base")
 
 
 def load() -> dict[str, Any]:
@@ -49,11 +53,19 @@ def load() -> dict[str, Any]:
         return _STATE
     _STATE["native"] = True
     variant = _cpu_variant()
-    try:
-        importlib.import_module(f"fastbald._cpu_{variant}")
-        _STATE["cpu"] = variant
-    except ImportError as e:
-        _STATE["why"]["cpu"] = f"CPU kernel fastbald._cpu_{variant} not built ({e})"
+    forced = os.environ.get("FASTBALD_CPU_KERNEL") in CPU_VARIANTS
+    # A forced variant must load as asked; the automatic choice falls back to narrower builds.
+    candidates = [variant] if forced else list(CPU_VARIANTS[CPU_VARIANTS.index(variant) :])
+    errors = []
+    for v in candidates:
+        try:
+            importlib.import_module(f"fastbald._cpu_{v}")
+            _STATE["cpu"] = v
+            break
+        except ImportError as e:
+            errors.append(f"fastbald._cpu_{v}: {e}")
+    if _STATE["cpu"] is None:
+        _STATE["why"]["cpu"] = "CPU kernel not built (" + "; ".join(errors) + ")"
     _STATE["cuda"] = bool(getattr(c, "built_with_cuda", lambda: False)())
     if not _STATE["cuda"]:
         _STATE["why"]["cuda"] = "extension built without CUDA kernels"

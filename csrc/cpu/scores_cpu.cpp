@@ -1,10 +1,10 @@
 // CPU kernel of fastbald::pool_scores.
 //
-// This file is compiled twice: into fastbald._cpu_avx2 (with -mavx2 -mfma and
-// CPU_CAPABILITY=AVX2, so at::vec::Vectorized<float> is 8 AVX2 lanes with Sleef / polynomial exp)
-// and into fastbald._cpu_base (no ISA flags: portable to any x86-64). Python loads exactly one of
-// them, chosen from the CPU's capability at run time; both register the same
-// TORCH_LIBRARY_IMPL(fastbald, CPU).
+// This file is compiled three times: into fastbald._cpu_avx512 (CPU_CAPABILITY=AVX512, so
+// at::vec::Vectorized<float> is 16 lanes of one zmm register), fastbald._cpu_avx2 (-mavx2 -mfma,
+// CPU_CAPABILITY=AVX2: 8 lanes) and fastbald._cpu_base (no ISA flags: portable to any x86-64).
+// Python loads exactly one of them, chosen from the CPU's capability at run time; all register the
+// same TORCH_LIBRARY_IMPL(fastbald, CPU).
 //
 // Work decomposition: at::parallel_for over pool items; one item at a time per thread. The SIMD
 // lanes hold L consecutive MC samples (rows) of the item, so every per-row reduction over C is a
@@ -47,8 +47,12 @@
 namespace fastbald {
 namespace math {
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define FB_X86_SIMD 1  // AVX2+FMA intrinsics available (the AVX-512 build has them too)
+#endif
+
 // SIMD value type: lanes are MC samples of one pool item.
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FB_X86_SIMD)
 // exp(x) for x in [-87, 88] (the kernels only pass [exp_floor, 0]): Cody-Waite range reduction
 // with round-to-nearest via the 1.5 * 2^23 trick, the Cephes degree-6 polynomial on
 // [-ln2/2, ln2/2] (about 1 ulp), and 2^n added straight into the exponent bits. 12 instructions,
@@ -101,21 +105,79 @@ inline __m256 log_positive_normal(__m256 x) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The same two functions on 16 lanes (instruction for instruction the AVX2 ones: identical results).
+inline __m512 exp_no_range_check(__m512 x) {
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i scale = _mm512_slli_epi32(_mm512_castps_si512(t), 23);
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), scale));
+}
+
+inline __m512 log_positive_normal(__m512 x) {
+  const __m512i xi = _mm512_castps_si512(x);
+  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(127)));
+  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)),
+                                                 _mm512_set1_epi32(0x3f800000)));
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+}
+#endif
+
+#if defined(FB_X86_SIMD)
+// The x86 max instructions return their SECOND operand when either is NaN: max_x86(lo, x) keeps a
+// NaN x (clamp_low), and max_x86(a, b) is a one-instruction max for NaN-free inputs (at::vec's
+// NaN-propagating maximum takes three or four).
+inline __m256 max_x86(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+inline __m256d max_x86(__m256d a, __m256d b) { return _mm256_max_pd(a, b); }
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 max_x86(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+inline __m512d max_x86(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+#endif
+#endif
+
 template <class T>
 struct Ops<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using M = V;
   static V exp(const V& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FB_X86_SIMD)
     if constexpr (std::is_same_v<T, float>) {
-      return V(exp_no_range_check(x));
+      return V(exp_no_range_check(x));  // the __m256 or __m512 overload, by V's register
     }
 #endif
     return x.exp();
   }
   // Only for positive arguments (row sums, mean probabilities); input="probs" uses Sleef's log.
   static V log(const V& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FB_X86_SIMD)
     if constexpr (std::is_same_v<T, float>) {
       return V(log_positive_normal(x));
     }
@@ -123,6 +185,22 @@ struct Ops<at::vec::Vectorized<T>> {
     return x.log();
   }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // max(x, lo) keeping a NaN x; lo is never NaN.
+  static V clamp_low(const V& x, const V& lo) {
+#if defined(FB_X86_SIMD)
+    return V(max_x86(lo, x));
+#else
+    return at::vec::maximum(x, lo);
+#endif
+  }
+  // max for NaN-free inputs (with a NaN the result is either operand).
+  static V max_fast(const V& a, const V& b) {
+#if defined(FB_X86_SIMD)
+    return V(max_x86(a, b));
+#else
+    return at::vec::maximum(a, b);
+#endif
+  }
   static M gt(const V& a, const V& b) { return a > b; }
   static M eq(const V& a, const V& b) { return a == b; }
   static M mask_andnot(const M& a, const M& b) { return a & (b ^ (V(T(0)) == V(T(0)))); }
@@ -149,6 +227,16 @@ struct Ops<at::vec::VectorizedN<T, K>> {
     return r;
   }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V clamp_low(const V& x, const V& lo) {
+    V r;
+    for (int i = 0; i < K; ++i) r[i] = B::clamp_low(x[i], lo[i]);
+    return r;
+  }
+  static V max_fast(const V& a, const V& b) {
+    V r;
+    for (int i = 0; i < K; ++i) r[i] = B::max_fast(a[i], b[i]);
+    return r;
+  }
   static M gt(const V& a, const V& b) { return a > b; }
   static M eq(const V& a, const V& b) { return a == b; }
   static M mask_andnot(const M& a, const M& b) { return a & (b ^ (V(T(0)) == V(T(0)))); }
@@ -425,7 +513,7 @@ struct ItemKernel {
   }
 };
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FB_X86_SIMD)
 // In-register 8x8 transpose of eight rows of 8 floats.
 inline void transpose8x8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -451,21 +539,98 @@ inline void transpose8x8(__m256 r[8]) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register 16x16 transpose of sixteen rows of 16 floats (unpack, shuffle, two 128-bit-lane
+// shuffle stages: 64 shuffles per 256 values, against 96 for four 8x8 transposes).
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
+      t[8 * h + i + 4] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+#endif
+
+// acc + (a == b ? inc : 0): the variation-ratio vote count (a, b small integers held as floats).
+template <class V>
+inline V add_where_eq(const V& acc, const V& a, const V& b, const V& inc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    return V(_mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), acc, inc));
+  }
+#endif
+  return acc + ((a == b) & inc);
+}
+
 // Small items (T * C up to kGroupLimit): the SIMD lanes hold L different pool items and every
 // op is lane-wise, so no lane idles whatever T is, and nothing needs a horizontal reduction. The
 // L item tiles are transposed into the scratch zt[f][lane] (f = in-tile offset of (t, c)); the
 // row math is the same scores_math.h code as the row kernel, on V = Vectorized<A>.
 constexpr int64_t kGroupLimit = 2048;
 
+// Per-class values of a group ([C] x V): registers when C is a compile-time constant (CT > 0; the
+// class loops unroll fully and the array is scalarised), the given [C][L] memory otherwise.
+// ClassAcc: an accumulator that lives in registers (CT > 0) or in memory.
+template <class V, class A, int CT>
+struct ClassAcc {
+  V r[CT > 0 ? CT : 1];
+  A* mem;
+  explicit ClassAcc(A* m) : mem(m) {}
+  V get(int64_t c) const {
+    if constexpr (CT > 0) return r[c];
+    else return V::loadu(mem + c * V::size());
+  }
+  void set(int64_t c, const V& v) {
+    if constexpr (CT > 0) r[c] = v;
+    else v.store(mem + c * V::size());
+  }
+};
+
+// ClassKeep: values always written to memory (read again later), with a register copy when CT > 0.
+#ifndef FB_KEEP_REGS
+#define FB_KEEP_REGS 1
+#endif
+constexpr bool kKeepRegs = FB_KEEP_REGS;
+template <class V, class A, int CT>
+struct ClassKeep {
+  V r[CT > 0 ? CT : 1];
+  A* mem;
+  explicit ClassKeep(A* m) : mem(m) {}
+  V get(int64_t c) const {
+    if constexpr (kKeepRegs && CT > 0) return r[c];
+    else return V::loadu(mem + c * V::size());
+  }
+  void set(int64_t c, const V& v) {
+    v.store(mem + c * V::size());
+    if constexpr (kKeepRegs && CT > 0) r[c] = v;
+  }
+};
+
 template <class A>
 struct GroupScratch {
-  std::vector<A> zt, eb, pacc, vacc, cnt, pbar, lpbar, rinv, rls;
+  std::vector<A> zt, eb, pacc, vacc, args, pbar, lpbar, rinv, rls;
   GroupScratch(int64_t T, int64_t C, int64_t L) {
     zt.resize(T * C * L);
     eb.resize(T * C * L);
     pacc.resize(C * L);
     vacc.resize(C * L);
-    cnt.resize(C * L);
+    args.resize(T * L);
     pbar.resize(C * L);
     lpbar.resize(C * L);
     rinv.resize(T * L);
@@ -473,9 +638,19 @@ struct GroupScratch {
   }
 };
 
+// Lanes of the group kernel: 16 floats either way, as one AVX-512 register or two AVX2 ones (two
+// independent chains for the per-row sums, which are latency-bound in a single AVX2 register).
+#if defined(CPU_CAPABILITY_AVX512)
+template <class A>
+using GroupVec = at::vec::Vectorized<A>;
+#else
+template <class A>
+using GroupVec = at::vec::VectorizedN<A, 2>;
+#endif
+
 template <class scalar_t, class A>
 struct GroupKernel {
-  using V = at::vec::VectorizedN<A, 2>;
+  using V = GroupVec<A>;
   using O = Ops<V>;
   static constexpr int64_t L = V::size();
   static constexpr int64_t L1 = Vec<A>::size();
@@ -497,9 +672,17 @@ struct GroupKernel {
     for (int64_t l = 0; l < L; ++l) ptr[l] = x + (n0 + (l < nvalid ? l : 0)) * sN;
     const int64_t TC = T * C;
     int64_t f0 = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(FB_X86_SIMD)
     if constexpr (std::is_same_v<scalar_t, float> && L == 16) {
       if (dense) {
+#if defined(CPU_CAPABILITY_AVX512)
+        for (; f0 + 16 <= TC; f0 += 16) {
+          __m512 r[16];
+          for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_ps(ptr[l] + f0);
+          transpose16x16(r);
+          for (int k = 0; k < 16; ++k) _mm512_storeu_ps(zt + (f0 + k) * 16, r[k]);
+        }
+#endif
         for (; f0 + 8 <= TC; f0 += 8) {
           for (int h = 0; h < 2; ++h) {
             __m256 r[8];
@@ -550,7 +733,8 @@ struct GroupKernel {
 
   // Scores items n0 .. n0 + nvalid - 1. Returns the lane of the first bad item, or -1.
   // CT > 0 fixes C at compile time and kNTC the in-tile layout [T][C] (the common C = 10 case:
-  // fully unrolled class loops, no stride arithmetic); CT = 0 is the general case.
+  // fully unrolled class loops, no stride arithmetic, the per-class accumulators and the row's
+  // exps in registers); CT = 0 is the general case (accumulators in the scratch).
   template <int CT, bool kNTC>
   int64_t run(int64_t n0, int64_t nvalid, GroupScratch<A>& s) const {
     const int64_t C = CT > 0 ? CT : this->C;
@@ -564,58 +748,52 @@ struct GroupKernel {
     const V zero(A(0)), one(A(1));
     const V inf(std::numeric_limits<A>::infinity());
     const V ninf(-std::numeric_limits<A>::infinity());
-    if (needs.pbar) std::fill(s.pacc.begin(), s.pacc.end(), A(0));
-    if (need_vr) std::fill(s.cnt.begin(), s.cnt.end(), A(0));
-    A* pacc = s.pacc.data();
-    A* cnt = s.cnt.data();
+    ClassAcc<V, A, CT> pacc(s.pacc.data());
+    if (needs.pbar) {
+      for (int64_t c = 0; c < C; ++c) pacc.set(c, zero);
+    }
+    A* args = s.args.data();  // [T][L]: each row's argmax (as A; exact for C < 2^24)
     V hacc = zero;
     V ok = one == one;  // all ones
     const int64_t cstride = cs * L;
     for (int64_t t = 0; t < T; ++t) {
       A* zrow = zt + t * ts * L;
       auto load = [zrow, cstride](int64_t c) { return V::loadu(zrow + c * cstride); };
-      const V m = math::row_max<V>(load, C);
-      if (check) ok = ok & O::gt(m, ninf) & O::gt(inf, m);
-      if (!needs.exps) {
-        if (need_vr) {
-          V taken = zero;
-          for (int64_t c = 0; c < C; ++c) {
-            const V vote = math::first_argmax_vote(math::shifted<V, A>(load(c), m), taken);
-            (V::loadu(cnt + c * L) + vote).store(cnt + c * L);
-          }
+      V m, arg;
+      if (needs.exps) {
+        // Max and argmax (ties: lowest c) with the plain max instruction: a NaN logit is caught
+        // below through xa = sum_c e d, which any NaN reaches (shifted() keeps a NaN d).
+        m = load(0);
+        arg = zero;
+        for (int64_t c = 1; c < C; ++c) {
+          const V v = load(c);
+          arg = O::select(O::gt(v, m), V(static_cast<A>(c)), arg);
+          m = O::max_fast(m, v);
         }
-        continue;
-      }
-      A* erow = eb + t * C * L;
-      V sum, xa;
-      // d overwrites z in place; e goes to eb; the argmax votes go to cnt.
-      if (need_vr) {
-        V taken = zero;
-        math::row_exp_sum<V, A>(load, C, m, sum, xa,
-                                [zrow, cstride, erow, cnt, &taken](int64_t c, const V& d, const V& e) {
-                                  d.store(zrow + c * cstride);
-                                  e.store(erow + c * L);
-                                  const V vote = math::first_argmax_vote(d, taken);
-                                  (V::loadu(cnt + c * L) + vote).store(cnt + c * L);
-                                });
       } else {
-        math::row_exp_sum<V, A>(load, C, m, sum, xa,
-                                [zrow, cstride, erow](int64_t c, const V& d, const V& e) {
-                                  d.store(zrow + c * cstride);
-                                  e.store(erow + c * L);
-                                });
+        math::row_max_argmax<V>(load, C, m, arg);  // NaN-propagating max: m is NaN for a NaN row
       }
+      if (need_vr) arg.store(args + t * L);
+      if (check) ok = ok & O::gt(m, ninf) & O::gt(inf, m);
+      if (!needs.exps) continue;
+      A* erow = eb + t * C * L;
+      // d overwrites z in place; e goes to eb (and stays in registers when CT > 0).
+      ClassKeep<V, A, CT> e(erow);
+      V sum, xa;
+      math::row_exp_sum<V, A>(load, C, m, sum, xa, [zrow, cstride, &e](int64_t c, const V& d, const V& ec) {
+        d.store(zrow + c * cstride);
+        e.set(c, ec);
+      });
       const V log_s = O::log(sum);
       const V inv_s = one / sum;
+      if (check) ok = ok & O::eq(xa, xa);
       if (check && kind == math::kProbs) {
         const V dev = (sum * O::exp(at::vec::minimum(m, V(A(80)))) - one).abs();
         ok = ok & (dev <= V(static_cast<A>(tol)));
       }
       if (needs.entropy_t) hacc = hacc + math::row_entropy(log_s, xa, inv_s);
       if (needs.pbar) {
-        for (int64_t c = 0; c < C; ++c) {
-          at::vec::fmadd(V::loadu(erow + c * L), inv_s, V::loadu(pacc + c * L)).store(pacc + c * L);
-        }
+        for (int64_t c = 0; c < C; ++c) pacc.set(c, at::vec::fmadd(e.get(c), inv_s, pacc.get(c)));
         inv_s.store(s.rinv.data() + t * L);
         log_s.store(s.rls.data() + t * L);
       }
@@ -632,8 +810,22 @@ struct GroupKernel {
       if (metrics & (1 << k)) v.store(out + k * N + n0, static_cast<int>(nvalid));
     };
     if (need_vr) {
+      // Votes counted per class over the stored argmaxes: the count of the modal class.
+      // Four classes at a time: four independent count chains (classes >= C never match).
       V modal = zero;
-      for (int64_t c = 0; c < C; ++c) modal = O::max(modal, V::loadu(cnt + c * L));
+      for (int64_t c = 0; c < C; c += 4) {
+        const V c0(static_cast<A>(c)), c1(static_cast<A>(c + 1)), c2(static_cast<A>(c + 2)),
+            c3(static_cast<A>(c + 3));
+        V k0 = zero, k1 = zero, k2 = zero, k3 = zero;
+        for (int64_t t = 0; t < T; ++t) {
+          const V a = V::loadu(args + t * L);
+          k0 = add_where_eq(k0, a, c0, one);
+          k1 = add_where_eq(k1, a, c1, one);
+          k2 = add_where_eq(k2, a, c2, one);
+          k3 = add_where_eq(k3, a, c3, one);
+        }
+        modal = O::max(O::max(modal, O::max(k0, k1)), O::max(k2, k3));
+      }
       put(math::kVariationRatio, (V(static_cast<A>(T)) - modal) / V(static_cast<A>(T)));
     }
     if (needs.entropy_t) put(math::kExpectedEntropy, hacc * V(inv_T));
@@ -645,10 +837,10 @@ struct GroupKernel {
     // pbar = pacc / sum_c pacc: the same as pacc / T in exact arithmetic, but sum_c pbar = 1 to
     // rounding, so the mean-KL has no first-order error from the rounding of the sum over t.
     V ptot = zero;
-    for (int64_t c = 0; c < C; ++c) ptot = ptot + V::loadu(pacc + c * L);
+    for (int64_t c = 0; c < C; ++c) ptot = ptot + pacc.get(c);
     const V inv_ptot = one / ptot;
     for (int64_t c = 0; c < C; ++c) {
-      const V pb = V::loadu(pacc + c * L) * inv_ptot;
+      const V pb = pacc.get(c) * inv_ptot;
       const V lpb = O::max(O::log(pb), floor);
       pb.store(pbar + c * L);
       lpb.store(lpbar + c * L);
@@ -663,8 +855,8 @@ struct GroupKernel {
     // Second pass over the item tiles (L1/L2-resident): mean-KL with log p = d - log s, so
     // sum_c p (log p - log pbar) = sum_c p (d - log pbar) - log s * sum_c p, and the two-pass
     // variance of p.
-    A* vacc = s.vacc.data();
-    std::fill(s.vacc.begin(), s.vacc.end(), A(0));
+    ClassAcc<V, A, CT> vacc(s.vacc.data());
+    for (int64_t c = 0; c < C; ++c) vacc.set(c, zero);
     V kl = zero;
     for (int64_t t = 0; t < T; ++t) {
       const A* zrow = zt + t * ts * L;
@@ -676,12 +868,12 @@ struct GroupKernel {
         klrow = klrow + math::kl_term(p, V::loadu(zrow + c * cstride), V::loadu(lpbar + c * L));
         prow = prow + p;
         const V dv = p - V::loadu(pbar + c * L);
-        at::vec::fmadd(dv, dv, V::loadu(vacc + c * L)).store(vacc + c * L);
+        vacc.set(c, at::vec::fmadd(dv, dv, vacc.get(c)));
       }
       kl = kl + (klrow - V::loadu(s.rls.data() + t * L) * prow);
     }
     V std_sum = zero;
-    for (int64_t c = 0; c < C; ++c) std_sum = std_sum + (V::loadu(vacc + c * L) * V(inv_T)).sqrt();
+    for (int64_t c = 0; c < C; ++c) std_sum = std_sum + (vacc.get(c) * V(inv_T)).sqrt();
     put(math::kBald, O::max(kl * V(inv_T), zero));
     put(math::kMeanStd, std_sum * V(A(1) / static_cast<A>(C)));
     return -1;
