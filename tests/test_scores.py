@@ -233,22 +233,41 @@ def test_torch_backend_agrees_with_native():
         assert torch.allclose(getattr(a, name), getattr(b, name), atol=2e-6), name
 
 
-def test_portable_cpu_kernel_in_subprocess(tmp_path):
-    """The non-AVX2 build (what a CPU without AVX2 loads) gives the same results."""
+def _cpu_variants_runnable_here() -> list[str]:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": ["avx512", "avx2", "base"], "AVX2": ["avx2", "base"]}.get(cap, ["base"])
+
+
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "base"])
+def test_every_cpu_kernel_build_in_subprocess(variant):
+    """Each CPU build (AVX-512, AVX2, portable: what other CPUs load) gives the reference results,
+    through both the group kernel (T*C <= 2048, with a partial last group) and the row kernel, and
+    catches a NaN / an all-masked row naming the first bad item."""
+    if variant not in _cpu_variants_runnable_here():
+        pytest.skip(f"this CPU cannot run the {variant} build")
     code = (
-        "import torch, fastbald\n"
+        "import torch, fastbald, pytest\n"
         "from fastbald import _ops\n"
-        "assert _ops.load()['cpu'] == 'base', _ops.load()\n"
+        f"assert _ops.load()['cpu'] == {variant!r}, _ops.load()\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "x = torch.randn(37, 20, 10, generator=g)\n"
+        "x = torch.randn(37, 20, 10, generator=g) * 4\n"
+        "x[3, :, 2] = float('-inf')\n"
         "y = torch.randn(3, 9, 700, generator=g)\n"
-        "for v in (x, y):\n"
+        "z = torch.randn(40, 7, 3, generator=g).double()\n"
+        "for v in (x, y, z, x[:, :, :2].contiguous(), x.transpose(0, 1).contiguous().transpose(0, 1)):\n"
         "    a = torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4).double()\n"
         "    r = fastbald.reference_scores(v.double(), dtype=torch.float64)\n"
         "    assert float((a - r).abs().max()) < 1e-5, float((a - r).abs().max())\n"
+        "for bad, item, what in ((float('nan'), 21, 'NaN'), (float('inf'), 30, 'inf')):\n"
+        "    w = x.clone(); w[item, 5, 7] = bad; w[item + 2, 1, 1] = bad\n"
+        "    with pytest.raises(ValueError, match=f'item {item}'):\n"
+        "        torch.ops.fastbald.pool_scores(w, 0, 127, True, 1e-4)\n"
+        "w = x.clone(); w[17, 4, :] = float('-inf')\n"
+        "with pytest.raises(ValueError, match='item 17'):\n"
+        "    torch.ops.fastbald.pool_scores(w, 0, 127, True, 1e-4)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, FASTBALD_CPU_KERNEL="base")
+    env = dict(os.environ, FASTBALD_CPU_KERNEL=variant)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
