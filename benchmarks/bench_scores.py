@@ -7,7 +7,11 @@ Everything is measured side by side in one run, as the median of repeats, and re
 * fastbald's CPU kernel (all seven outputs), its torch backend, and a straightforward PyTorch
   computation of BALD alone (log_softmax, exp, mean, entropies);
 * accuracy of every output against float64, float32 input, logit scales 0.01..50, C up to 10,000;
-* peak extra memory (RSS) of the kernel, in a fresh subprocess per size.
+* peak extra memory (RSS) of the kernel, in a fresh subprocess per size;
+* the same kernel when its input sits in the L2 cache (the arithmetic alone, no DRAM traffic), in
+  ns per logit per thread, which splits the time into compute and memory;
+* every CPU build this machine can run (AVX-512, AVX2, portable), each in a fresh process with
+  FASTBALD_CPU_KERNEL set (what a CPU without AVX-512 or AVX2 gets), against x.sum() in that process.
 
 Usage: python benchmarks/bench_scores.py [--quick] [--out benchmarks/results/scores_cpu.md]
 """
@@ -62,11 +66,26 @@ def speed(sizes, repeats: int) -> list[dict]:
         t_fb = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), repeats)
         t_fb_bald = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 4, True, 1e-4), repeats)
         t_naive = median_time(lambda: naive_bald(x), max(3, repeats // 2))
+        # The arithmetic alone: a slice that fits in L2, called many times, one thread.
+        n_small = max(16, (1 << 20) // (T * C * 4))
+        xs = x[:n_small].clone()
+        inner = max(1, 20_000_000 // xs.numel())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t_small = median_time(
+                lambda: [torch.ops.fastbald.pool_scores(xs, 0, 127, True, 1e-4) for _ in range(inner)],
+                repeats)
+            t_fb_1t = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), repeats)
+        finally:
+            torch.set_num_threads(threads)
         t_torch = median_time(lambda: fastbald.scores(x, backend="torch"), max(3, repeats // 2))
         rows.append(
             dict(N=N, T=T, C=C, gb=gb, sum_ms=t_sum * 1e3, exp_ms=t_exp * 1e3,
                  fastbald_ms=t_fb * 1e3, fastbald_bald_only_ms=t_fb_bald * 1e3,
                  naive_bald_ms=t_naive * 1e3, torch_backend_ms=t_torch * 1e3,
+                 incache_ns_per_logit=t_small / inner / xs.numel() * 1e9,
+                 one_thread_ns_per_logit=t_fb_1t / x.numel() * 1e9,
                  read_gbps=gb / t_sum, exp_gps=x.numel() / t_exp / 1e9)
         )
         r = rows[-1]
@@ -127,6 +146,46 @@ def memory(sizes) -> list[dict]:
     return rows
 
 
+_BUILD_CHILD = r"""
+import statistics, sys, time, torch
+from fastbald import _ops
+kernel = _ops.load()["cpu"]
+N, T, C, repeats = map(int, sys.argv[1:5])
+x = torch.randn(N, T, C) * 3
+op = torch.ops.fastbald.pool_scores
+def med(fn):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+ratios, sums, fbs = [], [], []
+for _ in range(3):  # interleaved, so both see the same machine load
+    s = med(lambda: x.sum()); f = med(lambda: op(x, 0, 127, True, 1e-4))
+    sums.append(s); fbs.append(f); ratios.append(f / s)
+print(kernel, statistics.median(sums), statistics.median(fbs), statistics.median(ratios))
+"""
+
+
+def builds(size, repeats: int) -> list[dict]:
+    """Each CPU build this machine can run, in a fresh process, against x.sum() in that process."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    runnable = {"AVX512": ["avx512", "avx2", "base"], "AVX2": ["avx2", "base"]}.get(cap, ["base"])
+    rows = []
+    for variant in runnable:
+        env = dict(os.environ, FASTBALD_CPU_KERNEL=variant)
+        res = subprocess.run([sys.executable, "-c", _BUILD_CHILD, *map(str, size), str(repeats)],
+                             capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            rows.append(dict(kernel=variant, error=res.stderr.strip().splitlines()[-1]))
+            continue
+        name, t_sum, t_fb, ratio = res.stdout.split()
+        rows.append(dict(kernel=name, N=size[0], T=size[1], C=size[2], sum_ms=float(t_sum) * 1e3,
+                         fastbald_ms=float(t_fb) * 1e3, ratio=float(ratio)))
+        print(f"  {name}: {rows[-1]['fastbald_ms']:.1f} ms, {float(ratio):.2f}x sum", flush=True)
+    return rows
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -150,8 +209,9 @@ def to_markdown(res: dict) -> str:
         "### Speed (median of repeats; float32 logits, all seven outputs)",
         "",
         "| N, T, C | x.sum() (read floor) | torch.exp(x) | fastbald, 7 outputs | × sum | fastbald, BALD only "
-        "| naive PyTorch BALD | naive / fastbald | fastbald torch backend |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| naive PyTorch BALD | naive / fastbald | fastbald torch backend | 1 thread, ns/logit "
+        "| same, input in L2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["speed"]:
         lines.append(
@@ -159,8 +219,19 @@ def to_markdown(res: dict) -> str:
             f"| {r['exp_ms']:.1f} ms ({r['exp_gps']:.2f} G exp/s) | {r['fastbald_ms']:.1f} ms "
             f"| {r['fastbald_ms'] / r['sum_ms']:.2f}× | {r['fastbald_bald_only_ms']:.1f} ms "
             f"| {r['naive_bald_ms']:.1f} ms | **{r['naive_bald_ms'] / r['fastbald_ms']:.1f}×** "
-            f"| {r['torch_backend_ms']:.1f} ms |"
+            f"| {r['torch_backend_ms']:.1f} ms | {r.get('one_thread_ns_per_logit', float('nan')):.3f} "
+            f"| {r.get('incache_ns_per_logit', float('nan')):.3f} |"
         )
+    if res.get("builds"):
+        lines += ["", "### Every CPU build on this machine (fresh process each, all seven outputs)", "",
+                  "| build | N, T, C | x.sum() | fastbald | × sum (median of 3 interleaved) |",
+                  "|---|---|---|---|---|"]
+        for r in res["builds"]:
+            if "error" in r:
+                lines.append(f"| {r['kernel']} | | | failed: {r['error']} | |")
+            else:
+                lines.append(f"| `{r['kernel']}` | {r['N']:,}, {r['T']}, {r['C']} | {r['sum_ms']:.1f} ms "
+                             f"| {r['fastbald_ms']:.1f} ms | {r['ratio']:.2f}× |")
     lines += ["", "### Accuracy: max abs error vs float64 (nats)", "",
               "| C | logit scale | dtype | " + " | ".join(METRICS) + " | BALD < 0 | BALD, equal samples |",
               "|---|---|---|" + "---|" * (len(METRICS) + 2)]
@@ -183,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI smoke)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/scores_cpu.md")
-    p.add_argument("--parts", default="speed,accuracy,memory",
-                   help="comma-separated subset of speed,accuracy,memory to run")
+    p.add_argument("--parts", default="speed,builds,accuracy,memory",
+                   help="comma-separated subset of speed,builds,accuracy,memory to run")
     args = p.parse_args(argv)
     if not _ops.native_available(torch.device("cpu")):
         print("the native CPU kernel is not built: run `make build`", file=sys.stderr)
@@ -197,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         repeats = args.repeats
     cmd = "python benchmarks/bench_scores.py" + (" --quick" if args.quick else "")
     parts = set(args.parts.split(","))
-    res = dict(machine=machine(), command=cmd, speed=[], accuracy=[], memory=[])
+    res = dict(machine=machine(), command=cmd, speed=[], builds=[], accuracy=[], memory=[])
     if "speed" in parts:
         print("speed:", flush=True)
         res["speed"] = speed(sizes, repeats)
+    if "builds" in parts:
+        print("CPU builds:", flush=True)
+        res["builds"] = builds(sizes[0], repeats)
     if "accuracy" in parts:
         print("accuracy...", flush=True)
         res["accuracy"] = accuracy()
