@@ -38,7 +38,7 @@ class PoolScores(NamedTuple):
 
 
 def backends() -> dict[str, str]:
-    """What can compute scores here: {"cpu-native": "available (avx2)" | "unavailable: why", ...}."""
+    """What can compute scores here: {"cpu-native": "available (avx512 kernel)" | "unavailable: why", ...}."""
     st = _ops.load()
     out = {"torch": "available (pure PyTorch, any device)"}
     out["cpu-native"] = (
