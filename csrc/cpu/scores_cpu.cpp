@@ -53,6 +53,73 @@ namespace math {
 
 // SIMD value type: lanes are MC samples of one pool item.
 #if defined(FB_X86_SIMD)
+// The float registers of the x86 builds, as traits by width in bits: the exp and log below are
+// written once and instantiated for __m256 (AVX2) and __m512 (AVX-512), with the same arithmetic
+// in the same order (identical results).
+template <int W>
+struct X86;
+
+template <>
+struct X86<256> {
+  using R = __m256;
+  using I = __m256i;
+  static __m256 set1(float v) { return _mm256_set1_ps(v); }
+  static I set1i(int v) { return _mm256_set1_epi32(v); }
+  static __m256 fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m256 fnmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
+  static __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+  static __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
+  static __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+  // p * 2^n for integral n (held as a float) when the result is a normal float: n added to the
+  // exponent bits (t = n + 1.5 * 2^23 carries n in its low mantissa bits).
+  static __m256 scale2n(__m256 p, __m256 /*n*/, __m256 t) {
+    const I scale = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+  }
+  static I bits(__m256 x) { return _mm256_castps_si256(x); }
+  static __m256 from_bits(I x) { return _mm256_castsi256_ps(x); }
+  static I srli23(I x) { return _mm256_srli_epi32(x, 23); }
+  static I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I andi(I a, I b) { return _mm256_and_si256(a, b); }
+  static I ori(I a, I b) { return _mm256_or_si256(a, b); }
+  static __m256 to_float(I x) { return _mm256_cvtepi32_ps(x); }
+  // where x > thr: (a * ka, b + kb); elsewhere (a, b)
+  static void where_gt(__m256 x, __m256 thr, __m256& a, __m256 ka, __m256& b, __m256 kb) {
+    const __m256 m = _mm256_cmp_ps(x, thr, _CMP_GT_OQ);
+    a = _mm256_blendv_ps(a, _mm256_mul_ps(a, ka), m);
+    b = _mm256_add_ps(b, _mm256_and_ps(m, kb));
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+struct X86<512> {
+  using R = __m512;
+  using I = __m512i;
+  static __m512 set1(float v) { return _mm512_set1_ps(v); }
+  static I set1i(int v) { return _mm512_set1_epi32(v); }
+  static __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m512 fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+  static __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+  static __m512 sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
+  static __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+  // p * 2^n in one instruction (exact for a normal result): the value the AVX2 bit trick gives.
+  static __m512 scale2n(__m512 p, __m512 n, __m512 /*t*/) { return _mm512_scalef_ps(p, n); }
+  static I bits(__m512 x) { return _mm512_castps_si512(x); }
+  static __m512 from_bits(I x) { return _mm512_castsi512_ps(x); }
+  static I srli23(I x) { return _mm512_srli_epi32(x, 23); }
+  static I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I andi(I a, I b) { return _mm512_and_si512(a, b); }
+  static I ori(I a, I b) { return _mm512_or_si512(a, b); }
+  static __m512 to_float(I x) { return _mm512_cvtepi32_ps(x); }
+  static void where_gt(__m512 x, __m512 thr, __m512& a, __m512 ka, __m512& b, __m512 kb) {
+    const __mmask16 m = _mm512_cmp_ps_mask(x, thr, _CMP_GT_OQ);
+    a = _mm512_mask_mul_ps(a, m, a, ka);
+    b = _mm512_mask_add_ps(b, m, b, kb);
+  }
+};
+#endif
+
 // exp(x) for x in [-87, 0] (the kernels only pass [exp_floor, 0]): n = round(x / ln2) via the
 // 1.5 * 2^23 trick, r = x - n ln2 in ONE fused multiply-add (the product n * ln2f is exact inside the
 // FMA; ln2f's own error, 1.9e-9, times |n| <= 126 stays below 2.4e-7 in r), e^r on
@@ -62,94 +129,51 @@ namespace math {
 // vector-ALU throughput, so every instruction here counts. Measured against exp in double over every
 // float in [-20, 0]: <= 2 ulp (1.2e-7 relative); down to -87, where e^x < 1.7e-38 times the row's
 // largest term, <= 5 ulp.
-inline __m256 exp_no_range_check(__m256 x) {
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
-  const __m256 n = _mm256_sub_ps(t, magic);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945f), x);
-  __m256 p = _mm256_set1_ps(1.3814613369e-3f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3687099353e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1668387367e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666520689e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.9999993452e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
+template <int W>
+inline typename X86<W>::R exp_no_range_check(typename X86<W>::R x) {
+  using S = X86<W>;
+  using R = typename S::R;
+  const R magic = S::set1(12582912.0f);
+  const R t = S::fmadd(x, S::set1(1.44269504088896341f), magic);
+  const R n = S::sub(t, magic);
+  const R r = S::fnmadd(n, S::set1(0.693147180559945f), x);
+  R p = S::set1(1.3814613369e-3f);
+  p = S::fmadd(p, r, S::set1(8.3687099353e-3f));
+  p = S::fmadd(p, r, S::set1(4.1668387367e-2f));
+  p = S::fmadd(p, r, S::set1(1.6666520689e-1f));
+  p = S::fmadd(p, r, S::set1(4.9999993452e-1f));
+  p = S::fmadd(p, r, S::set1(1.0f));
+  p = S::fmadd(p, r, S::set1(1.0f));
+  return S::scale2n(p, n, t);
 }
 
 // log(x) for positive normal x (the kernels pass row sums s >= 1 and mean probabilities; a
 // subnormal or zero pbar gives a value <= -87, which the caller floors): exponent from the bits,
 // mantissa folded to [sqrt(1/2), sqrt(2)), Cephes logf polynomial (about 1 ulp). ~20
 // instructions instead of Sleef's general-purpose log.
-inline __m256 log_positive_normal(__m256 x) {
-  const __m256i xi = _mm256_castps_si256(x);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127)));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
-                                                 _mm256_set1_epi32(0x3f800000)));
-  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
-  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
-}
-#endif
-
-#if defined(CPU_CAPABILITY_AVX512)
-// The same two functions on 16 lanes (the same arithmetic as the AVX2 ones: identical results).
-inline __m512 exp_no_range_check(__m512 x) {
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 n = _mm512_sub_ps(t, magic);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
-  __m512 p = _mm512_set1_ps(1.3814613369e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687099353e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668387367e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666520689e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999993452e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  // p * 2^n in one instruction (exact: the result is a normal float for x >= -87), the same value
-  // the AVX2 version gets by adding n to the exponent bits.
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 log_positive_normal(__m512 x) {
-  const __m512i xi = _mm512_castps_si512(x);
-  __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(127)));
-  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)),
-                                                 _mm512_set1_epi32(0x3f800000)));
-  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
-  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
-  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174e-1f));
-  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
-  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+template <int W>
+inline typename X86<W>::R log_positive_normal(typename X86<W>::R x) {
+  using S = X86<W>;
+  using R = typename S::R;
+  const typename S::I xi = S::bits(x);
+  R e = S::to_float(S::subi(S::srli23(xi), S::set1i(127)));
+  R m = S::from_bits(S::ori(S::andi(xi, S::set1i(0x007fffff)), S::set1i(0x3f800000)));
+  S::where_gt(m, S::set1(1.41421356237f), m, S::set1(0.5f), e, S::set1(1.0f));
+  const R f = S::sub(m, S::set1(1.0f));
+  const R z = S::mul(f, f);
+  R y = S::set1(7.0376836292e-2f);
+  y = S::fmadd(y, f, S::set1(-1.1514610310e-1f));
+  y = S::fmadd(y, f, S::set1(1.1676998740e-1f));
+  y = S::fmadd(y, f, S::set1(-1.2420140846e-1f));
+  y = S::fmadd(y, f, S::set1(1.4249322787e-1f));
+  y = S::fmadd(y, f, S::set1(-1.6668057665e-1f));
+  y = S::fmadd(y, f, S::set1(2.0000714765e-1f));
+  y = S::fmadd(y, f, S::set1(-2.4999993993e-1f));
+  y = S::fmadd(y, f, S::set1(3.3333331174e-1f));
+  y = S::mul(S::mul(y, f), z);
+  y = S::fmadd(e, S::set1(-2.12194440e-4f), y);
+  y = S::fnmadd(z, S::set1(0.5f), y);
+  return S::fmadd(e, S::set1(0.693359375f), S::add(f, y));
 }
 #endif
 
@@ -172,7 +196,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static V exp(const V& x) {
 #if defined(FB_X86_SIMD)
     if constexpr (std::is_same_v<T, float>) {
-      return V(exp_no_range_check(x));  // the __m256 or __m512 overload, by V's register
+      return V(exp_no_range_check<8 * sizeof(V)>(x));  // __m256 or __m512, by V's register
     }
 #endif
     return x.exp();
@@ -181,7 +205,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static V log(const V& x) {
 #if defined(FB_X86_SIMD)
     if constexpr (std::is_same_v<T, float>) {
-      return V(log_positive_normal(x));
+      return V(log_positive_normal<8 * sizeof(V)>(x));
     }
 #endif
     return x.log();
