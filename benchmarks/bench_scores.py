@@ -24,35 +24,20 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import fastbald
 from fastbald import _ops
+from fastbald.bench import _median_time, naive_bald
 from fastbald.reference import METRICS, reference_scores
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def naive_bald(x: torch.Tensor) -> torch.Tensor:
-    """A straightforward PyTorch float32 BALD: what most code does."""
-    logp = torch.log_softmax(x, dim=-1)
-    p = logp.exp()
-    pbar = p.mean(1)
-    h_mean = -(pbar * torch.log(pbar)).sum(-1)
-    e_h = -(p * logp).sum(-1).mean(-1)
-    return h_mean - e_h
+    """Median of `repeats` timed calls after one untimed warm-up call."""
+    fn()
+    return _median_time(fn, repeats)
 
 
 def speed(sizes, repeats: int) -> list[dict]:
