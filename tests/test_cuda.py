@@ -489,6 +489,45 @@ def test_emulated_bad_items(emulator: Path, plan: dict, C: int) -> None:
 
 H100 = {"smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024}
 A100 = {"smem_optin": 163 * 1024, "smem_per_sm": 164 * 1024}
+H200 = H100  # same shared-memory limits per block and per SM
+
+# Issue 10, part 1: the flat (contiguous NTC) load of a padded tile (row stride Cp != C) put the
+# elements of its 16-byte vectors at the index relative to the chunk's unaligned head, so when a
+# chunk did not start on a 16-byte boundary elements near row ends landed in the wrong row or the
+# pad slot and unwritten shared memory was read (false "pool item k is invalid", or garbage).
+# Plain contiguous inputs on the H100/H200 plans at the production block size, and any padded C
+# once the storage offset is not a multiple of 16 bytes.
+PADDED_FLAT = [
+    (torch.bfloat16, (1000, 5, 12), 0, H100),
+    (torch.bfloat16, (200, 7, 4), 0, H200),
+    (torch.bfloat16, (200, 5, 20), 0, H100),
+    (torch.float32, (200, 5, 33), 0, H200),
+    (torch.float32, (200, 7, 50), 0, H100),
+    (torch.float64, (100, 25, 33), 0, H200),
+    (torch.float32, (97, 6, 12), 1, H100),
+    (torch.float32, (97, 6, 12), 3, A100),
+    (torch.float64, (61, 5, 12), 1, H100),
+    (torch.float16, (83, 5, 8), 3, H200),
+    (torch.bfloat16, (83, 3, 24), 5, A100),
+]
+
+
+@pytest.mark.parametrize("block", [256, 64])
+@pytest.mark.parametrize(
+    ("dtype", "shape", "offset", "limits"),
+    PADDED_FLAT,
+    ids=[f"{str(d)[6:]}-{'x'.join(map(str, s))}-off{o}" for d, s, o, _ in PADDED_FLAT],
+)
+def test_emulated_padded_flat_load(
+    emulator: Path, dtype: torch.dtype, shape: tuple, offset: int, limits: dict, block: int
+) -> None:
+    case = Case("padded-flat", shape, dtype, offset=offset, block=block)
+    x = make_input(case)
+    assert x.is_contiguous() and x.storage_offset() == offset
+    for check in (True, False):
+        info, out = emu_run(emulator, x, check=check, block=block, **limits)
+        assert info["status"] == 0, f"false bad item {info['bad']} (plan {info})"
+        check_against_reference(case, x, out)
 
 
 def _plan(emulator: Path, shape, dtype=torch.float32, layout="NTC", limits=H100, **kw) -> dict:

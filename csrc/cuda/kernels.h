@@ -211,7 +211,8 @@ struct TileKernel {
     }
   }
   // Element q of a span whose shared offset is `base` (pad: rows of Cp = C + padw, so
-  // q + (q / C) * padw).
+  // q + (q / C) * padw). q is the element's index from the span's start, never from the end of an
+  // unaligned head: the row of an element depends on its index in the span (issue 10).
   template <bool kPad, bool kLog>
   FB_DEV void put(int base, int q, const S& v) {
     zd[base + q + (kPad ? P.div_c(q) * (Cp - C) : 0)] = conv<kLog>(v);
@@ -240,14 +241,14 @@ struct TileKernel {
       FB_UNROLL
       for (int u = 0; u < U; ++u) {
         FB_UNROLL
-        for (int i = 0; i < VW; ++i) put<kPad, kLog>(head, (v + u * B) * VW + i, buf[u][i]);
+        for (int i = 0; i < VW; ++i) put<kPad, kLog>(0, head + (v + u * B) * VW + i, buf[u][i]);
       }
     }
     for (; v < nv; v += B) {
       S buf[VW];
       dev::load16(vsrc + v * VW, buf);
       FB_UNROLL
-      for (int i = 0; i < VW; ++i) put<kPad, kLog>(head, v * VW + i, buf[i]);
+      for (int i = 0; i < VW; ++i) put<kPad, kLog>(0, head + v * VW + i, buf[i]);
     }
   }
 
