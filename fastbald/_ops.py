@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-_STATE: dict[str, Any] = {"loaded": False, "native": False, "cpu": None, "cuda": False, "why": {}}
+from .metrics import N_METRICS  # rows of the op's output = bits of its ``metrics`` mask
 
-# Bit of each metric in the op's ``metrics`` mask (order of fastbald.reference.METRICS).
-N_METRICS = 7
+_STATE: dict[str, Any] = {"loaded": False, "native": False, "cpu": None, "cuda": False, "why": {}}
 
 # CPU kernel builds, widest first: a build that is missing falls back to the next narrower one.
 CPU_VARIANTS = ("avx512", "avx2", "base")

@@ -7,12 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .reference import METRICS
+from .metrics import ACQUISITION_TABLE, METRIC_TABLE, METRICS
 from .scores import scores as _scores
 
-# Metrics where a *small* value means an uncertain (informative) item.
-ASCENDING = frozenset({"margin"})
-METHODS: tuple[str, ...] = (*METRICS, "random")
+#: Metrics where a *small* value means an uncertain (informative) item.
+ASCENDING = frozenset(m.name for m in METRIC_TABLE if m.ascending)
+#: What ``acquire`` accepts: every metric (top-k by it), then the other acquisition functions.
+METHODS: tuple[str, ...] = (*METRICS, *(a.name for a in ACQUISITION_TABLE if a.name not in METRICS))
+_RULES = {a.name: a.rule for a in ACQUISITION_TABLE}
 
 
 def ranking_key(values: torch.Tensor, method: str) -> torch.Tensor:
@@ -40,10 +42,13 @@ def acquire(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rule = "top_k" if method in METRICS else _RULES[method]
+    if rule not in ("top_k", "uniform"):  # pragma: no cover - a table row without an implementation
+        raise NotImplementedError(f"acquire() does not implement the {rule!r} rule of {method!r}")
     was_numpy = isinstance(x_or_scores, np.ndarray)
     obj = torch.from_numpy(x_or_scores) if was_numpy else x_or_scores
     if hasattr(obj, "_fields"):  # PoolScores
-        if method == "random":
+        if rule == "uniform":
             obj = next(v for v in obj if v is not None)
         else:
             obj = getattr(obj, method)
@@ -53,7 +58,7 @@ def acquire(
         raise TypeError(f"x_or_scores must be a tensor, numpy array or PoolScores, got {type(obj).__name__}")
     if obj.dim() == 3:
         N = obj.shape[0] if score_kwargs.get("layout", "NTC").upper() != "TNC" else obj.shape[1]
-        if method != "random":
+        if rule == "top_k":
             obj = getattr(_scores(obj, metrics=[method], **score_kwargs), method)
     elif obj.dim() == 1:
         N = obj.shape[0]
@@ -61,7 +66,7 @@ def acquire(
         raise ValueError(f"x_or_scores must be [N] scores or [N, T, C] predictions, got shape {tuple(obj.shape)}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= N:
         raise ValueError(f"k must be an integer in [0, N={N}], got {k!r}")
-    if method == "random":
+    if rule == "uniform":
         idx = torch.randperm(N, generator=generator)[: int(k)]
     else:
         if obj.is_floating_point() and bool(torch.isnan(obj).any()):

@@ -98,7 +98,7 @@ def _subset(s: str) -> int:
 
 
 def _acquisition(s: str) -> str:
-    from .loop import canonical_acquisition
+    from .metrics import canonical_acquisition
 
     try:
         return canonical_acquisition(s)
@@ -112,7 +112,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 def _add_experiment(sub: Any) -> None:
     from .experiments.mnist import PRESETS
-    from .loop import ACQUISITIONS, LoopProtocol
+    from .loop import LoopProtocol
+    from .metrics import ACQUISITIONS, ALIASES
 
     d = LoopProtocol()
     exp = sub.add_parser(
@@ -132,7 +133,7 @@ def _add_experiment(sub: Any) -> None:
     g.add_argument(
         "--acquisition", "-a", nargs="+", type=_acquisition, metavar="NAME", default=None,
         help=f"acquisition function(s), run one after the other: {', '.join(ACQUISITIONS)} "
-        "(also: max_entropy, var_ratios). Default: bald (demo preset: bald random)",
+        f"(also: {', '.join(sorted(ALIASES))}). Default: bald (demo preset: bald random)",
     )
     g.add_argument(
         "--seed", "-s", nargs="+", type=_nonneg_int, metavar="K", default=[0],
@@ -235,8 +236,9 @@ def _add_report(sub: Any) -> None:
 
 
 def _add_score(sub: Any) -> None:
-    from .reference import INPUT_KINDS, METRICS
-    from .scores import LAYOUTS
+    from .acquire import METHODS
+    from .reference import INPUT_KINDS
+    from .scores import BACKENDS, LAYOUTS
 
     p = sub.add_parser(
         "score",
@@ -248,11 +250,11 @@ def _add_score(sub: Any) -> None:
     p.add_argument("file", type=Path, help="a .pt or .npy file holding an [N, T, C] tensor")
     p.add_argument("--input", choices=INPUT_KINDS, default="logits", help="what the tensor holds")
     p.add_argument("--layout", choices=LAYOUTS, default="NTC", help="axis order of the tensor")
-    p.add_argument("--method", "-m", choices=(*METRICS, "random"), default="bald",
+    p.add_argument("--method", "-m", choices=METHODS, default="bald",
                    help="metric to rank items by")
     p.add_argument("--top", "-k", type=_nonneg_int, default=10,
                    help="how many items to list (0: all)")
-    p.add_argument("--backend", choices=("auto", "native", "torch"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="scoring backend")
     p.add_argument("--out", "-o", type=Path, default=None, metavar="FILE",
                    help="also save every score to FILE (.csv, or .pt for a dict of tensors)")
@@ -429,7 +431,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import torch
 
     from .acquire import acquire
-    from .reference import METRICS
+    from .metrics import METRICS
     from .scores import scores
 
     try:

@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import torch
 
-METRICS: tuple[str, ...] = (
-    "entropy",
-    "expected_entropy",
-    "bald",
-    "variation_ratio",
-    "mean_std",
-    "margin",
-    "least_confidence",
-)
+from .metrics import METRICS, N_METRICS
+
+__all__ = ["INPUT_KINDS", "METRICS", "reference_scores"]
 
 INPUT_KINDS: tuple[str, ...] = ("logits", "log_probs", "probs")
 
@@ -38,7 +32,8 @@ def _xlogy0(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 def _scores_chunk(x: torch.Tensor, input_kind: str, acc: torch.dtype) -> torch.Tensor:
-    """Scores of one chunk x [n, T, C] (any dtype) -> [7, n] in ``acc``."""
+    """Scores of one chunk x [n, T, C] (any dtype) -> [N_METRICS, n] in ``acc`` (rows in
+    ``METRICS`` order)."""
     n, T, C = x.shape
     z = x.to(acc)
     if input_kind == "probs":
@@ -68,13 +63,21 @@ def _scores_chunk(x: torch.Tensor, input_kind: str, acc: torch.dtype) -> torch.T
     else:
         margin = pbar[:, 0]
     least_confidence = 1 - pbar.max(-1).values
-    return torch.stack(
-        [entropy, expected_entropy, bald, variation_ratio, mean_std, margin, least_confidence]
-    )
+    rows = {
+        "entropy": entropy,
+        "expected_entropy": expected_entropy,
+        "bald": bald,
+        "variation_ratio": variation_ratio,
+        "mean_std": mean_std,
+        "margin": margin,
+        "least_confidence": least_confidence,
+    }
+    return torch.stack([rows[m] for m in METRICS])
 
 
 def reference_scores(x: torch.Tensor, input_kind: str = "logits", *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """All seven scores of a pool ``x`` [N, T, C] as a [7, N] tensor (rows in ``METRICS`` order).
+    """Every metric of a pool ``x`` [N, T, C] as a [N_METRICS, N] tensor (rows in ``METRICS``
+    order, see :mod:`fastbald.metrics`).
 
     ``dtype`` is the accumulation/output dtype: float64 gives the test oracle; by default
     float64 input is computed in float64 and everything else in float32.
@@ -84,7 +87,7 @@ def reference_scores(x: torch.Tensor, input_kind: str = "logits", *, dtype: torc
         raise ValueError(f"input must be one of {INPUT_KINDS}, got {input_kind!r}")
     acc = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
     N, T, C = x.shape
-    out = torch.empty(7, N, dtype=acc, device=x.device)
+    out = torch.empty(N_METRICS, N, dtype=acc, device=x.device)
     step = max(1, _CHUNK_ELEMS // max(1, T * C))
     for i in range(0, N, step):
         out[:, i : i + step] = _scores_chunk(x[i : i + step], input_kind, acc)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import _ops
-from .reference import INPUT_KINDS, METRICS, reference_scores
+from .metrics import METRICS, metrics_mask
+from .reference import INPUT_KINDS, reference_scores
 
 LAYOUTS: tuple[str, ...] = ("NTC", "TNC", "NCT")
 BACKENDS: tuple[str, ...] = ("auto", "native", "torch")
@@ -75,21 +76,6 @@ def _canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(*perm)
 
 
-def _metrics_mask(metrics: Iterable[str] | None) -> int:
-    if metrics is None:
-        return (1 << len(METRICS)) - 1
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    mask = 0
-    for m in metrics:
-        if m not in METRICS:
-            raise ValueError(f"unknown metric {m!r}; choose from {METRICS}")
-        mask |= 1 << METRICS.index(m)
-    if mask == 0:
-        raise ValueError("metrics must name at least one metric")
-    return mask
-
-
 def _validate(x: torch.Tensor, input: str) -> None:
     if input not in INPUT_KINDS:
         raise ValueError(f"input must be one of {INPUT_KINDS}, got {input!r}")
@@ -144,7 +130,7 @@ def _compute(
     t, was_numpy = _as_tensor(x)
     t = _canonical(t, layout)
     _validate(t, input)
-    mask = _metrics_mask(metrics)
+    mask = metrics_mask(metrics)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     tol = float(prob_tol if prob_tol is not None else _PROB_TOL[t.dtype])
@@ -206,7 +192,7 @@ def scores(
         x, input=input, layout=layout, backend=backend, metrics=metrics,
         check_finite=check_finite, prob_tol=prob_tol,
     )
-    mask = _metrics_mask(metrics)
+    mask = metrics_mask(metrics)
     return PoolScores(
         *(_field(out, i, was_numpy) if mask >> i & 1 else None for i in range(len(METRICS)))
     )

@@ -24,7 +24,8 @@ import torch
 
 from . import _ops
 from .acquire import acquire
-from .reference import METRICS, reference_scores
+from .metrics import METRICS
+from .reference import reference_scores
 from .scores import scores
 
 DTYPES = {

@@ -484,3 +484,48 @@ def test_more_than_2_31_elements():
     x[N - 5, 7, 3] = float("nan")
     with pytest.raises(ValueError, match=f"pool item {N - 5}"):
         torch.ops.fastbald.pool_scores(x, 0, 4, True, 1e-2)
+
+
+def test_metric_table_matches_the_op_bits_and_the_reference():
+    """fastbald.metrics is the one table: bit b of the op's mask fills row b, and that row is the
+    metric the table names (checked against the float64 reference, one metric at a time)."""
+    from fastbald.metrics import METRIC_TABLE, N_METRICS, metrics_mask, parse_metrics
+
+    x = make_input(40, 12, 7, "logits", torch.float64, seed=21)
+    r = ref(x)
+    assert N_METRICS == len(METRICS) == r.shape[0]
+    for m in METRIC_TABLE:
+        assert metrics_mask([m.name]) == 1 << m.bit
+        out = torch.ops.fastbald.pool_scores(x, 0, 1 << m.bit, True, 1e-6)
+        assert out.shape == (N_METRICS, 40)
+        assert torch.allclose(out[m.bit], r[m.bit], atol=1e-9), m.name
+        others = [b for b in range(N_METRICS) if b != m.bit]
+        assert torch.isnan(out[others]).all(), m.name
+    assert metrics_mask(None) == metrics_mask("all") == (1 << N_METRICS) - 1
+    assert parse_metrics(["margin", "bald", "margin"]) == ("bald", "margin")  # bit order, no repeats
+    with pytest.raises(ValueError, match="unknown metric 'power'"):
+        parse_metrics(["bald", "power"])
+    with pytest.raises(ValueError, match="at least one"):
+        parse_metrics([])
+    # Small-means-uncertain agrees with the ranking acquire() uses.
+    from fastbald.acquire import ASCENDING
+
+    assert ASCENDING == {m.name for m in METRIC_TABLE if m.ascending} == {"margin"}
+
+
+def test_acquisition_table():
+    from fastbald.acquire import METHODS
+    from fastbald.metrics import ACQUISITION_TABLE, ACQUISITIONS, acquisition, canonical_acquisition
+
+    assert METHODS == (*METRICS, "random")
+    assert ACQUISITIONS[:4] == ("bald", "variation_ratio", "entropy", "mean_std")
+    for a in ACQUISITION_TABLE:
+        assert canonical_acquisition(a.name) == a.name
+        assert a.metric is None or a.metric in METRICS
+        for al in a.aliases:
+            assert canonical_acquisition(al) == a.name
+    assert acquisition("Max Entropy").metric == "entropy"
+    assert acquisition("Random").rule == "uniform" and acquisition("random").metric is None
+    assert acquisition("margin").ascending and not acquisition("bald").ascending
+    with pytest.raises(ValueError, match="unknown acquisition function 'coreset'"):
+        canonical_acquisition("coreset")

@@ -28,14 +28,13 @@ from typing import Any, TextIO
 import torch
 
 from ..loop import (
-    DISPLAY_NAMES,
     ActiveLearningLoop,
     LoopProtocol,
     PoolData,
     RoundCallback,
     RoundRecord,
-    canonical_acquisition,
 )
+from ..metrics import DISPLAY_NAMES, canonical_acquisition
 
 __all__ = [
     "DEFAULT_OUT",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..loop import ACQUISITIONS, DISPLAY_NAMES, canonical_acquisition, read_csv
+from ..loop import read_csv
+from ..metrics import ACQUISITIONS, DISPLAY_NAMES, canonical_acquisition
 
 __all__ = [
     "PAPER_TABLE1",
