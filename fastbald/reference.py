@@ -55,8 +55,10 @@ def _scores_chunk(x: torch.Tensor, input_kind: str, acc: torch.dtype) -> torch.T
     counts = torch.zeros(n, C, dtype=torch.int64, device=x.device)
     counts.scatter_add_(1, am, torch.ones_like(am))
     variation_ratio = 1 - counts.max(-1).values.to(acc) / T
-    var = (p * p).mean(1) - pbar * pbar
-    mean_std = var.clamp_min(0).sqrt().mean(-1)
+    # Variance over samples by its definition, E_t[(p_t - pbar)^2] (two passes, as in
+    # scores_math.h): no cancellation, unlike E[p^2] - pbar^2 when all samples agree.
+    var = (p - pbar.unsqueeze(1)).square().mean(1)
+    mean_std = var.sqrt().mean(-1)
     if C >= 2:
         top2 = torch.topk(pbar, 2, dim=-1).values
         margin = top2[:, 0] - top2[:, 1]

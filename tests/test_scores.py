@@ -7,6 +7,8 @@ from the same (rounded) values; float64 input 1e-9.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import os
 import subprocess
@@ -19,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastbald
+from fastbald import _ops
 from fastbald.reference import METRICS, reference_scores
 
 pytestmark = pytest.mark.usefixtures("native_cpu")
@@ -98,16 +101,47 @@ def test_logit_scales(scale, shape):
     assert_close(fastbald.scores(x, backend="native"), ref(x), 1e-5, f"scale {scale}")
 
 
+@contextlib.contextmanager
+def cpu_kernel_forced_to_rows(on: bool = True):
+    """Route the loaded CPU build's op to its item (row) kernel whatever T*C is (the library's test
+    hook ``_force_row_kernel``; FASTBALD_FORCE_ROW_KERNEL sets it when the library loads)."""
+    lib = importlib.import_module(f"fastbald._cpu_{_ops.load()['cpu']}")
+    before = lib._force_row_kernel(on)
+    try:
+        yield
+    finally:
+        lib._force_row_kernel(before)
+
+
 @pytest.mark.parametrize("force_row", [False, True], ids=["group-kernel", "row-kernel"])
-def test_both_cpu_kernels(force_row, monkeypatch):
-    """Small T*C takes the lanes-over-items kernel; FASTBALD_FORCE_ROW_KERNEL forces the other."""
-    if force_row:
-        monkeypatch.setenv("FASTBALD_FORCE_ROW_KERNEL", "1")
-    for shape in [(37, 20, 10), (19, 3, 7), (9, 9, 2)]:
-        for layout in ("NTC", "TNC", "NCT"):
-            x = make_input(*shape, "logits", torch.float32, seed=5)
-            ps = fastbald.scores(to_layout(x, layout), layout=layout, backend="native")
-            assert_close(ps, ref(x), 1e-5, f"{shape} {layout} row={force_row}")
+def test_both_cpu_kernels(force_row):
+    """Small T*C takes the lanes-over-items kernel; the test hook forces the other."""
+    with cpu_kernel_forced_to_rows(force_row):
+        for shape in [(37, 20, 10), (19, 3, 7), (9, 9, 2)]:
+            for layout in ("NTC", "TNC", "NCT"):
+                x = make_input(*shape, "logits", torch.float32, seed=5)
+                ps = fastbald.scores(to_layout(x, layout), layout=layout, backend="native")
+                assert_close(ps, ref(x), 1e-5, f"{shape} {layout} row={force_row}")
+
+
+def test_row_kernel_hook_switches_kernels():
+    """The hook really changes the kernel: the two sum in different orders (the row kernel in
+    float64 across lanes), so their float32 results differ in the last bits; it is off again after."""
+    x = make_input(64, 20, 10, "logits", torch.float32, seed=6)
+    group = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4)
+    with cpu_kernel_forced_to_rows():
+        rows = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4)
+    assert not torch.equal(group, rows)
+    assert float((group - rows).abs().max()) <= 2e-6
+    assert torch.equal(torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), group)
+    # FASTBALD_FORCE_ROW_KERNEL sets the hook when the library loads (read once, not per call).
+    code = ("import importlib\nfrom fastbald import _ops\n"
+            "print(importlib.import_module(f\"fastbald._cpu_{_ops.load()['cpu']}\")._force_row_kernel(False))")
+    for env, want in (({"FASTBALD_FORCE_ROW_KERNEL": "1"}, "True"), ({}, "False")):
+        full = {k: v for k, v in os.environ.items() if k != "FASTBALD_FORCE_ROW_KERNEL"} | env
+        out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want, (env, out.stdout)
 
 
 def test_non_contiguous_strides():
@@ -139,15 +173,8 @@ def test_extreme_logits_and_masks():
     for i in range(6, 50):
         x[i, :, torch.randperm(9, generator=g)[:4]] = -math.inf
     for force_row in (False, True):
-        env = {"FASTBALD_FORCE_ROW_KERNEL": "1"} if force_row else {}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with cpu_kernel_forced_to_rows(force_row):
             ps = fastbald.scores(x, backend="native")
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
         assert_close(ps, ref(x), 1e-5, f"row={force_row}")
         assert float(ps.bald.min()) >= 0
         assert float(ps.entropy[0]) == pytest.approx(math.log(9), abs=1e-6)
@@ -529,3 +556,22 @@ def test_acquisition_table():
     assert acquisition("margin").ascending and not acquisition("bald").ascending
     with pytest.raises(ValueError, match="unknown acquisition function 'coreset'"):
         canonical_acquisition("coreset")
+
+
+def test_reference_mean_std_follows_the_definition():
+    """mean_std of the oracle and of the pure-PyTorch backend is (1/C) sum_c std_t(p_tc) computed by
+    its definition (numpy's two-pass std in float64), also where all samples (nearly) agree and
+    E[p^2] - pbar^2 would cancel (float32: errors up to ~1e-3 before)."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(64, 20, 10, generator=g, dtype=torch.float64) * 3
+    z[:32] = z[:32, :1] + 1e-4 * torch.randn(32, 20, 10, generator=g, dtype=torch.float64)
+    z[40:48] *= 30  # near one-hot predictions
+    p = torch.softmax(z, -1).numpy()
+    want = p.std(axis=1).mean(-1)
+    i = METRICS.index("mean_std")
+    got64 = reference_scores(z, "logits", dtype=torch.float64)[i].numpy()
+    np.testing.assert_allclose(got64, want, rtol=0, atol=1e-15)
+    z32 = z.float()
+    want32 = torch.softmax(z32.double(), -1).numpy().std(axis=1).mean(-1)
+    got32 = fastbald.mean_std(z32, backend="torch").double().numpy()
+    np.testing.assert_allclose(got32, want32, rtol=0, atol=2e-7)
