@@ -43,6 +43,8 @@ SYSTEM_INCLUDES = [f for d in include_paths() for f in ("-isystem", d)]
 # -ffp-contract=fast: let a * b + c become one FMA (one rounding instead of two).
 CXX = ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=fast", *OPT, *WARN, *SYSTEM_INCLUDES]
 LINK = ["-fopenmp"]
+# CPU kernels compiled into fastbald._C itself (they dispatch on the CPU at run time): BatchBALD.
+OPS_CPU_SOURCES = ["csrc/cpu/batchbald_cpu.cpp"]
 
 
 def want_cuda() -> bool:
@@ -81,13 +83,13 @@ def extensions():
         exts.append(
             CUDAExtension(
                 "fastbald._C",
-                ["csrc/ops.cpp", *cu_sources],
+                ["csrc/ops.cpp", *OPS_CPU_SOURCES, *cu_sources],
                 extra_compile_args=c_args,
                 extra_link_args=LINK,
             )
         )
     else:
-        exts.append(CppExtension("fastbald._C", ["csrc/ops.cpp"], extra_compile_args=c_args["cxx"], extra_link_args=LINK))
+        exts.append(CppExtension("fastbald._C", ["csrc/ops.cpp", *OPS_CPU_SOURCES], extra_compile_args=c_args["cxx"], extra_link_args=LINK))
     if cuda and os.environ.get("FASTBALD_CUDA_ONLY") == "1":
         # scripts/check_cuda_build.sh: only the library that carries the CUDA kernels.
         return exts
@@ -112,6 +114,15 @@ def extensions():
                 extra_link_args=LINK,
             )
         )
+    # Stochastic batch acquisition (fastbald/stochastic.py): scalar integer code, one portable build.
+    exts.append(
+        CppExtension(
+            "fastbald._stochastic_cpu",
+            ["csrc/cpu/stochastic_cpu.cpp"],
+            extra_compile_args=list(CXX),
+            extra_link_args=LINK,
+        )
+    )
     return exts
 
 

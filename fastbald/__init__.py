@@ -18,6 +18,7 @@ from .scores import (
     scores,
     variation_ratio,
 )
+from .stochastic import sampling_probabilities, stochastic_acquire
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,9 @@ __all__ = [
     "mean_std",
     "predictive_entropy",
     "reference_scores",
+    "sampling_probabilities",
     "score_pool",
+    "stochastic_acquire",
     "scores",
     "variation_ratio",
 ]

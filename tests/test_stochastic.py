@@ -1,0 +1,204 @@
+"""Stochastic batch acquisition (fastbald.stochastic): the draw's distribution against the exact
+Plackett-Luce probabilities (chi-square on selection frequencies, fixed seeds), the limits
+beta = inf (top-k) and beta = 0 (uniform), the native kernel against the PyTorch path, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare, rankdata
+
+import fastbald
+from fastbald import stochastic as st
+from fastbald.stochastic import sampling_probabilities, stochastic_acquire
+
+NATIVE = st._native_op() is not None
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run with the pure-PyTorch path (as on devices without the native kernel)."""
+    monkeypatch.setitem(st._NATIVE, "op", None)
+
+
+def weights_f64(s: np.ndarray, mode: str, beta: float, ascending: bool = False) -> np.ndarray:
+    """Reference unnormalised weights, float64, straight from the definitions."""
+    s = np.asarray(s, dtype=np.float64)
+    if mode == "power":
+        s = 1 - s if ascending else s
+        return np.maximum(s, 0) ** beta
+    key = -s if ascending else s
+    if mode == "softmax":
+        return np.exp(beta * (key - key.max()))
+    return rankdata(-key, method="average") ** -beta
+
+
+def ordered_pair_probs(w: np.ndarray) -> dict[tuple[int, int], float]:
+    """P(first = i, second = j) of sequential sampling without replacement."""
+    p = w / w.sum()
+    return {(i, j): p[i] * w[j] / (w.sum() - w[i]) for i in range(len(w)) for j in range(len(w)) if i != j}
+
+
+def draw_counts(s, k, mode, beta, n_draws, method="bald", seed0=0):
+    counts: dict[tuple, int] = {}
+    for d in range(n_draws):
+        t = tuple(stochastic_acquire(s, k, mode, beta, method, seed=seed0 + d).tolist())
+        counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def assert_chisquare(counts: dict, probs: dict, n: int, alpha: float = 1e-3):
+    keys = sorted(probs)
+    assert set(counts) <= set(keys), f"drew impossible outcomes {set(counts) - set(keys)}"
+    obs = np.array([counts.get(key, 0) for key in keys], dtype=np.float64)
+    exp = np.array([probs[key] for key in keys]) * n
+    res = chisquare(obs, exp)
+    assert res.pvalue > alpha, f"chi-square p = {res.pvalue:.2g}: observed {obs}, expected {exp.round(1)}"
+
+
+POOL = np.array([0.05, 0.3, 0.9, 1.4, 0.6, 2.0], dtype=np.float32)
+
+
+@pytest.mark.parametrize("mode,beta", [("power", 1.0), ("power", 3.0), ("softmax", 1.0),
+                                       ("softmax", 2.5), ("softrank", 1.0), ("softrank", 2.0)])
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_ordered_pairs_follow_plackett_luce(mode, beta, path, monkeypatch):
+    if path == "native" and not NATIVE:
+        pytest.skip("native kernel not built")
+    if path == "torch":
+        monkeypatch.setitem(st._NATIVE, "op", None)
+    n = 6000 if path == "native" else 1500
+    counts = draw_counts(torch.from_numpy(POOL), 2, mode, beta, n)
+    assert_chisquare(counts, ordered_pair_probs(weights_f64(POOL, mode, beta)), n)
+
+
+def test_margin_is_ascending():
+    margin = np.array([0.9, 0.1, 0.5, 0.02, 0.7], dtype=np.float32)
+    for mode in st.MODES:
+        p = sampling_probabilities(torch.from_numpy(margin), mode, 2.0, method="margin").numpy()
+        w = weights_f64(margin, mode, 2.0, ascending=True)
+        np.testing.assert_allclose(p, w / w.sum(), rtol=1e-12)
+        assert p.argmax() == 3
+    n = 4000
+    counts = draw_counts(torch.from_numpy(margin), 2, "softmax", 2.0, n, method="margin")
+    assert_chisquare(counts, ordered_pair_probs(weights_f64(margin, "softmax", 2.0, True)), n)
+
+
+def test_softrank_uses_average_ranks_not_argsort_indices():
+    s = np.array([0.2, 0.9, 0.2, 0.5, 0.9, 0.1], dtype=np.float64)
+    p = sampling_probabilities(torch.from_numpy(s), "softrank", 1.0).numpy()
+    w = rankdata(-s, method="average") ** -1.0
+    np.testing.assert_allclose(p, w / w.sum(), rtol=1e-12)
+    assert p[1] == p[4] and p[0] == p[2]  # ties get the same probability
+
+
+@pytest.mark.parametrize("mode", st.MODES)
+def test_beta_inf_is_topk_and_large_beta_converges(mode):
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(50_000, generator=g)
+    top = fastbald.acquire(s, 20)
+    assert torch.equal(stochastic_acquire(s, 20, mode, math.inf, seed=1), top)
+    if mode != "softrank":  # huge beta: no underflow, the top-k in order (log-space keys)
+        assert torch.equal(stochastic_acquire(s.double(), 5, mode, 1e9, seed=1), top[:5])
+    m = torch.rand(1000, generator=g)
+    assert torch.equal(stochastic_acquire(m, 7, mode, math.inf, "margin"), fastbald.acquire(m, 7, "margin"))
+
+
+@pytest.mark.parametrize("mode", st.MODES)
+def test_beta_zero_is_uniform(mode):
+    s = torch.tensor([0.0, 5.0, 0.1, 100.0, 2.0])
+    n = 3000
+    counts = draw_counts(s, 2, mode, 0.0, n)
+    w = np.ones(5)
+    assert_chisquare(counts, ordered_pair_probs(w), n)
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_zero_weights_come_last_uniformly(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setitem(st._NATIVE, "op", None)
+    s = torch.zeros(8)
+    s[2], s[5] = 1.0, -3.0  # power: one item of positive weight (the negative score clamps to 0)
+    firsts, rest = set(), np.zeros(8)
+    for seed in range(800):
+        idx = stochastic_acquire(s, 4, "power", 1.0, seed=seed).tolist()
+        assert len(set(idx)) == 4
+        firsts.add(idx[0])
+        for i in idx[1:]:
+            rest[i] += 1
+    assert firsts == {2}
+    assert rest[2] == 0
+    assert chisquare(np.delete(rest, 2)).pvalue > 1e-3  # the 3 others: uniform over the 7 zeros
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("mode", st.MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_equals_torch_path_and_threads(mode, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    s = (torch.rand(300_001, generator=g, dtype=torch.float64) * 3 - 0.5).to(dtype)
+    s[::7] = 0.0
+    for k, beta, seed in [(1, 1.0, 0), (10, 1.0, 7), (257, 2.0, 2**40 + 3), (64, 0.5, 5)]:
+        prev = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = stochastic_acquire(s, k, mode, beta, seed=seed)
+            torch.set_num_threads(max(2, prev))
+            many = stochastic_acquire(s, k, mode, beta, seed=seed)
+        finally:
+            torch.set_num_threads(prev)
+        with monkeypatch.context() as mp:
+            mp.setitem(st._NATIVE, "op", None)
+            ref = stochastic_acquire(s, k, mode, beta, seed=seed)
+        assert torch.equal(one, many)
+        assert torch.equal(one, ref), (mode, k, beta)
+        assert len(set(one.tolist())) == k
+
+
+def test_seed_generator_and_inputs():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 8, 10, generator=g) * 3
+    ps = fastbald.scores(logits)
+    a = stochastic_acquire(ps, 10, seed=5)
+    assert torch.equal(a, stochastic_acquire(ps.bald, 10, seed=5))
+    assert torch.equal(a, stochastic_acquire(logits, 10, seed=5))
+    out = stochastic_acquire(ps.bald.numpy(), 10, seed=5)
+    assert isinstance(out, np.ndarray) and out.tolist() == a.tolist()
+    assert not torch.equal(a, stochastic_acquire(ps, 10, seed=6))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(stochastic_acquire(ps, 10, generator=g1), stochastic_acquire(ps, 10, generator=g2))
+    assert stochastic_acquire(ps, 0, seed=1).shape == (0,)
+    assert sorted(stochastic_acquire(ps.entropy, 500, "softrank", seed=1).tolist()) == list(range(500))
+    assert fastbald.stochastic_acquire is stochastic_acquire
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_bad_input(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setitem(st._NATIVE, "op", None)
+    s = torch.rand(100)
+    with pytest.raises(ValueError, match=r"k=101 is larger than the pool \(100 items\)"):
+        stochastic_acquire(s, 101)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        stochastic_acquire(s, 3, beta=-0.5)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        stochastic_acquire(s, 3, beta=float("nan"))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        stochastic_acquire(s, 3, mode="boltzmann")
+    with pytest.raises(TypeError, match="k must be an integer"):
+        stochastic_acquire(s, 2.0)
+    with pytest.raises(ValueError, match="pass seed or generator"):
+        stochastic_acquire(s, 2, seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="shape"):
+        stochastic_acquire(s.reshape(10, 10), 2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = s.clone()
+        x[37] = bad
+        x[80] = bad
+        for mode, beta in itertools.product(st.MODES, (0.0, 1.0, math.inf)):
+            with pytest.raises(ValueError, match="pool item 37 "):
+                stochastic_acquire(x, 3, mode, beta, seed=0)
