@@ -32,6 +32,7 @@ import fastbald
 from fastbald import _ops
 from fastbald.bench import _median_time, naive_bald
 from fastbald.reference import METRICS, reference_scores
+from fastbald.scores import pool_scores_op
 
 
 def median_time(fn, repeats: int) -> float:
@@ -48,8 +49,8 @@ def speed(sizes, repeats: int) -> list[dict]:
         y = torch.empty_like(x)
         t_sum = median_time(lambda: x.sum(), repeats)
         t_exp = median_time(lambda: torch.exp(x, out=y), repeats)
-        t_fb = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), repeats)
-        t_fb_bald = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 4, True, 1e-4), repeats)
+        t_fb = median_time(lambda: pool_scores_op(x), repeats)
+        t_fb_bald = median_time(lambda: pool_scores_op(x, metrics=["bald"]), repeats)
         t_naive = median_time(lambda: naive_bald(x), max(3, repeats // 2))
         # The arithmetic alone: a slice that fits in L2, called many times, one thread.
         n_small = max(16, (1 << 20) // (T * C * 4))
@@ -59,9 +60,9 @@ def speed(sizes, repeats: int) -> list[dict]:
         torch.set_num_threads(1)
         try:
             t_small = median_time(
-                lambda: [torch.ops.fastbald.pool_scores(xs, 0, 127, True, 1e-4) for _ in range(inner)],
+                lambda: [pool_scores_op(xs) for _ in range(inner)],
                 repeats)
-            t_fb_1t = median_time(lambda: torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), repeats)
+            t_fb_1t = median_time(lambda: pool_scores_op(x), repeats)
         finally:
             torch.set_num_threads(threads)
         t_torch = median_time(lambda: fastbald.scores(x, backend="torch"), max(3, repeats // 2))
@@ -86,18 +87,18 @@ def accuracy() -> list[dict]:
     for C, N, T in [(2, 2000, 20), (10, 2000, 20), (100, 500, 20), (1000, 100, 20), (10000, 20, 10)]:
         for scale in (0.01, 0.1, 1.0, 10.0, 50.0):
             x = torch.randn(N, T, C, generator=g) * scale
-            out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4).double()
+            out = pool_scores_op(x).double()
             ref = reference_scores(x.double(), dtype=torch.float64)
             err = (out - ref).abs().max(1).values
             rows.append(dict(C=C, scale=scale, **{m: float(e) for m, e in zip(METRICS, err, strict=True)},
-                             neg_bald=int((out[2] < 0).sum())))
+                             neg_bald=int((out[METRICS.index("bald")] < 0).sum())))
         # All samples equal: BALD must be ~0.
         one = torch.randn(N, 1, C, generator=g) * 5
-        b = torch.ops.fastbald.pool_scores(one.expand(N, T, C), 0, 4, True, 1e-4)[2]
+        b = pool_scores_op(one.expand(N, T, C), metrics=["bald"])[METRICS.index("bald")]
         rows[-1]["bald_equal_samples"] = float(b.abs().max())
     for dtype in (torch.float16, torch.bfloat16):
         x = (torch.randn(2000, 20, 10, generator=g) * 3).to(dtype)
-        out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-2).double()
+        out = pool_scores_op(x, prob_tol=1e-2).double()
         ref = reference_scores(x.double(), dtype=torch.float64)
         err = (out - ref).abs().max(1).values
         rows.append(dict(C=10, scale=3.0, dtype=str(dtype), **{m: float(e) for m, e in zip(METRICS, err, strict=True)}))
@@ -107,6 +108,7 @@ def accuracy() -> list[dict]:
 _MEM_CHILD = """
 import sys, torch, fastbald
 from fastbald import _ops
+from fastbald.scores import pool_scores_op
 _ops.load()
 
 
@@ -119,11 +121,11 @@ def status(key):  # kB, from /proc/self/status
 N, T, C = map(int, sys.argv[1:4])
 x = torch.empty(N, T, C)
 x.normal_()  # in place: no temporary
-torch.ops.fastbald.pool_scores(x[:64], 0, 127, True, 1e-4)
+pool_scores_op(x[:64])
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
 before = status("VmRSS")
-out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4)
+out = pool_scores_op(x)
 out.fill_(0)  # touch every page of the output
 print((status("VmHWM") - before) / 1024, out.numel() * 4 / 2**20)
 """
@@ -143,10 +145,10 @@ def memory(sizes) -> list[dict]:
 _BUILD_CHILD = r"""
 import statistics, sys, time, torch
 from fastbald import _ops
+from fastbald.scores import pool_scores_op
 kernel = _ops.load()["cpu"]
 N, T, C, repeats = map(int, sys.argv[1:5])
 x = torch.randn(N, T, C) * 3
-op = torch.ops.fastbald.pool_scores
 def med(fn):
     fn()
     ts = []
@@ -155,7 +157,7 @@ def med(fn):
     return statistics.median(ts)
 ratios, sums, fbs = [], [], []
 for _ in range(3):  # interleaved, so both see the same machine load
-    s = med(lambda: x.sum()); f = med(lambda: op(x, 0, 127, True, 1e-4))
+    s = med(lambda: x.sum()); f = med(lambda: pool_scores_op(x))
     sums.append(s); fbs.append(f); ratios.append(f / s)
 print(kernel, statistics.median(sums), statistics.median(fbs), statistics.median(ratios))
 """

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import _ops
-from .metrics import METRICS, metrics_mask
+from .metrics import ALL_METRICS_MASK, METRICS, metric, metrics_mask, parse_metrics
 from .reference import INPUT_KINDS, reference_scores
 
 LAYOUTS: tuple[str, ...] = ("NTC", "TNC", "NCT")
@@ -36,6 +36,9 @@ class PoolScores(NamedTuple):
     mean_std: torch.Tensor | None
     margin: torch.Tensor | None
     least_confidence: torch.Tensor | None
+
+
+assert PoolScores._fields == METRICS, "PoolScores fields must follow fastbald.metrics.METRICS"
 
 
 def backends() -> dict[str, str]:
@@ -116,21 +119,61 @@ def _check_torch_input(x: torch.Tensor, input: str, prob_tol: float) -> None:
             )
 
 
+_INPUT_CODES = {k: i for i, k in enumerate(INPUT_KINDS)}  # the op's input_kind codes
+_OP: dict[str, Any] = {}
+
+
+def pool_scores_op(
+    x: torch.Tensor,
+    *,
+    metrics: str | Iterable[str] | None = None,
+    input_kind: str = "logits",
+    check_finite: bool = True,
+    prob_tol: float = 1e-4,
+) -> torch.Tensor:
+    """The fused op ``torch.ops.fastbald.pool_scores`` called by names instead of codes.
+
+    No layout handling, no backend choice, no fallback: ``x`` is [N, T, C] (any strides) on a
+    device with a native kernel. Use :func:`scores` unless you want the raw op (benchmarks, tests).
+
+    Args:
+        x: [N, T, C] float32, float64, float16 or bfloat16 tensor.
+        metrics: metric names (default every metric; see :func:`fastbald.metrics.parse_metrics`).
+        input_kind: ``"logits"``, ``"log_probs"`` or ``"probs"``.
+        check_finite: let the kernel raise on NaN, +inf, an all -inf row (and bad probabilities).
+        prob_tol: tolerance on ``|sum_c p - 1|`` for ``input_kind="probs"``.
+
+    Returns:
+        [N_METRICS, N] tensor (float64 for float64 input, else float32), rows in
+        :data:`fastbald.metrics.METRICS` order; rows not asked for are NaN.
+    """
+    kind = _INPUT_CODES.get(input_kind)
+    if kind is None:
+        raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
+    mask = ALL_METRICS_MASK if metrics is None else metrics_mask(metrics)
+    op = _OP.get("pool_scores")
+    if op is None:  # resolved once: the attribute lookups cost more than a small pool's scores
+        _ops.load()
+        op = _OP["pool_scores"] = torch.ops.fastbald.pool_scores.default
+    return op(x, kind, mask, bool(check_finite), float(prob_tol))
+
+
 def _compute(
     x: Any,
     *,
     input: str,
     layout: str,
     backend: str,
-    metrics: Iterable[str] | None,
+    metrics: tuple[str, ...],
     check_finite: bool,
     prob_tol: float | None,
+    stacklevel: int = 3,
 ) -> tuple[torch.Tensor, bool]:
+    """[N_METRICS, N] scores of ``x`` (``metrics``: canonical names, parsed once by the caller)."""
     global _warned_fallback
     t, was_numpy = _as_tensor(x)
     t = _canonical(t, layout)
     _validate(t, input)
-    mask = metrics_mask(metrics)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     tol = float(prob_tol if prob_tol is not None else _PROB_TOL[t.dtype])
@@ -144,10 +187,14 @@ def _compute(
             if not _warned_fallback:
                 _warned_fallback = True
                 warnings.warn(
-                    f"fastbald: using the pure-PyTorch backend ({why})", RuntimeWarning, stacklevel=3
+                    f"fastbald: using the pure-PyTorch backend ({why})",
+                    RuntimeWarning,
+                    stacklevel=stacklevel,
                 )
     if use_native:
-        out = torch.ops.fastbald.pool_scores(t, INPUT_KINDS.index(input), mask, check_finite, tol)
+        out = pool_scores_op(
+            t, metrics=metrics, input_kind=input, check_finite=check_finite, prob_tol=tol
+        )
     else:
         if check_finite and t.shape[0] > 0:
             _check_torch_input(t, input, tol)
@@ -155,8 +202,8 @@ def _compute(
     return out, was_numpy
 
 
-def _field(out: torch.Tensor, i: int, was_numpy: bool) -> Any:
-    v = out[i]
+def _row(out: torch.Tensor, name: str, was_numpy: bool) -> Any:
+    v = out[metric(name).bit]
     return v.numpy() if was_numpy else v
 
 
@@ -166,7 +213,7 @@ def scores(
     input: str = "logits",
     layout: str = "NTC",
     backend: str = "auto",
-    metrics: Iterable[str] | None = None,
+    metrics: str | Iterable[str] | None = None,
     check_finite: bool = True,
     prob_tol: float | None = None,
 ) -> PoolScores:
@@ -188,55 +235,105 @@ def scores(
     Returns:
         PoolScores of [N] tensors: float64 for float64 input, float32 otherwise.
     """
+    names = parse_metrics(metrics)
     out, was_numpy = _compute(
-        x, input=input, layout=layout, backend=backend, metrics=metrics,
+        x, input=input, layout=layout, backend=backend, metrics=names,
         check_finite=check_finite, prob_tol=prob_tol,
     )
-    mask = metrics_mask(metrics)
-    return PoolScores(
-        *(_field(out, i, was_numpy) if mask >> i & 1 else None for i in range(len(METRICS)))
+    return PoolScores(*(_row(out, m, was_numpy) if m in names else None for m in METRICS))
+
+
+def _single(
+    name: str, x: Any, input: str, layout: str, backend: str, check_finite: bool,
+    prob_tol: float | None,
+) -> Any:
+    """One metric's [N] scores (the public one-metric functions below)."""
+    out, was_numpy = _compute(
+        x, input=input, layout=layout, backend=backend, metrics=(name,),
+        check_finite=check_finite, prob_tol=prob_tol, stacklevel=4,
     )
+    return _row(out, name, was_numpy)
 
 
-def _one(name: str):
-    i = METRICS.index(name)
-
-    def f(
-        x: Any,
-        *,
-        input: str = "logits",
-        layout: str = "NTC",
-        backend: str = "auto",
-        check_finite: bool = True,
-        prob_tol: float | None = None,
-    ) -> Any:
-        out, was_numpy = _compute(
-            x, input=input, layout=layout, backend=backend, metrics=[name],
-            check_finite=check_finite, prob_tol=prob_tol,
-        )
-        return _field(out, i, was_numpy)
-
-    return f
+# The one-metric functions: arguments as in scores() (without ``metrics``); each returns a [N]
+# tensor (a numpy array for numpy input), float64 for float64 input, float32 otherwise, in nats.
 
 
-bald = _one("bald")
-bald.__name__ = "bald"
-bald.__doc__ = "BALD: mutual information between prediction and weights, (1/T) sum_t KL(p_t || pbar). Same arguments as scores()."
-predictive_entropy = _one("entropy")
-predictive_entropy.__name__ = "predictive_entropy"
-predictive_entropy.__doc__ = "Entropy of the mean prediction, H[pbar] (Max Entropy). Same arguments as scores()."
-expected_entropy = _one("expected_entropy")
-expected_entropy.__name__ = "expected_entropy"
-expected_entropy.__doc__ = "Mean entropy of the T sampled predictions, E_t H[p_t]. Same arguments as scores()."
-variation_ratio = _one("variation_ratio")
-variation_ratio.__name__ = "variation_ratio"
-variation_ratio.__doc__ = "1 - (count of the modal sampled class) / T. Same arguments as scores()."
-mean_std = _one("mean_std")
-mean_std.__name__ = "mean_std"
-mean_std.__doc__ = "Mean over classes of the std over samples of p_tc (Mean STD). Same arguments as scores()."
-margin = _one("margin")
-margin.__name__ = "margin"
-margin.__doc__ = "pbar top-1 minus top-2 (small = uncertain). Same arguments as scores()."
-least_confidence = _one("least_confidence")
-least_confidence.__name__ = "least_confidence"
-least_confidence.__doc__ = "1 - max_c pbar_c. Same arguments as scores()."
+def bald(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """BALD, the mutual information between prediction and weights (large = uncertain).
+
+    ``(1/T) sum_t KL(p_t || pbar) = H[pbar] - E_t H[p_t]``, computed in the mean-KL form (no
+    cancellation between two large entropies), clamped at 0. Arguments as in :func:`scores`.
+    """
+    return _single("bald", x, input, layout, backend, check_finite, prob_tol)
+
+
+def predictive_entropy(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """Max Entropy: the entropy of the mean prediction, ``H[pbar] = -sum_c pbar_c log pbar_c``.
+
+    Large = uncertain (epistemic and aleatoric together). Arguments as in :func:`scores`.
+    """
+    return _single("entropy", x, input, layout, backend, check_finite, prob_tol)
+
+
+def expected_entropy(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """The mean entropy of the T sampled predictions, ``E_t H[p_t]`` (the aleatoric part).
+
+    ``predictive_entropy - expected_entropy`` is BALD. Arguments as in :func:`scores`.
+    """
+    return _single("expected_entropy", x, input, layout, backend, check_finite, prob_tol)
+
+
+def variation_ratio(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """Var Ratios: ``1 - (count of the modal sampled class) / T`` (large = uncertain).
+
+    The sampled class of pass t is ``argmax_c z_tc`` (ties: lowest index), as in the paper's
+    code. Arguments as in :func:`scores`.
+    """
+    return _single("variation_ratio", x, input, layout, backend, check_finite, prob_tol)
+
+
+def mean_std(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """Mean STD: ``(1/C) sum_c sqrt(E_t[(p_tc - pbar_c)^2])`` (large = uncertain).
+
+    The standard deviation over samples of each class probability, averaged over classes.
+    Arguments as in :func:`scores`.
+    """
+    return _single("mean_std", x, input, layout, backend, check_finite, prob_tol)
+
+
+def margin(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """Margin: the top-1 minus the top-2 class of ``pbar``. SMALL = uncertain.
+
+    ``pbar_0`` for a single class. Arguments as in :func:`scores`.
+    """
+    return _single("margin", x, input, layout, backend, check_finite, prob_tol)
+
+
+def least_confidence(
+    x: Any, *, input: str = "logits", layout: str = "NTC", backend: str = "auto",
+    check_finite: bool = True, prob_tol: float | None = None,
+) -> Any:
+    """Least confidence: ``1 - max_c pbar_c`` (large = uncertain).
+
+    Arguments as in :func:`scores`.
+    """
+    return _single("least_confidence", x, input, layout, backend, check_finite, prob_tol)

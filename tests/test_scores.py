@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import fastbald
 from fastbald import _ops
 from fastbald.reference import METRICS, reference_scores
+from fastbald.scores import pool_scores_op
 
 pytestmark = pytest.mark.usefixtures("native_cpu")
 
@@ -128,12 +129,12 @@ def test_row_kernel_hook_switches_kernels():
     """The hook really changes the kernel: the two sum in different orders (the row kernel in
     float64 across lanes), so their float32 results differ in the last bits; it is off again after."""
     x = make_input(64, 20, 10, "logits", torch.float32, seed=6)
-    group = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4)
+    group = pool_scores_op(x)
     with cpu_kernel_forced_to_rows():
-        rows = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4)
+        rows = pool_scores_op(x)
     assert not torch.equal(group, rows)
     assert float((group - rows).abs().max()) <= 2e-6
-    assert torch.equal(torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-4), group)
+    assert torch.equal(pool_scores_op(x), group)
     # FASTBALD_FORCE_ROW_KERNEL sets the hook when the library loads (read once, not per call).
     code = ("import importlib\nfrom fastbald import _ops\n"
             "print(importlib.import_module(f\"fastbald._cpu_{_ops.load()['cpu']}\")._force_row_kernel(False))")
@@ -201,9 +202,9 @@ def test_same_result_for_one_and_two_threads():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = [torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4) for v in (x, y)]
+        a = [pool_scores_op(v) for v in (x, y)]
         torch.set_num_threads(2)
-        b = [torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4) for v in (x, y)]
+        b = [pool_scores_op(v) for v in (x, y)]
     finally:
         torch.set_num_threads(old)
     for u, v in zip(a, b, strict=True):
@@ -222,7 +223,7 @@ def test_metric_subsets_skip_work_but_agree():
                 assert err <= 1e-6, (m, err)
             else:
                 assert v is None
-    raw = torch.ops.fastbald.pool_scores(x, 0, 1 << METRICS.index("bald"), True, 1e-4)
+    raw = pool_scores_op(x, metrics=["bald"])
     assert torch.isnan(raw[METRICS.index("entropy")]).all()  # not asked for: NaN, not garbage
 
 
@@ -291,6 +292,7 @@ def test_every_cpu_kernel_build_in_subprocess(variant):
     code = (
         "import torch, fastbald, pytest\n"
         "from fastbald import _ops\n"
+        "from fastbald.scores import pool_scores_op\n"
         f"assert _ops.load()['cpu'] == {variant!r}, _ops.load()\n"
         "g = torch.Generator().manual_seed(0)\n"
         "x = torch.randn(37, 20, 10, generator=g) * 4\n"
@@ -299,16 +301,16 @@ def test_every_cpu_kernel_build_in_subprocess(variant):
         "z = torch.randn(40, 7, 3, generator=g).double()\n"
         "w = torch.randn(70, 25, 10, generator=g)[::2, 3:23]  # [T][C] tiles, item stride != T*C\n"
         "for v in (x, y, z, w, x[:, :, :2].contiguous(), x.transpose(0, 1).contiguous().transpose(0, 1)):\n"
-        "    a = torch.ops.fastbald.pool_scores(v, 0, 127, True, 1e-4).double()\n"
+        "    a = pool_scores_op(v).double()\n"
         "    r = fastbald.reference_scores(v.double(), dtype=torch.float64)\n"
         "    assert float((a - r).abs().max()) < 1e-5, float((a - r).abs().max())\n"
         "for bad, item, what in ((float('nan'), 21, 'NaN'), (float('inf'), 30, 'inf')):\n"
         "    w = x.clone(); w[item, 5, 7] = bad; w[item + 2, 1, 1] = bad\n"
         "    with pytest.raises(ValueError, match=f'item {item}'):\n"
-        "        torch.ops.fastbald.pool_scores(w, 0, 127, True, 1e-4)\n"
+        "        pool_scores_op(w)\n"
         "w = x.clone(); w[17, 4, :] = float('-inf')\n"
         "with pytest.raises(ValueError, match='item 17'):\n"
-        "    torch.ops.fastbald.pool_scores(w, 0, 127, True, 1e-4)\n"
+        "    pool_scores_op(w)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, FASTBALD_CPU_KERNEL=variant)
@@ -337,7 +339,7 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     def f(x):
-        out = torch.ops.fastbald.pool_scores(torch.log_softmax(x, -1), 1, 127, True, 1e-4)
+        out = pool_scores_op(torch.log_softmax(x, -1), input_kind="log_probs")
         return out[2] * 2
 
     x = make_input(40, 20, 10, "logits", torch.float32)
@@ -448,6 +450,20 @@ def test_native_op_argument_checks():
         torch.ops.fastbald.pool_scores(x.int(), 0, 127, True, 1e-4)
 
 
+def test_pool_scores_op_wrapper():
+    """The named wrapper passes names, not codes, and says which name is wrong."""
+    x = make_input(11, 6, 4, "probs", torch.float64, seed=3)
+    r = ref(x, "probs")
+    out = pool_scores_op(x, metrics=["margin", "bald"], input_kind="probs", prob_tol=1e-9)
+    rows = [METRICS.index("bald"), METRICS.index("margin")]
+    assert torch.allclose(out[rows], r[rows], atol=1e-9)
+    assert torch.isnan(out[[i for i in range(len(METRICS)) if i not in rows]]).all()
+    with pytest.raises(ValueError, match="input_kind must be one of"):
+        pool_scores_op(x, input_kind="probabilities")
+    with pytest.raises(ValueError, match="unknown metric 'BALD'"):
+        pool_scores_op(x, metrics=["BALD"])
+
+
 def test_unavailable_native_backend(monkeypatch):
     from fastbald import _ops
 
@@ -502,7 +518,7 @@ def test_more_than_2_31_elements():
         n = min(4099, N - i)
         x[i : i + n] = pattern[:n]
     assert x.numel() > 2**31
-    out = torch.ops.fastbald.pool_scores(x, 0, 127, True, 1e-2)
+    out = pool_scores_op(x, prob_tol=1e-2)
     tail = slice(N - 300, N)
     r = ref(x[tail].clone())
     err = (out[:, tail].double() - r).abs().max()
@@ -510,7 +526,7 @@ def test_more_than_2_31_elements():
     # A NaN beyond element 2^31 is found and named.
     x[N - 5, 7, 3] = float("nan")
     with pytest.raises(ValueError, match=f"pool item {N - 5}"):
-        torch.ops.fastbald.pool_scores(x, 0, 4, True, 1e-2)
+        pool_scores_op(x, metrics=["bald"], prob_tol=1e-2)
 
 
 def test_metric_table_matches_the_op_bits_and_the_reference():
