@@ -2,6 +2,7 @@
 Ratios, Mean STD, margin, least confidence) for large image pools."""
 
 from .acquire import METHODS, acquire
+from .epig import epig
 from .loop import ActiveLearningLoop, LoopProtocol
 from .mc import MCDropout, mc_logits
 from .pool import PoolResult, SyntheticPool, score_pool
@@ -34,6 +35,7 @@ __all__ = [
     "acquire",
     "backends",
     "bald",
+    "epig",
     "expected_entropy",
     "least_confidence",
     "margin",

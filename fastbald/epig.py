@@ -1,0 +1,177 @@
+"""EPIG, the expected predictive information gain (Bickford Smith, Kirsch, Farquhar, Gal, Foster &
+Rainforth, "Prediction-Oriented Bayesian Active Learning", AISTATS 2023), chunked and in
+memory that does not grow with the pool.
+
+For a pool item x and target items x*_1..x*_{N_t} (samples of the inputs the model will be used on),
+with K posterior samples p_k(y|x) (MC dropout, ensembles, ...)::
+
+    EPIG(x) = (1/N_t) sum_t I(y; y*_t | x, x*_t)
+            = (1/N_t) sum_t sum_{c,c'} P_t(c,c') log( P_t(c,c') / (p(c) q_t(c')) )
+    P_t(c,c') = (1/K) sum_k p_k(y=c|x) p_k(y*=c'|x*_t),  p = (1/K) sum_k p_k(y|x),  q_t likewise.
+
+How it is computed (``epig``): per chunk of pool items, one matrix product gives the ratios
+``R = P / (p q)`` directly (the pool rows are pre-scaled by 1/p, the target columns by 1/(K q)),
+and the score is ``(1/N_t) sum_{c,t,c'} p(c) q_t(c') f(R)`` with ``f(R) = R log R - R + 1 >= 0``
+(the KL integrand; the ``-R + 1`` part sums to 0). Every term is non-negative, so nothing cancels:
+baal's and the epig repository's ``H[p] + E_t H[q_t] - E_t H[P_t]`` subtracts entropies of a few
+nats to get EPIGs that are often 1e-3 or smaller. The ``[chunk, C, N_t, C]`` block is the only
+temporary (``chunk_bytes``, default 8 MB: it stays in cache); ``[N_p, N_t, C, C]`` or
+``[N_p, C, N_t * C]`` is never materialised. Scores are clamped to ``[0, log C]`` (the MI of a
+C-class variable), float32 for float32/half input, float64 for float64.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["epig", "epig_reference"]
+
+_INPUTS = ("log_probs", "probs", "logits")
+
+
+def _tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x), True
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x.detach(), False
+
+
+def _probs(x: torch.Tensor, input: str, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K, C] probabilities in ``dtype``, checked: finite, and (``probs``) rows summing to 1."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must hold floating-point values, got {x.dtype}")
+    bad = torch.isnan(x) | (torch.isposinf(x))
+    if input == "probs":
+        bad |= torch.isinf(x) | (x < 0)
+    if bool(bad.any()):
+        n, k, c = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be finite{' and >= 0' if input == 'probs' else ''}: item {n} "
+            f"(sample {k}, class {c}) is {x[n, k, c].item()}"
+        )
+    if input == "probs":
+        p = x.to(dtype)
+        s = p.sum(-1)
+        tol = 1e-3 if x.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        off = (s - 1).abs() > tol
+        if bool(off.any()):
+            n, k = (int(v) for v in off.nonzero()[0])
+            raise ValueError(
+                f"{name}: probabilities must sum to 1 over classes; item {n}, sample {k} sums to "
+                f"{s[n, k].item():.6g} (pass input='log_probs' or 'logits' for log-space input)"
+            )
+        return p / s.unsqueeze(-1)
+    # log_probs or logits: normalise per sample (a no-op for log-probs up to rounding).
+    lp = torch.log_softmax(x.to(dtype), -1)
+    if bool(torch.isnan(lp).any()):  # a sample with every class at -inf
+        n, k = (int(v) for v in torch.isnan(lp).any(-1).nonzero()[0])
+        raise ValueError(f"{name}: item {n}, sample {k} has every class at -inf (no probability mass)")
+    return lp.exp_()
+
+
+def _check_shapes(pool: torch.Tensor, targ: torch.Tensor) -> None:
+    for name, x in (("pool", pool), ("target", targ)):
+        if x.dim() != 3:
+            raise ValueError(
+                f"{name} predictions must be [N, K, C] (items, posterior samples, classes), got "
+                f"shape {tuple(x.shape)}"
+            )
+    if pool.shape[1] != targ.shape[1]:
+        raise ValueError(
+            f"pool and target predictions must come from the same K posterior samples: pool has "
+            f"K={pool.shape[1]}, target K={targ.shape[1]} (shapes {tuple(pool.shape)}, "
+            f"{tuple(targ.shape)})"
+        )
+    if pool.shape[2] != targ.shape[2]:
+        raise ValueError(
+            f"pool and target predictions must have the same classes: pool has C={pool.shape[2]}, "
+            f"target C={targ.shape[2]}"
+        )
+    if pool.shape[1] < 1 or pool.shape[2] < 1:
+        raise ValueError(f"need K >= 1 samples and C >= 1 classes, got shape {tuple(pool.shape)}")
+    if targ.shape[0] < 1:
+        raise ValueError("need at least one target item (target predictions [N_t >= 1, K, C])")
+
+
+def epig(
+    pool: Any,
+    target: Any,
+    *,
+    input: str = "log_probs",
+    chunk_bytes: int = 8 << 20,
+) -> Any:
+    """EPIG of every pool item, ``[N_p]``, in nats, clamped to ``[0, log C]``.
+
+    Args:
+        pool: ``[N_p, K, C]`` predictions on the pool (tensor or numpy array).
+        target: ``[N_t, K, C]`` predictions on target inputs, from the same K posterior samples
+            (sample k of both must be the same model / dropout mask).
+        input: ``"log_probs"`` (default; logits are fine too: each sample is normalised),
+            ``"logits"`` or ``"probs"`` (each sample must sum to 1 within 1e-4).
+        chunk_bytes: size of the per-chunk ``[chunk, C, N_t, C]`` block (memory stays flat in N_p).
+    Returns: float32 scores (float64 for float64 input), numpy if ``pool`` was numpy.
+    """
+    if input not in _INPUTS:
+        raise ValueError(f"input must be one of {_INPUTS}, got {input!r}")
+    x, was_numpy = _tensor(pool, "pool")
+    y, _ = _tensor(target, "target")
+    _check_shapes(x, y)
+    if x.device != y.device:
+        raise ValueError(f"pool and target must be on the same device, got {x.device} and {y.device}")
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    N_p, K, C = x.shape
+    N_t = y.shape[0]
+    q_t = _probs(y, input, "target", dtype)  # [N_t, K, C]
+    qbar = q_t.mean(1)  # [N_t, C]
+    # Target columns scaled by 1 / (K q): R = (A / p)^T (B / (K q)) = P / (p q).
+    inv_q = torch.where(qbar > 0, 1.0 / (K * qbar), torch.zeros_like(qbar))
+    b = (q_t * inv_q[:, None, :]).permute(1, 0, 2).reshape(K, N_t * C).contiguous()
+    w_tc = (qbar / N_t).reshape(N_t * C, 1)  # target weights q_t(c') / N_t
+    out = torch.empty(N_p, dtype=dtype, device=x.device)
+    elt = torch.finfo(dtype).bits // 8
+    chunk = max(1, min(N_p, int(chunk_bytes) // max(1, C * N_t * C * elt)))
+    tiny = torch.finfo(dtype).tiny
+    # Two [chunk * C, N_t * C] buffers reused by every chunk (no allocation, no page faults).
+    r_buf = torch.empty(chunk * C, N_t * C, dtype=dtype, device=x.device)
+    f_buf = torch.empty_like(r_buf)
+    for s in range(0, N_p, chunk):
+        e = min(N_p, s + chunk)
+        try:
+            a = _probs(x[s:e], input, "pool", dtype)  # [B, K, C]
+        except ValueError as err:  # name the pool item by its index in the whole pool
+            raise _shift_item(err, s) from None
+        p = a.mean(1)  # [B, C]
+        inv_p = torch.where(p > 0, 1.0 / p, torch.zeros_like(p))
+        a_t = (a * inv_p[:, None, :]).transpose(1, 2).reshape((e - s) * C, K)  # [B*C, K]
+        r = torch.matmul(a_t, b, out=r_buf[: (e - s) * C])  # [B*C, N_t*C]: P / (p q)
+        # f(R) = R log R - R + 1 (>= 0); R = 0 (P = 0) gives its limit 1.
+        f = torch.log(r.clamp_min_(tiny), out=f_buf[: (e - s) * C])
+        f.mul_(r).sub_(r).add_(1.0)
+        s_bc = (f @ w_tc).view(e - s, C)  # sum over (t, c') of q_t(c') f / N_t
+        out[s:e] = (s_bc * p).sum(1)
+    out.clamp_(0.0, math.log(C))
+    return out.cpu().numpy() if was_numpy else out
+
+
+def _shift_item(err: ValueError, offset: int) -> ValueError:
+    msg = re.sub(r"item (\d+)", lambda m: f"item {int(m.group(1)) + offset}", str(err), count=1)
+    return ValueError(msg)
+
+
+def epig_reference(pool: torch.Tensor, target: torch.Tensor, input: str = "log_probs") -> torch.Tensor:
+    """EPIG by its definition in float64, materialising ``[N_p, N_t, C, C]``: a test oracle for
+    small inputs only."""
+    _check_shapes(pool, target)
+    a = _probs(pool, input, "pool", torch.float64)
+    b = _probs(target, input, "target", torch.float64)
+    K = a.shape[1]
+    joint = torch.einsum("pkc,tkd->ptcd", a, b) / K  # [N_p, N_t, C, C]
+    indep = a.mean(1)[:, None, :, None] * b.mean(1)[None, :, None, :]
+    mi = torch.where(joint > 0, joint * (torch.log(joint) - torch.log(indep)), torch.zeros_like(joint))
+    return mi.sum((-2, -1)).mean(1)

@@ -1,0 +1,129 @@
+"""fastbald.epig against EPIG by its definition in float64 (the full [N_p, N_t, C, C] joint), and
+against the epig repository's matmul form (reproduced in fastbald.bench_peers_batch); bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastbald.bench_peers_batch import epig_repo_from_logprobs_using_matmul, epig_repo_minibatched
+from fastbald.epig import epig, epig_reference
+
+
+def preds(N, K, C, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(N, 1, C, generator=g) * scale
+    return torch.log_softmax(shared + torch.randn(N, K, C, generator=g) * scale * 0.7, -1)
+
+
+def mi_by_definition(lp_pool: torch.Tensor, lp_targ: torch.Tensor) -> torch.Tensor:
+    """Loops over pairs, float64, the textbook KL of the joint against the product of marginals."""
+    a, b = lp_pool.double().exp(), lp_targ.double().exp()
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)  # exactly normalised
+    out = torch.zeros(a.shape[0], dtype=torch.float64)
+    for i in range(a.shape[0]):
+        acc = 0.0
+        for t in range(b.shape[0]):
+            joint = a[i].T @ b[t] / a.shape[1]  # [C, C]
+            indep = torch.outer(a[i].mean(0), b[t].mean(0))
+            m = joint > 0
+            acc += float((joint[m] * torch.log(joint[m] / indep[m])).sum())
+        out[i] = acc / b.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("K,C,scale", [(8, 3, 1.0), (20, 10, 3.0), (50, 10, 0.3), (5, 100, 2.0), (1, 4, 2.0)])
+def test_matches_float64_definition(K, C, scale):
+    lp, lt = preds(40, K, C, scale, 0), preds(7, K, C, scale, 1)
+    ref = mi_by_definition(lp, lt)
+    torch.testing.assert_close(epig_reference(lp, lt), ref, rtol=1e-10, atol=1e-12)
+    ours32 = epig(lp, lt)
+    assert ours32.dtype == torch.float32
+    torch.testing.assert_close(ours32.double(), ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(epig(lp.double(), lt.double()), ref, rtol=1e-9, atol=1e-12)
+    if K == 1:  # one posterior sample: y and y* are independent, EPIG = 0 exactly
+        assert float(epig(lp, lt).abs().max()) <= 1e-6
+
+
+def test_inputs_chunking_and_numpy():
+    lp, lt = preds(333, 16, 10, 2.0, 2), preds(25, 16, 10, 2.0, 3)
+    ref = epig_reference(lp, lt)
+    for kw in ({}, {"chunk_bytes": 1}, {"chunk_bytes": 10_000}, {"chunk_bytes": 1 << 40}):
+        torch.testing.assert_close(epig(lp, lt, **kw).double(), ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(epig(lp.exp(), lt.exp(), input="probs").double(), ref, rtol=0, atol=2e-6)
+    logits = lp + torch.randn(333, 16, 1)  # shifted per sample: same probabilities
+    torch.testing.assert_close(epig(logits, lt, input="logits").double(), ref, rtol=0, atol=2e-6)
+    out = epig(lp.numpy(), lt.numpy())
+    assert isinstance(out, np.ndarray) and out.shape == (333,)
+    # Masked classes (probability 0 everywhere) are fine.
+    lpm, ltm = lp.clone(), lt.clone()
+    lpm[..., 3] = -math.inf
+    ltm[..., 3] = -math.inf
+    lpm, ltm = torch.log_softmax(lpm, -1), torch.log_softmax(ltm, -1)
+    m = epig(lpm, ltm)
+    assert torch.isfinite(m).all()
+    torch.testing.assert_close(m.double(), epig_reference(lpm, ltm), rtol=0, atol=2e-6)
+
+
+def test_range_and_agreement_with_epig_repository():
+    lp, lt = preds(500, 30, 10, 3.0, 4), preds(50, 30, 10, 3.0, 5)
+    ours = epig(lp, lt)
+    assert float(ours.min()) >= 0 and float(ours.max()) <= math.log(10)
+    theirs = epig_repo_from_logprobs_using_matmul(lp, lt)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # theirs loses ~1e-6 to cancellation
+    torch.testing.assert_close(epig_repo_minibatched(lp, lt, 64), theirs, rtol=0, atol=1e-6)
+    # Deterministic model (all K samples equal): EPIG = 0; the entropy-difference form is only ~0.
+    same_p = lp[:, :1].expand(-1, 30, -1).contiguous()
+    same_t = lt[:, :1].expand(-1, 30, -1).contiguous()
+    assert float(epig(same_p, same_t).abs().max()) <= 1e-6
+
+
+def test_memory_stays_flat():
+    """No [N_p, N_t, C, C]-sized temporary: the big buffers are the chunk's."""
+    lp, lt = preds(4000, 20, 10, 2.0, 6), preds(100, 20, 10, 2.0, 7)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        epig(lp, lt, chunk_bytes=1 << 20)
+    peak_alloc = max(e.cpu_memory_usage for e in prof.key_averages())
+    full = 4000 * 100 * 10 * 10 * 4  # 160 MB
+    assert peak_alloc < full / 20, f"an allocation of {peak_alloc} bytes (the full joint is {full})"
+
+
+def test_bad_input():
+    lp, lt = preds(10, 8, 5, 1.0, 0), preds(4, 8, 5, 1.0, 1)
+    with pytest.raises(ValueError, match=r"same K posterior samples: pool has K=8, target K=6"):
+        epig(lp, lt[:, :6])
+    with pytest.raises(ValueError, match=r"same classes: pool has C=5, target C=4"):
+        epig(lp, torch.log_softmax(lt[..., :4], -1))
+    with pytest.raises(ValueError, match=r"pool predictions must be \[N, K, C\].*shape \(10, 40\)"):
+        epig(lp.reshape(10, 40), lt)
+    with pytest.raises(ValueError, match=r"target predictions must be \[N, K, C\]"):
+        epig(lp, lt[0])
+    with pytest.raises(ValueError, match="at least one target"):
+        epig(lp, lt[:0])
+    with pytest.raises(ValueError, match="input must be one of"):
+        epig(lp, lt, input="prob")
+    with pytest.raises(TypeError, match="floating-point"):
+        epig(lp, lt.to(torch.int64))
+    bad = lp.clone()
+    bad[7, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"pool must be finite: item 7 \(sample 2, class 1\) is nan"):
+        epig(bad, lt, chunk_bytes=1)  # chunked: still the index in the whole pool
+    badt = lt.clone()
+    badt[3, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"target must be finite: item 3"):
+        epig(lp, badt)
+    with pytest.raises(ValueError, match=r"item 0, sample 0 sums to"):
+        epig(lp.exp() * 1.1, lt.exp(), input="probs")
+    neg = lp.exp()
+    neg[2, 1, 0] = -0.1
+    with pytest.raises(ValueError, match=r"item 2 \(sample 1, class 0\)"):
+        epig(neg, lt.exp(), input="probs")
+    allmasked = lp.clone()
+    allmasked[5, 3, :] = -math.inf
+    with pytest.raises(ValueError, match=r"item 5, sample 3 has every class at -inf"):
+        epig(allmasked, lt)
