@@ -16,15 +16,17 @@ Round 0 trains on the initial labelled set (nothing acquired). After ``rounds`` 
 
 Every random draw is seeded from ``(seed, round, purpose)`` alone, so a round's result does not
 depend on what ran before it in the process. After every round the state (protocol, labelled
-indices in acquisition order, per-round metrics, model weights, RNG state) is committed
-atomically: the model checkpoint first, then ``state.json`` (temporary file + ``os.replace``),
-which is the commit point, then the per-round CSV. A run killed at any moment and restarted with
+indices in acquisition order, per-round metrics) is committed atomically by :class:`RunStore`:
+the last model's weights first (only while the next round needs them to score the pool), then
+``state.json`` (temporary file + ``os.replace``), which is the commit point, then the per-round
+CSV. A run killed at any moment and restarted with
 the same protocol resumes at the first uncommitted round and produces exactly what an
 uninterrupted run would have (same labelled indices, same test errors; timings differ).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -33,7 +35,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +58,14 @@ __all__ = [
     "CSV_COLUMNS",
     "DISPLAY_NAMES",
     "ActiveLearningLoop",
+    "LabelledPool",
     "LoopProtocol",
     "RoundRecord",
+    "RunStore",
     "StateMismatchError",
     "canonical_acquisition",
     "read_csv",
+    "train_from_scratch",
 ]
 
 #: Columns of the per-round CSV.
@@ -262,12 +268,8 @@ class RoundRecord:
 
 
 # ------------------------------------------------------------------------------------------------
-# Atomic files
+# The per-round CSV
 # ------------------------------------------------------------------------------------------------
-_atomic_write_bytes = atomic_write_bytes
-_atomic_torch_save = atomic_torch_save
-
-
 def write_csv(path: str | os.PathLike[str], records: Sequence[RoundRecord]) -> None:
     """Write the per-round CSV (:data:`CSV_COLUMNS`) atomically."""
     buf = io.StringIO()
@@ -275,7 +277,7 @@ def write_csv(path: str | os.PathLike[str], records: Sequence[RoundRecord]) -> N
     w.writerow(CSV_COLUMNS)
     for r in records:
         w.writerow(r.csv_row())
-    _atomic_write_bytes(Path(path), buf.getvalue().encode())
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
 
 
 def read_csv(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -389,6 +391,212 @@ def default_model_factory(protocol: LoopProtocol, num_classes: int) -> nn.Module
     return BayesianCNN(num_classes, deterministic=protocol.deterministic_model)
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms(on: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside (if ``on``), restored after."""
+    if not on:
+        yield
+        return
+    prev, prev_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def train_from_scratch(
+    model_factory: ModelFactory,
+    protocol: LoopProtocol,
+    num_classes: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    round_: int,
+) -> tuple[nn.Module, float]:
+    """A new model trained on ``(x, y)`` as round ``round_`` of ``protocol`` prescribes.
+
+    Seeds torch's global RNG from ``(seed, round_)`` right before building the model (its
+    initialisation and the training dropout) and draws the minibatch order from its own
+    generator, so the result depends only on the arguments (on one machine, software and number
+    of threads). Adam (``protocol.lr``), ``protocol.epochs`` epochs of shuffled minibatches of
+    ``protocol.batch_size``, L2 weight decay :func:`fastbald.models.paper_weight_decay`
+    ``(len(x), c)`` (on the dense layer for models with ``param_groups``).
+
+    Returns:
+        ``(model in eval mode, on x's device; mean training loss of the last epoch)``. Raises
+        FloatingPointError when that loss is not finite.
+    """
+    p = protocol
+    torch.manual_seed(mix_seed(p.seed, round_, _SEED_TRAIN))  # init and training dropout
+    model = model_factory(p, num_classes).to(x.device)
+    n = int(x.shape[0])
+    wd = paper_weight_decay(n, p.weight_decay_c) if p.weight_decay_c > 0 else 0.0
+    groups = getattr(model, "param_groups", None)
+    params: Any = (
+        groups(wd, scope=p.weight_decay_scope)
+        if callable(groups)
+        else [{"params": list(model.parameters()), "weight_decay": wd}]
+    )
+    opt = torch.optim.Adam(params, lr=p.lr)
+    g = _generator(p.seed, round_, _SEED_TRAIN, 1)
+    model.train()
+    last = float("nan")
+    for _ in range(p.epochs):
+        perm = torch.randperm(n, generator=g).to(x.device)
+        total, seen = 0.0, 0
+        for s in range(0, n, p.batch_size):
+            b = perm[s : s + p.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[b]), y[b])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * b.numel()
+            seen += b.numel()
+        last = total / max(seen, 1)
+    if not math.isfinite(last):
+        raise FloatingPointError(f"round {round_}: the training loss diverged ({last})")
+    model.eval()
+    return model, last
+
+
+# ------------------------------------------------------------------------------------------------
+# The labelled set and the pool
+# ------------------------------------------------------------------------------------------------
+class LabelledPool:
+    """How a run splits the training set: the labelled images (in acquisition order), the
+    held-out validation images (never labelled), and the pool (all the others).
+
+    Args:
+        n: training-set size.
+        initial: the initial labelled indices.
+        validation: the validation indices.
+    """
+
+    def __init__(self, n: int, initial: Sequence[int], validation: Sequence[int]) -> None:
+        self.n = int(n)
+        self.initial: list[int] = [int(i) for i in initial]
+        self.validation: list[int] = [int(i) for i in validation]
+        self.labelled: list[int] = list(self.initial)
+
+    def pool_indices(self) -> torch.Tensor:
+        """Training-set indices still in the pool (neither labelled nor validation), ascending."""
+        taken = torch.zeros(self.n, dtype=torch.bool)
+        for idx in (self.labelled, self.validation):
+            if idx:
+                taken[torch.tensor(idx, dtype=torch.int64)] = True
+        return (~taken).nonzero().reshape(-1)
+
+    def extended(self, new: Sequence[int]) -> list[int]:
+        """The labelled indices with ``new`` appended (``self`` is not changed); ValueError if
+        one of them is already labelled or held out for validation."""
+        out = self.labelled + [int(i) for i in new]
+        clash = set(new) & set(self.validation)
+        if len(set(out)) != len(out) or clash:  # pragma: no cover - a bug if it happens
+            raise ValueError(f"acquired images {sorted(new)} overlap the labelled or validation set")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The run store: state.json, the model checkpoint while it is needed, the CSV
+# ------------------------------------------------------------------------------------------------
+class RunStore:
+    """Where a run is committed after every round (both paths optional).
+
+    * ``state_dir/state.json``: protocol, data fingerprint, split, labelled indices and every
+      round's record; written atomically, it is the commit point.
+    * ``state_dir/round_XXXX.pt``: the weights of the last round's model, written (before
+      ``state.json``) only while the next round needs them to score the pool, and deleted when
+      the run is complete: a finished run's state is ``state.json`` alone. A resume that needs a
+      model whose checkpoint is gone retrains it (see :class:`ActiveLearningLoop`).
+    * ``csv_path``: the per-round CSV (:data:`CSV_COLUMNS`), rewritten after the commit.
+    """
+
+    def __init__(
+        self, state_dir: str | os.PathLike[str] | None, csv_path: str | os.PathLike[str] | None
+    ) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+
+    @property
+    def state_path(self) -> Path | None:
+        """``state_dir/state.json`` (None without a state directory)."""
+        return self.state_dir / _STATE_JSON if self.state_dir is not None else None
+
+    def exists(self) -> bool:
+        """Whether a committed state is there."""
+        return self.state_path is not None and self.state_path.exists()
+
+    def checkpoint_path(self, round_: int) -> Path:
+        """The model checkpoint of round ``round_``."""
+        assert self.state_dir is not None
+        return self.state_dir / f"round_{round_:04d}.pt"
+
+    def clear(self) -> None:
+        """Delete the committed state (``state.json`` and checkpoints)."""
+        if self.state_dir is not None:
+            for f in [self.state_dir / _STATE_JSON, *self.state_dir.glob("round_*.pt")]:
+                f.unlink(missing_ok=True)
+
+    def read(self) -> dict[str, Any]:
+        """The committed state; StateMismatchError if unreadable or of another version."""
+        path = self.state_path
+        assert path is not None
+        try:
+            st = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StateMismatchError(f"cannot read the state {path}: {e}") from e
+        if st.get("version") != STATE_VERSION:
+            raise StateMismatchError(f"{path}: state version {st.get('version')!r} is not supported")
+        return st
+
+    def read_model(self, name: str | None, round_: int) -> dict[str, torch.Tensor] | None:
+        """The model weights saved for round ``round_`` in checkpoint ``name``; None when there
+        is none (finished runs, trimmed states); StateMismatchError when it is unreadable or of
+        another round."""
+        if self.state_dir is None or not name or not (self.state_dir / name).exists():
+            return None
+        ckpt = self.state_dir / name
+        try:
+            blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as e:
+            raise StateMismatchError(f"cannot read the checkpoint {ckpt}: {e}") from e
+        if blob.get("round") != round_:
+            raise StateMismatchError(f"{ckpt} is for round {blob.get('round')}, not {round_}")
+        return blob["model"]
+
+    def commit(
+        self, state: dict[str, Any], records: Sequence[RoundRecord], model: nn.Module | None
+    ) -> None:
+        """Commit one round: the checkpoint of ``model`` (if given), then ``state.json`` (with
+        ``state["checkpoint"]`` set), then the CSV; other checkpoints are deleted afterwards."""
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            r = int(state["rounds_done"]) - 1
+            keep = self.checkpoint_path(r).name if model is not None else None
+            if model is not None:
+                weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                atomic_torch_save({"round": r, "model": weights}, self.checkpoint_path(r))
+            state = {**state, "checkpoint": keep}
+            blob = json.dumps(state, indent=1).encode()
+            atomic_write_bytes(self.state_dir / _STATE_JSON, blob)  # the commit point
+            for old in self.state_dir.glob("round_*.pt"):
+                if old.name != keep:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+        self.write_csv(records)
+
+    def write_csv(self, records: Sequence[RoundRecord]) -> None:
+        """Rewrite the per-round CSV (if there is one)."""
+        if self.csv_path is not None:
+            write_csv(self.csv_path, records)
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
@@ -399,9 +607,10 @@ class ActiveLearningLoop:
         data: ``x_train``/``y_train`` (labelled set, validation and pool are drawn from it) and
             ``x_test``/``y_test`` (e.g. :class:`fastbald.data.MNISTData`).
         protocol: the run's settings (:class:`LoopProtocol`; the paper's by default).
-        state_dir: where the state is committed after every round (``None``: in memory only).
-            An existing state with the same protocol (``rounds`` may differ) and data is
-            resumed; a different one raises :class:`StateMismatchError` unless ``restart``.
+        state_dir: where the state is committed after every round (``None``: in memory only;
+            see :class:`RunStore`). An existing state with the same protocol (``rounds`` may
+            differ) and data is resumed; a different one raises :class:`StateMismatchError`
+            unless ``restart``.
         csv_path: also write the per-round CSV there after every round (atomically).
         restart: discard an existing state in ``state_dir`` and start over.
         num_classes: number of classes (default: ``data.num_classes`` or ``max(y) + 1``).
@@ -409,17 +618,20 @@ class ActiveLearningLoop:
             (default: :class:`fastbald.models.BayesianCNN`). Called once per round right after
             the round's training seed is set, so its initialisation is reproducible. Models with
             ``param_groups(wd, scope=...)`` get the paper's dense-layer-only weight decay.
-
-    Each round seeds torch's global RNG (``torch.manual_seed``) for the model's initialisation
-    and training dropout; the global RNG state after the last committed round is saved with the
-    checkpoint and restored on resume. Results are bit-for-bit reproducible on the same machine,
-    software and number of threads (``torch.set_num_threads``): keep those fixed across restarts.
         device: where to train and score (default CPU).
         callbacks: called as ``cb(loop, record)`` after each round is committed (progress
             displays; raising from one stops the run with that round safely saved).
         score_progress: show :func:`fastbald.score_pool`'s progress bar while scoring.
         deterministic: call ``torch.use_deterministic_algorithms(True, warn_only=True)`` while
             running (restored afterwards).
+
+    Every round seeds its own draws (:func:`train_from_scratch`), so results do not depend on
+    torch's global RNG state and are bit-for-bit reproducible on the same machine, software and
+    number of threads (``torch.set_num_threads``): keep those fixed across restarts. A resume
+    that needs the last round's model (to score the next round's pool) loads its checkpoint, or,
+    when the checkpoint is gone (a finished run whose ``rounds`` is raised), retrains it from the
+    saved labelled set and warns if it does not reproduce the recorded loss and test error.
+    ``model`` is the last round's model (None after a resume that does not need it).
     """
 
     def __init__(
@@ -438,9 +650,9 @@ class ActiveLearningLoop:
         deterministic: bool = True,
     ) -> None:
         self.protocol = protocol if protocol is not None else LoopProtocol()
+        self.acquisition = acquisition(self.protocol.acquisition)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.store = RunStore(state_dir, csv_path)
         self.model_factory = model_factory or default_model_factory
         self.callbacks = list(callbacks)
         self.score_progress = bool(score_progress)
@@ -465,21 +677,42 @@ class ActiveLearningLoop:
             x_test, y_test = x_test[keep.sort().values], y_test[keep.sort().values]
         self.x_test = x_test.to(self.device)
         self.y_test = y_test.to(self.device)
-        self._n = int(data.x_train.shape[0])
 
         self.records: list[RoundRecord] = []
         self.model: nn.Module | None = None
         initial, val = split_initial(data.y_train, self.protocol, self.num_classes)
-        self.initial_indices: list[int] = initial.tolist()
-        self.validation_indices: list[int] = val.tolist()
-        self.labelled_indices: list[int] = list(self.initial_indices)
-        if self.state_dir is not None:
-            if restart:
-                self._clear_state()
-            elif (self.state_dir / _STATE_JSON).exists():
-                self._load_state()
+        self.split = LabelledPool(int(data.x_train.shape[0]), initial.tolist(), val.tolist())
+        if restart:
+            self.store.clear()
+        elif self.store.exists():
+            self._resume()
 
     # -- views -----------------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path | None:
+        """The state directory (None: in memory only)."""
+        return self.store.state_dir
+
+    @property
+    def csv_path(self) -> Path | None:
+        """The per-round CSV (None: none)."""
+        return self.store.csv_path
+
+    @property
+    def labelled_indices(self) -> list[int]:
+        """Labelled training-set indices, in acquisition order (the initial set first)."""
+        return self.split.labelled
+
+    @property
+    def initial_indices(self) -> list[int]:
+        """The initial labelled set."""
+        return self.split.initial
+
+    @property
+    def validation_indices(self) -> list[int]:
+        """The held-out validation images (never labelled)."""
+        return self.split.validation
+
     @property
     def next_round(self) -> int:
         """The round :meth:`step` runs next (= rounds completed)."""
@@ -492,28 +725,29 @@ class ActiveLearningLoop:
 
     def pool_indices(self) -> torch.Tensor:
         """Training-set indices still in the pool (neither labelled nor validation), ascending."""
-        taken = torch.zeros(self._n, dtype=torch.bool)
-        if self.labelled_indices:
-            taken[torch.tensor(self.labelled_indices, dtype=torch.int64)] = True
-        if self.validation_indices:
-            taken[torch.tensor(self.validation_indices, dtype=torch.int64)] = True
-        return (~taken).nonzero().reshape(-1)
+        return self.split.pool_indices()
 
     def round_seed(self, round_: int, purpose: int) -> int:
         """The seed of one purpose (train, score, subset, random) in round ``round_``."""
         return mix_seed(self.protocol.seed, round_, purpose)
 
+    def _needs_model(self, round_: int) -> bool:
+        """Whether round ``round_`` scores the pool with the previous round's model."""
+        return 1 <= round_ <= self.protocol.rounds and self.acquisition.rule != "uniform"
+
     # -- one round -------------------------------------------------------------------------------
     def _acquire(self, round_: int) -> tuple[list[int], float, int, int]:
-        p = self.protocol
+        """``(new indices best first, seconds, pool size, items scored)`` of round ``round_``."""
+        p, acq = self.protocol, self.acquisition
         t0 = time.perf_counter()
         pool = self.pool_indices()
+        if round_ == 0:
+            return [], 0.0, int(pool.numel()), 0
         if pool.numel() < p.per_round:
             raise RuntimeError(
                 f"round {round_}: the pool has {pool.numel()} images left, fewer than "
                 f"per_round = {p.per_round}"
             )
-        acq = acquisition(p.acquisition)
         if acq.rule == "uniform":
             g = _generator(p.seed, round_, _SEED_RANDOM)
             new = pool[torch.randperm(pool.numel(), generator=g)[: p.per_round]]
@@ -543,97 +777,43 @@ class ActiveLearningLoop:
         new = cand[res.topk.cpu()]
         return new.tolist(), time.perf_counter() - t0, int(pool.numel()), int(cand.numel())
 
-    def _train(self, round_: int) -> tuple[nn.Module, float, float]:
-        p = self.protocol
-        t0 = time.perf_counter()
-        torch.manual_seed(self.round_seed(round_, _SEED_TRAIN))  # init and training dropout
-        model = self.model_factory(p, self.num_classes).to(self.device)
-        idx = torch.tensor(self.labelled_indices, dtype=torch.int64, device=self.device)
-        x, y = self.x_train[idx], self.y_train[idx]
-        n = int(idx.numel())
-        wd = paper_weight_decay(n, p.weight_decay_c) if p.weight_decay_c > 0 else 0.0
-        groups = getattr(model, "param_groups", None)
-        params: Any = (
-            groups(wd, scope=p.weight_decay_scope)
-            if callable(groups)
-            else [{"params": list(model.parameters()), "weight_decay": wd}]
+    def _train(self, round_: int, labelled: Sequence[int]) -> tuple[nn.Module, float]:
+        idx = torch.tensor(list(labelled), dtype=torch.int64, device=self.device)
+        return train_from_scratch(
+            self.model_factory, self.protocol, self.num_classes,
+            self.x_train[idx], self.y_train[idx], round_,
         )
-        opt = torch.optim.Adam(params, lr=p.lr)
-        g = _generator(p.seed, round_, _SEED_TRAIN, 1)
-        model.train()
-        last = float("nan")
-        for _ in range(p.epochs):
-            perm = torch.randperm(n, generator=g).to(self.device)
-            total, seen = 0.0, 0
-            for s in range(0, n, p.batch_size):
-                b = perm[s : s + p.batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[b]), y[b])
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * b.numel()
-                seen += b.numel()
-            last = total / max(seen, 1)
-        if not math.isfinite(last):
-            raise FloatingPointError(f"round {round_}: the training loss diverged ({last})")
-        model.eval()
-        return model, last, time.perf_counter() - t0
+
+    def _evaluate(self, model: nn.Module) -> tuple[float, float | None]:
+        """``(test error, validation error or None)`` of ``model`` (dropout off)."""
+        test_err = _error_rate(model, self.x_test, self.y_test)
+        vidx = torch.tensor(self.validation_indices, dtype=torch.int64, device=self.device)
+        val_err = _error_rate(model, self.x_train[vidx], self.y_train[vidx]) if vidx.numel() else None
+        return test_err, val_err
 
     def step(self) -> RoundRecord:
         """Run the next round, commit the state and call the callbacks; returns its record."""
-        r = self.next_round
-        p = self.protocol
+        r, p = self.next_round, self.protocol
         if r > p.rounds:
             raise RuntimeError(f"the run is complete ({p.rounds} rounds)")
-        prev_det = torch.are_deterministic_algorithms_enabled()
-        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-        if self.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            if r == 0:
-                new: list[int] = []
-                score_s, pool_size, scored = 0.0, len(self.pool_indices()), 0
-            else:
-                new, score_s, pool_size, scored = self._acquire(r)
-            labelled = self.labelled_indices + new
-            if len(set(labelled)) != len(labelled):  # pragma: no cover - a bug if it happens
-                raise RuntimeError(f"round {r}: an acquired image was already labelled")
-            prev_labelled = self.labelled_indices
-            self.labelled_indices = labelled
-            try:
-                model, loss, train_s = self._train(r)
-            except BaseException:
-                self.labelled_indices = prev_labelled
-                raise
+        with _deterministic_algorithms(self.deterministic):
+            new, score_s, pool_size, scored = self._acquire(r)
+            labelled = self.split.extended(new)
             t0 = time.perf_counter()
-            test_err = _error_rate(model, self.x_test, self.y_test)
-            vidx = torch.tensor(self.validation_indices, dtype=torch.int64, device=self.device)
-            val_err = (
-                _error_rate(model, self.x_train[vidx], self.y_train[vidx])
-                if vidx.numel()
-                else None
-            )
-            eval_s = time.perf_counter() - t0
-        finally:
-            if self.deterministic:
-                torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+            model, loss = self._train(r, labelled)
+            t1 = time.perf_counter()
+            test_err, val_err = self._evaluate(model)
+            eval_s = time.perf_counter() - t1
         rec = RoundRecord(
-            round=r,
-            labelled=len(labelled),
-            acquired=len(labelled) - p.initial,
-            test_error=test_err,
-            val_error=val_err,
-            train_loss=loss,
-            train_seconds=train_s,
-            score_seconds=score_s,
-            eval_seconds=eval_s,
-            new_indices=[int(i) for i in new],
-            pool_size=pool_size,
-            scored=scored,
+            round=r, labelled=len(labelled), acquired=len(labelled) - p.initial,
+            test_error=test_err, val_error=val_err, train_loss=loss, train_seconds=t1 - t0,
+            score_seconds=score_s, eval_seconds=eval_s, new_indices=[int(i) for i in new],
+            pool_size=pool_size, scored=scored,
         )
-        self.model = model
+        self.split.labelled, self.model = labelled, model
         self.records.append(rec)
-        self._commit()
+        keep = model if self.store.state_dir is not None and self._needs_model(r + 1) else None
+        self.store.commit(self.state_dict(), self.records, keep)
         for cb in self.callbacks:
             cb(self, rec)
         return rec
@@ -649,12 +829,8 @@ class ActiveLearningLoop:
         return list(self.records)
 
     # -- state -----------------------------------------------------------------------------------
-    def _ckpt_path(self, round_: int) -> Path:
-        assert self.state_dir is not None
-        return self.state_dir / f"round_{round_:04d}.pt"
-
     def state_dict(self) -> dict[str, Any]:
-        """The JSON part of the state."""
+        """The JSON part of the state (``checkpoint`` is filled in by :meth:`RunStore.commit`)."""
         return {
             "version": STATE_VERSION,
             "protocol": self.protocol.to_dict(),
@@ -664,53 +840,14 @@ class ActiveLearningLoop:
             "validation_indices": self.validation_indices,
             "labelled_indices": self.labelled_indices,
             "rounds_done": self.next_round,
-            "checkpoint": self._ckpt_path(self.next_round - 1).name
-            if self.state_dir is not None and self.records
-            else None,
+            "checkpoint": None,
             "records": [r.to_dict() for r in self.records],
         }
 
-    def _commit(self) -> None:
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            r = self.next_round - 1
-            assert self.model is not None
-            _atomic_torch_save(
-                {
-                    "round": r,
-                    "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                    "torch_rng_state": torch.get_rng_state(),
-                    "labelled": len(self.labelled_indices),
-                },
-                self._ckpt_path(r),
-            )
-            blob = json.dumps(self.state_dict(), indent=1).encode()
-            _atomic_write_bytes(self.state_dir / _STATE_JSON, blob)  # the commit point
-            for old in self.state_dir.glob("round_*.pt"):
-                if old.name != self._ckpt_path(r).name:
-                    try:
-                        old.unlink()
-                    except OSError:
-                        pass
-        if self.csv_path is not None:
-            write_csv(self.csv_path, self.records)
-
-    def _clear_state(self) -> None:
-        assert self.state_dir is not None
-        for f in [self.state_dir / _STATE_JSON, *self.state_dir.glob("round_*.pt")]:
-            f.unlink(missing_ok=True)
-
-    def _load_state(self) -> None:
-        assert self.state_dir is not None
-        path = self.state_dir / _STATE_JSON
-        try:
-            st = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise StateMismatchError(f"cannot read the state {path}: {e}") from e
-        if st.get("version") != STATE_VERSION:
-            raise StateMismatchError(f"{path}: state version {st.get('version')!r} is not supported")
-        saved = LoopProtocol.from_dict(st["protocol"])
-        diff = self.protocol.differences(saved)
+    def _resume(self) -> None:
+        st = self.store.read()
+        path = self.store.state_path
+        diff = self.protocol.differences(LoopProtocol.from_dict(st["protocol"]))
         if diff:
             raise StateMismatchError(
                 f"{path} holds a run with a different protocol ({'; '.join(diff)}): use another "
@@ -720,24 +857,33 @@ class ActiveLearningLoop:
             raise StateMismatchError(
                 f"{path} was run on different data ({st['data']} vs {self.fingerprint})"
             )
-        if (
-            st["initial_indices"] != self.initial_indices
-            or st["validation_indices"] != self.validation_indices
-        ):
+        if st["initial_indices"] != self.initial_indices or st["validation_indices"] != self.validation_indices:
             raise StateMismatchError(f"{path}: the initial split does not match the seed")
         self.records = [RoundRecord.from_dict(d) for d in st["records"]]
-        self.labelled_indices = [int(i) for i in st["labelled_indices"]]
-        if self.records:
-            ckpt = self.state_dir / st["checkpoint"]
-            try:
-                blob = torch.load(ckpt, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError) as e:
-                raise StateMismatchError(f"cannot read the checkpoint {ckpt}: {e}") from e
-            if blob["round"] != self.next_round - 1:
-                raise StateMismatchError(f"{ckpt} is for round {blob['round']}, not the last one")
-            model = self.model_factory(self.protocol, self.num_classes)
-            model.load_state_dict(blob["model"])
-            self.model = model.to(self.device).eval()
-            torch.set_rng_state(blob["torch_rng_state"])
-        if self.csv_path is not None:  # the CSV may lag the state by one round after a kill
-            write_csv(self.csv_path, self.records)
+        self.split.labelled = [int(i) for i in st["labelled_indices"]]
+        if self.records and self._needs_model(self.next_round):
+            weights = self.store.read_model(st.get("checkpoint"), self.next_round - 1)
+            if weights is not None:
+                model = self.model_factory(self.protocol, self.num_classes)
+                model.load_state_dict(weights)
+                self.model = model.to(self.device).eval()
+            else:
+                self.model = self._retrain_last_model()
+        self.store.write_csv(self.records)  # the CSV may lag the state by one round after a kill
+
+    def _retrain_last_model(self) -> nn.Module:
+        """The last committed round's model, trained again (its checkpoint is not kept)."""
+        rec = self.records[-1]
+        with _deterministic_algorithms(self.deterministic):
+            model, loss = self._train(rec.round, self.labelled_indices[: rec.labelled])
+            test_err, _ = self._evaluate(model)
+        if (loss, test_err) != (rec.train_loss, rec.test_error):
+            warnings.warn(
+                f"round {rec.round} retrained on resume gives loss {loss!r} and test error "
+                f"{test_err!r}, not the recorded {rec.train_loss!r} and {rec.test_error!r} (another "
+                "machine, torch version or thread count?): the resumed rounds may differ from an "
+                "uninterrupted run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return model

@@ -21,6 +21,7 @@ Four groups:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -29,6 +30,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,12 +45,13 @@ from fastbald.selftest import oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
+# The emulator's main file first, then every header it may include (the build is cached by their
+# hash: a new header under csrc/cuda is picked up without a change here).
 EMU_SOURCES = [
     CSRC / "cuda" / "emu" / "emu_main.cpp",
-    CSRC / "cuda" / "kernels.h",
-    CSRC / "cuda" / "device_compat.h",
-    CSRC / "cuda" / "plan.h",
-    CSRC / "scores_math.h",
+    *sorted((CSRC / "cuda").glob("*.h")),
+    *sorted((CSRC / "cuda" / "emu").glob("*.h")),
+    *sorted(CSRC.glob("*.h")),
 ]
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -242,22 +245,46 @@ _PLAN_KEYS = (
 )
 
 
-@pytest.fixture(scope="session")
-def emulator() -> Path:
+# The emulator's two builds: "plain" and "asan" (AddressSanitizer + UndefinedBehaviorSanitizer, any
+# error fatal). The emulator allocates the input storage and shared memory at their exact sizes, so
+# the asan build turns an out-of-bounds read or write of either into a failure.
+EMU_FLAGS = {
+    "plain": ["-O1"],
+    "asan": [
+        "-O1",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer",
+    ],
+}
+# Leak checking is off (it needs ptrace, and leaks are not what the sanitizer build is for).
+EMU_ENV = {
+    **os.environ,
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:detect_stack_use_after_return=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+
+
+def build_emulator(flavour: str = "plain") -> Path:
+    """Builds (once per source hash) and returns the emulator executable of the given flavour."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
+        if os.environ.get("FASTBALD_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
         pytest.skip(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
-    h = hashlib.sha256()
+    flags = EMU_FLAGS[flavour]
+    h = hashlib.sha256(" ".join(flags).encode())
     for p in EMU_SOURCES:
         h.update(p.read_bytes())
-    exe = ROOT / "build" / "cuda-emu" / f"emu-{h.hexdigest()[:16]}"
+    exe = ROOT / "build" / "cuda-emu" / f"emu-{flavour}-{h.hexdigest()[:16]}"
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
         tmp = exe.with_suffix(f".tmp{os.getpid()}")
         cmd = [
             cxx,
             "-std=c++20",
-            "-O1",
+            *flags,
             "-Wall",
             "-Wextra",
             "-Werror",
@@ -267,14 +294,24 @@ def emulator() -> Path:
             "-o",
             str(tmp),
         ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"emulator build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
         os.replace(tmp, exe)
-        for old in exe.parent.glob("emu-*"):  # builds of earlier sources
+        for old in exe.parent.glob(f"emu-{flavour}-*"):  # builds of earlier sources
             if old != exe:
                 with contextlib.suppress(OSError):
                     old.unlink()
     return exe
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Path:
+    return build_emulator("plain")
+
+
+@pytest.fixture(scope="session")
+def emulator_asan() -> Path:
+    return build_emulator("asan")
 
 
 def emu_run(
@@ -328,7 +365,11 @@ def emu_run(
         fi, fo = Path(d) / "in", Path(d) / "out"
         fi.write_bytes(hdr + raw)
         r = subprocess.run(
-            [str(exe), str(fi), str(fo)], capture_output=True, text=True, timeout=timeout
+            [str(exe), str(fi), str(fo)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=EMU_ENV,
         )
         assert r.returncode == 0, f"emulator exit {r.returncode}: {r.stderr[-2000:]}"
         b = fo.read_bytes()
@@ -342,7 +383,20 @@ def _emu_plan(case: Case) -> dict:
     return {**case.plan, "block": case.block}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# Every case at the emulator's small block (64: cheap, and more blocks per grid) and at the
+# production block size (256).
+EMU_TABLE = [
+    dataclasses.replace(c, block=b)
+    for c in CASES
+    for b in ((64, 256) if c.block == 64 else (c.block,))
+]
+
+
+def _table_id(c: Case) -> str:
+    return c.id if c.id.startswith("block") else f"{c.id}-b{c.block}"
+
+
+@pytest.mark.parametrize("case", EMU_TABLE, ids=[_table_id(c) for c in EMU_TABLE])
 def test_emulated_kernels_match_reference(emulator: Path, case: Case) -> None:
     x = make_input(case)
     # The seed drives the emulator's thread schedule; cases built to expose barrier bugs try several.
@@ -530,6 +584,253 @@ def test_emulated_padded_flat_load(
         check_against_reference(case, x, out)
 
 
+# ---------------------------------------------------------------------------------------------
+# Seeded random fuzz of the emulated kernels against the float64 reference: shapes, dtypes, axis
+# orders, padded / strided / broadcast (stride 0) views with NaN in the storage gaps (a read
+# outside the view poisons a result), storage offsets, input kinds, metric subsets, forced plans,
+# block sizes, device limits, and bad items (the lowest must be flagged; the others scored).
+
+FUZZ_CASES = int(os.environ.get("FASTBALD_EMU_FUZZ", "300"))
+FUZZ_ASAN_CASES = int(os.environ.get("FASTBALD_EMU_FUZZ_ASAN", "150"))
+FUZZ_MAX_ELEMS = 8_000
+_FUZZ_C = (1, 2, 3, 4, 5, 7, 8, 10, 12, 16, 20, 24, 31, 32, 33, 40, 50, 64, 70, 100, 129, 300)
+_FUZZ_LIMITS = (H100, A100, {"smem_optin": 48 * 1024, "smem_per_sm": 64 * 1024})
+
+
+@dataclass
+class FuzzCase:
+    seed: int
+    x: torch.Tensor  # the logical [N, T, C] view
+    kind: int
+    metrics: int
+    check: bool
+    tol: float
+    plan: dict  # emulator overrides, block and device limits included
+    bad: list[int]  # items made invalid (check: the lowest must be flagged)
+    desc: str
+
+    def repro(self) -> str:
+        x = self.x
+        return (
+            f"seed={self.seed} {self.desc} shape={tuple(x.shape)} stride={x.stride()} "
+            f"offset={x.storage_offset()} dtype={x.dtype} kind={INPUT_KINDS[self.kind]} "
+            f"metrics={self.metrics} check={self.check} bad={self.bad} plan={self.plan}"
+        )
+
+
+def fuzz_case(seed: int) -> FuzzCase:
+    """Random case number `seed` (deterministic)."""
+    rng = np.random.default_rng([20261203, seed])
+    r = rng.random
+    dtype = (torch.float32, torch.float64, torch.float16, torch.bfloat16)[rng.integers(4)]
+    C = int(rng.choice(_FUZZ_C)) if r() < 0.7 else int(rng.integers(1, 65))
+    T = int(rng.choice([1, 2, 3, int(rng.integers(1, 12)), int(rng.integers(1, 41))]))
+    N = int(rng.choice([1, 2, int(rng.integers(1, 20)), int(rng.integers(1, 200))]))
+    while N * T * C > FUZZ_MAX_ELEMS and N > 1:
+        N = max(1, N // 2)
+    while N * T * C > FUZZ_MAX_ELEMS and T > 1:
+        T = max(1, T // 2)
+    kind = int(rng.integers(3))
+    scale = float(rng.choice([0.01, 1.0, 3.0, 10.0, 50.0]))
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, T, C, generator=g, dtype=torch.float64) * scale
+    desc = []
+    if C > 1 and r() < 0.2:  # masked classes (never a whole row)
+        m = torch.rand(N, T, C, generator=g) < 0.3
+        m[..., int(rng.integers(C))] = False
+        z[m] = -math.inf
+        desc.append("masks")
+    if r() < 0.05:
+        z[int(rng.integers(N))] *= 1e4 / scale
+        desc.append("huge")
+    if kind == 1:
+        z = torch.log_softmax(z, -1)
+    elif kind == 2:
+        z = torch.softmax(z, -1)
+    check = r() < 0.8
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 0.05
+    bad: list[int] = []
+    if r() < 0.3:
+        for n in rng.choice(N, size=min(N, int(rng.integers(1, 4))), replace=False):
+            n, t, c = int(n), int(rng.integers(T)), int(rng.integers(C))
+            how = int(rng.integers(3))
+            if kind == 2:
+                if how == 0:
+                    z[n, t, :] = 0.0
+                elif how == 1:
+                    z[n, t, c] = -0.25 - z[n, t, c]
+                else:
+                    z[n, t, c] += 0.5
+            else:
+                z[n, t, :] = -math.inf if how == 2 else z[n, t, :]
+                if how < 2:
+                    z[n, t, c] = math.nan if how == 0 else math.inf
+            bad.append(n)
+    # Physical storage: axes in a random order, each maybe padded and strided, NaN in the gaps.
+    # Plain contiguous NTC (the common case, and the flat 16-byte load) 40% of the time.
+    plain = r() < 0.4
+    perm = [0, 1, 2] if plain else [int(a) for a in rng.permutation(3)]
+    phys = z.permute(*perm)
+    steps = [1, 1, 1] if plain else [int(rng.choice([1, 1, 1, 2, 3])) for _ in range(3)]
+    pads = [0, 0, 0] if plain else [int(rng.choice([0, 0, 1, 2, 5])) for _ in range(3)]
+    starts = [int(rng.integers(p + 1)) for p in pads]
+    big_shape = [d * st + p for d, st, p in zip(phys.shape, steps, pads, strict=True)]
+    off = int(rng.integers(8)) if r() < 0.6 else 0
+    flat = torch.full((math.prod(big_shape) + off,), math.nan, dtype=dtype)
+    big = flat[off:].view(big_shape)
+    sl = tuple(
+        slice(s0, s0 + d * st, st) for s0, d, st in zip(starts, phys.shape, steps, strict=True)
+    )
+    big[sl] = phys.to(dtype)
+    x = big[sl].permute(*[perm.index(i) for i in range(3)])
+    if r() < 0.06 and not bad:  # broadcast samples (stride 0 along T)
+        x = x[:, :1].expand(N, T, C)
+        desc.append("expanded")
+    metrics = ALL if r() < 0.5 else int(rng.integers(1, ALL + 1))
+    plan: dict = {}
+    if r() < 0.15 and N <= 24:  # the stream kernel: a block per item (slow to emulate)
+        plan["force_path"] = 1
+        if r() < 0.5:
+            plan["force_args"] = 1
+    for key, p in (("force_generic", 0.15), ("force_one_array", 0.15)):
+        if r() < p:
+            plan[key] = 1
+    if r() < 0.15:
+        plan["tile_budget"] = int(rng.integers(1500, 60_000))
+    if r() < 0.2:
+        plan["max_grid"] = int(rng.integers(1, 5))
+    if r() < 0.15:
+        plan["force_kk"] = int(rng.integers(1, 9))
+    if r() < 0.15:
+        plan["row_lanes"] = int(rng.choice([1, 2, 4, 8, 16, 32]))
+    plan["block"] = int(rng.choice([64, 64, 256, 256, 32, 96, 128]))
+    plan.update(_FUZZ_LIMITS[rng.integers(len(_FUZZ_LIMITS))])
+    return FuzzCase(seed, x, kind, metrics, check, tol, plan, sorted(bad), ",".join(desc))
+
+
+def check_fuzz_case(exe: Path, fc: FuzzCase) -> None:
+    info, out = emu_run(
+        exe,
+        fc.x,
+        kind=fc.kind,
+        metrics=fc.metrics,
+        check=fc.check,
+        tol=fc.tol,
+        seed=fc.seed,
+        **fc.plan,
+    )
+    if fc.check and fc.bad:
+        assert (info["status"], info["bad"]) == (2, fc.bad[0]), f"bad item not flagged: {info}"
+    else:
+        assert info["status"] == 0, f"status {info['status']} bad {info['bad']} (plan {info})"
+    N = fc.x.shape[0]
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[fc.bad] = False
+    xs = fc.x[keep]
+    ref = oracle(xs.to(torch.float64), INPUT_KINDS[fc.kind])
+    o = out[:, keep]
+    assert not (out == SENTINEL).any(), "an output element was never written"
+    tol = 1e-9 if fc.x.dtype == torch.float64 else 1e-5
+    for i, m in enumerate(METRICS):
+        if fc.metrics >> i & 1:
+            err = (o[i].to(torch.float64) - ref[i]).abs().max().item() if xs.shape[0] else 0.0
+            assert err <= tol, f"{m}: max abs error {err:.3e} (plan {info})"
+        else:
+            assert torch.isnan(out[i]).all(), f"{m} was not requested but is not NaN"
+
+
+def run_fuzz(exe: Path, seeds: range) -> list[str]:
+    """Runs fuzz cases `seeds` on the emulator (one process per case, as many at a time as there
+    are CPUs); returns a repro line per failure."""
+
+    def one(seed: int) -> str | None:
+        fc = fuzz_case(seed)
+        try:
+            check_fuzz_case(exe, fc)
+        except (AssertionError, subprocess.TimeoutExpired) as e:
+            return f"{fc.repro()}\n    -> {str(e).splitlines()[0][:400]}"
+        return None
+
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        return [f for f in pool.map(one, seeds) if f is not None]
+
+
+def test_emulator_fuzz(emulator: Path) -> None:
+    fails = run_fuzz(emulator, range(FUZZ_CASES))
+    assert not fails, f"{len(fails)} of {FUZZ_CASES} fuzz cases failed:\n" + "\n".join(fails[:20])
+
+
+def test_fuzz_reaches_plans(emulator: Path) -> None:
+    """The fuzz is not confined to one path: its plans cover both kernels and every load mode."""
+    seen = set()
+    for seed in range(FUZZ_CASES):
+        fc = fuzz_case(seed)
+        x = fc.x
+        info, _ = emu_run(
+            emulator,
+            None,
+            shape=tuple(x.shape),
+            strides=x.stride(),
+            dtype=x.dtype,
+            offset=x.storage_offset(),
+            kind=fc.kind,
+            metrics=fc.metrics,
+            **fc.plan,
+        )
+        seen.add(("path", info["path"]))
+        if info["path"] == 0:
+            seen.add(("load", info["load_mode"]))
+            seen.add(("pad", int(info["Cp"] != x.shape[2])))
+    want = {("path", 0), ("path", 1), ("load", 0), ("load", 1), ("load", 2), ("pad", 1)}
+    assert want <= seen, f"not reached: {sorted(want - seen)}"
+
+
+# ---- the sanitizer build: the table and the fuzz under ASan + UBSan ----
+
+
+def test_asan_build_catches_out_of_bounds(emulator_asan: Path) -> None:
+    """The sanitizer is really on and the buffers really have no slack: one byte past an
+    exact-size buffer aborts the sanitizer build."""
+    r = subprocess.run(
+        [str(emulator_asan), "--selftest-oob"], capture_output=True, text=True, env=EMU_ENV
+    )
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-2000:]
+
+
+def test_asan_table(emulator_asan: Path) -> None:
+    def one(case: Case) -> str | None:
+        x = make_input(case)
+        try:
+            info, out = emu_run(
+                emulator_asan,
+                x,
+                kind=INPUT_KINDS.index(case.kind),
+                metrics=case.metrics,
+                seed=zlib.crc32(case.id.encode()),
+                **_emu_plan(case),
+            )
+            assert info["status"] == 0, info
+            check_against_reference(case, x, out)
+        except (AssertionError, subprocess.TimeoutExpired) as e:
+            return f"{_table_id(case)}: {str(e)[-1500:]}"
+        return None
+
+    cases = [c for c in EMU_TABLE if c.block == 64 or c.id.startswith("block")]
+    cases += [dataclasses.replace(c, block=256) for c in CASES[::7] if c.block == 64]
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        fails = [f for f in pool.map(one, cases) if f is not None]
+    assert not fails, f"{len(fails)} of {len(cases)} cases failed under ASan/UBSan:\n" + "\n".join(
+        fails[:10]
+    )
+
+
+def test_asan_fuzz(emulator_asan: Path) -> None:
+    fails = run_fuzz(emulator_asan, range(FUZZ_ASAN_CASES))
+    assert not fails, f"{len(fails)} of {FUZZ_ASAN_CASES} fuzz cases failed under ASan/UBSan:\n" + (
+        "\n".join(fails[:20])
+    )
+
+
 def _plan(emulator: Path, shape, dtype=torch.float32, layout="NTC", limits=H100, **kw) -> dict:
     N, T, C = shape
     st = {"NTC": (T * C, C, 1), "TNC": (C, N * C, 1), "NCT": (C * T, 1, T)}[layout]
@@ -537,7 +838,9 @@ def _plan(emulator: Path, shape, dtype=torch.float32, layout="NTC", limits=H100,
 
 
 def test_plans_at_gpu_sizes(emulator: Path) -> None:
-    p = _plan(emulator, (1_000_000, 20, 10))
+    p = _plan(emulator, (1_000_000, 20, 10))  # the item kernel (issue 10 part 3): 2 lanes per item
+    assert (p["status"], p["path"], p["row_lanes"], p["kk"]) == (0, 2, 2, 128)
+    p = _plan(emulator, (1_000_000, 20, 10), force_path=0)  # the tile kernel, forced
     assert (p["status"], p["path"], p["row_lanes"], p["two_arrays"], p["load_mode"]) == (
         0,
         0,
@@ -557,6 +860,8 @@ def test_plans_at_gpu_sizes(emulator: Path) -> None:
     p = _plan(emulator, (100_000, 20, 1000), limits=A100)
     assert p["path"] == 0 and p["smem"] <= 163 * 1024
     p = _plan(emulator, (100_000, 100, 10))
+    assert p["path"] == 2
+    p = _plan(emulator, (100_000, 100, 10), force_path=0)
     assert p["path"] == 0
     p = _plan(emulator, (2, 20, 100_000))
     assert (p["path"], p["cnt_mode"]) == (1, 0)  # 400 KB of counters do not fit: argmax indices
@@ -846,3 +1151,114 @@ def test_selftest_passes_on_cuda() -> None:
     from fastbald import selftest
 
     assert selftest.main(["--devices", "cuda"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Item kernel (issue 10 part 3; csrc/cuda/item_kernel.h): a lane group per pool item, C known at
+# compile time. These cases force or expect path 2 and compare with the float64 reference through
+# the same emulator (blocks of 64 and 256 threads).
+
+ITEM = 2
+
+
+def _item_cases() -> list[Case]:
+    cs: list[Case] = []
+    for block in (64, 256):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            cs.append(Case(f"item-b{block}-{str(dt)[6:]}-20x10", (300, 20, 10), dt, block=block))
+        for C in (2, 3, 5, 7, 13, 16):
+            cs.append(Case(f"item-b{block}-C{C}", (70, 9, C), block=block))
+    for G in (1, 2, 4, 8, 16, 32):
+        cs.append(Case(f"item-G{G}-T37", (45, 37, 6), plan={"force_path": ITEM, "row_lanes": G}))
+    for T in (1, 2, 3, 65):
+        cs.append(Case(f"item-T{T}", (41, T, 10)))
+    cs += [
+        # Scalar (not 16-byte) load: misaligned start, or T*C not a whole number of vectors.
+        Case("item-offset1", (33, 8, 10), offset=1),
+        Case("item-offset3-bf16", (33, 8, 10), torch.bfloat16, offset=3),
+        Case("item-TC-odd", (33, 7, 5)),
+        Case("item-TC-odd-f16", (33, 5, 6), torch.float16),
+        Case("item-grid1-multichunk", (150, 6, 10), plan={"max_grid": 1}),
+        Case("item-grid3-b256", (700, 4, 12), plan={"max_grid": 3}, block=256),
+        Case("item-N1", (1, 20, 10)),
+        Case("item-masks-extreme", (17, 8, 10), special="masks"),
+        Case("item-identical", (12, 9, 10), special="identical"),
+        Case("item-identical-G4", (12, 9, 10), special="identical", plan={"force_path": ITEM, "row_lanes": 4}),
+        Case("item-scale50", (21, 6, 10), scale=50.0),
+        Case("item-scale0.01", (21, 6, 16), scale=0.01),
+        Case("item-log_probs", (40, 6, 9), kind="log_probs"),
+    ]
+    for m in range(7):
+        cs.append(Case(f"item-only-{METRICS[m]}", (40, 6, 9), metrics=1 << m))
+    for m in (0b0000111, 0b1010101, (1 << 2) | (1 << 4)):
+        cs.append(Case(f"item-metrics{m}", (40, 6, 9), metrics=m, plan={"force_path": ITEM, "row_lanes": 2}))
+    return cs
+
+
+ITEM_CASES = _item_cases()
+
+
+@pytest.mark.parametrize("case", ITEM_CASES, ids=[c.id for c in ITEM_CASES])
+def test_emulated_item_kernel_matches_reference(emulator: Path, case: Case) -> None:
+    x = make_input(case)
+    seeds = range(3) if "multichunk" in case.id else [zlib.crc32(case.id.encode())]
+    for seed in seeds:
+        info, out = emu_run(
+            emulator, x, kind=INPUT_KINDS.index(case.kind), metrics=case.metrics, seed=seed, **_emu_plan(case)
+        )
+        assert info["status"] == 0, info
+        assert info["path"] == ITEM, f"expected the item kernel, got plan {info}"
+        if case.plan.get("row_lanes"):
+            assert info["row_lanes"] == case.plan["row_lanes"]
+        check_against_reference(case, x, out)
+
+
+def test_emulated_item_kernel_bad_items(emulator: Path) -> None:
+    """The lowest bad item is flagged (NaN, +inf, a fully masked sample); without the check the
+    other items are still right and the bad ones are NaN (the CPU op's result)."""
+    g = torch.Generator().manual_seed(5)
+    N, T, C = 90, 6, 10
+    x = torch.randn(N, T, C, generator=g)
+    x[77, 2, 4] = math.nan
+    x[61, 3, 1] = math.inf
+    x[45, 1, :] = -math.inf
+    for block in (64, 256):
+
+        def run(x: torch.Tensor, block: int = block, **kw) -> tuple[dict, torch.Tensor]:
+            return emu_run(emulator, x, block=block, **kw)
+
+        info, _ = run(x)
+        assert (info["path"], info["bad"]) == (ITEM, 45)
+        y = x.clone()
+        y[45, 1, :] = 0.0
+        assert run(y)[0]["bad"] == 61
+        info, out = run(x, check=False)
+        assert info["status"] == 0
+        good = torch.ones(N, dtype=torch.bool)
+        good[[45, 61, 77]] = False
+        ref = oracle(x[good].double(), "logits")
+        for i in range(7):
+            assert (out[i][good].double() - ref[i]).abs().max().item() <= 1e-5, METRICS[i]
+        cpu = torch.ops.fastbald.pool_scores(x, 0, ALL, False, 1e-4)
+        assert torch.equal(torch.isnan(out), torch.isnan(cpu))  # bad items: NaN but their vote
+        assert (out[3] - cpu[3]).abs().max().item() <= 1e-6  # the same votes, bad rows included
+
+
+def test_item_kernel_plans(emulator: Path) -> None:
+    """Which problems take the item kernel, and its plan at GPU sizes (H100/H200 limits)."""
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        p = _plan(emulator, (1_000_000, 20, 10), dt)
+        # 2 lanes per item: 128 items of 20 x 10 floats (padded to 204) per block, two blocks per SM.
+        assert (p["path"], p["row_lanes"], p["kk"], p["smem"]) == (ITEM, 2, 128, 128 * 204 * 4)
+    assert _plan(emulator, (1_000_000, 20, 10), limits=A100)["path"] == ITEM
+    assert _plan(emulator, (1_000, 20, 16))["path"] == ITEM
+    assert _plan(emulator, (1_000, 20, 17))["path"] == 0  # C > 16: no instantiation
+    assert _plan(emulator, (1_000, 20, 1))["path"] == 0
+    assert _plan(emulator, (1_000, 20, 10), torch.float64)["path"] == 0
+    assert _plan(emulator, (1_000, 20, 10), kind=2)["path"] == 0  # probs: the tile kernel's log load
+    assert _plan(emulator, (1_000, 20, 10), layout="TNC")["path"] == 0
+    assert _plan(emulator, (1_000, 20, 10), layout="NCT")["path"] == 0
+    assert _plan(emulator, (1_000, 20, 10), force_path=0)["path"] == 0
+    assert _plan(emulator, (1_000, 20, 10), force_generic=1)["path"] == 0
+    p = _plan(emulator, (1_000, 20, 10), force_path=ITEM, row_lanes=8)
+    assert (p["path"], p["row_lanes"], p["kk"]) == (ITEM, 8, 32)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,11 +138,11 @@ def test_tiny_run(data, tmp_path):
     assert list(cols) == list(CSV_COLUMNS)
     assert cols["round"].tolist() == [0, 1, 2] and cols["labelled"].tolist() == [20, 30, 40]
     assert cols["test_error"].tolist() == pytest.approx([r.test_error for r in recs], abs=1e-6)
-    # State: JSON + the last checkpoint only, no temporary files
+    # State of a finished run: the JSON only (no model checkpoint, no temporary files)
     st = json.loads((tmp_path / "st" / "state.json").read_text())
     assert st["rounds_done"] == 3 and st["labelled_indices"] == labelled
-    assert st["protocol"]["acquisition"] == "bald"
-    assert sorted(f.name for f in (tmp_path / "st").iterdir()) == ["round_0002.pt", "state.json"]
+    assert st["protocol"]["acquisition"] == "bald" and st["checkpoint"] is None
+    assert sorted(f.name for f in (tmp_path / "st").iterdir()) == ["state.json"]
     with pytest.raises(RuntimeError, match="complete"):
         loop.step()
 
@@ -193,10 +194,15 @@ def test_resume_after_simulated_kill_matches_uninterrupted(data, tmp_path, acq):
         ActiveLearningLoop(data, p, state_dir=st, csv_path=tmp_path / "r.csv",
                            callbacks=[_stop_after(1)]).run()
     assert read_csv(tmp_path / "r.csv")["round"].tolist() == [0, 1]
+    # Mid-run, the last model is kept only if the next round scores the pool with it.
+    ckpts = sorted(f.name for f in st.glob("*.pt"))
+    assert ckpts == ([] if acq == "random" else ["round_0001.pt"])
     torch.manual_seed(999)
-    resumed = ActiveLearningLoop(data, p, state_dir=st, csv_path=tmp_path / "r.csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        resumed = ActiveLearningLoop(data, p, state_dir=st, csv_path=tmp_path / "r.csv")
     assert resumed.next_round == 2
-    assert resumed.model is not None
+    assert (resumed.model is not None) == (acq != "random")
     rest = resumed.run()
     assert _key(rest) == _key(full)
     assert resumed.labelled_indices == full_loop.labelled_indices
@@ -205,12 +211,18 @@ def test_resume_after_simulated_kill_matches_uninterrupted(data, tmp_path, acq):
 
 
 def test_rounds_can_be_extended_but_protocol_must_match(data, tmp_path):
+    """A finished run keeps no model; raising its rounds retrains the last round's model from the
+    saved labelled set (it reproduces the recorded loss and error: no warning) and continues
+    exactly as an uninterrupted run."""
     st = tmp_path / "st"
     short = LoopProtocol(acquisition="bald", **{**TINY, "rounds": 1})
     ActiveLearningLoop(data, short, state_dir=st).run()
+    assert sorted(f.name for f in st.iterdir()) == ["state.json"]
     longer = LoopProtocol(acquisition="bald", **TINY)
-    loop = ActiveLearningLoop(data, longer, state_dir=st)
-    assert loop.next_round == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loop = ActiveLearningLoop(data, longer, state_dir=st)
+    assert loop.next_round == 2 and loop.model is not None
     extended = loop.run()
     assert _key(extended) == _key(ActiveLearningLoop(data, longer).run())
     with pytest.raises(StateMismatchError, match="T: 5 != 4"):
@@ -291,3 +303,31 @@ def test_kill_and_resume_subprocess(tmp_path):
     ca, cb = read_csv(killed / "bald_seed0.csv"), read_csv(clean / "bald_seed0.csv")
     assert ca["test_error"].tolist() == cb["test_error"].tolist()
     assert ca["round"].tolist() == [0, 1, 2, 3]
+
+
+def test_resume_from_a_trimmed_state(data, tmp_path):
+    """A state whose model checkpoint was removed (as in the committed results) resumes: the
+    last model is retrained and the run ends as an uninterrupted one; a state whose record the
+    retrained model does not reproduce resumes with a warning."""
+    p = LoopProtocol(acquisition="entropy", pool_subset=100, **{**TINY, "rounds": 3})
+    full = ActiveLearningLoop(data, p).run()
+    st = tmp_path / "st"
+    ActiveLearningLoop(data, p, state_dir=st).run(rounds=1)
+    (ckpt,) = st.glob("round_*.pt")
+    ckpt.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        resumed = ActiveLearningLoop(data, p, state_dir=st, csv_path=tmp_path / "r.csv")
+    assert _key(resumed.run()) == _key(full)
+    assert read_csv(tmp_path / "r.csv")["round"].tolist() == [0, 1, 2, 3]
+    assert sorted(f.name for f in st.iterdir()) == ["state.json"]
+
+    st2 = tmp_path / "st2"
+    ActiveLearningLoop(data, p, state_dir=st2).run(rounds=1)
+    for f in st2.glob("round_*.pt"):
+        f.unlink()
+    state = json.loads((st2 / "state.json").read_text())
+    state["records"][-1]["train_loss"] += 1e-3
+    (st2 / "state.json").write_text(json.dumps(state))
+    with pytest.warns(RuntimeWarning, match="retrained on resume"):
+        ActiveLearningLoop(data, p, state_dir=st2)

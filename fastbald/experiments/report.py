@@ -336,8 +336,8 @@ def report(
         parts += [f"![test error vs acquired images]({rel})", ""]
     text = "\n".join(parts)
     if out is not None:
-        from ..loop import _atomic_write_bytes
+        from .._io import atomic_write_bytes
 
-        _atomic_write_bytes(Path(out), text.encode())
+        atomic_write_bytes(Path(out), text.encode())
     return text
 

@@ -1,12 +1,17 @@
 // Host emulation of the CUDA pool-score kernels (see ../device_compat.h and ../NOTES.md).
 //
-// Built by tests/test_cuda.py with plain g++ (no torch, no CUDA):
+// Built by tests/test_cuda.py with plain g++ (no torch, no CUDA), and a second time with
+// AddressSanitizer + UndefinedBehaviorSanitizer (scripts/emu_build.sh shows both command lines):
 //   g++ -std=c++20 -O1 -I csrc csrc/cuda/emu/emu_main.cpp -o <exe>
+// The input storage and the block's shared memory are allocated at their exact sizes (no slack),
+// so under ASan a read or write one byte past either is a heap-buffer-overflow.
 // Usage: <exe> IN OUT. IN holds the problem (header + raw input storage, written by the test), OUT
 // receives the status, the chosen plan and the [7, N] output (plan_only: the plan for the given
 // shape, strides and device limits, nothing run; the output stays at the sentinel -777). Every
 // CUDA block is run as `block` fibers (see ../device_compat.h); the blocks of the grid run one
 // after the other, with shared memory poisoned (all bits set: NaN / -1) before each.
+// <exe> --selftest-oob reads one byte past an exact-size buffer (the sanitizer build must abort:
+// the tests check that the sanitizer is really on).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -97,6 +102,16 @@ struct Fiber {
   t.state = fastbald::cuda::dev::kRunning;
 }
 
+// `bytes` bytes (at least 1) at an `align`-byte boundary, with no slack after them.
+unsigned char* exact_alloc(size_t bytes, size_t align) {
+  void* p = nullptr;
+  if (posix_memalign(&p, align, bytes > 0 ? bytes : 1) != 0) {
+    std::fprintf(stderr, "emulator: out of memory (%zu bytes)\n", bytes);
+    std::exit(4);
+  }
+  return static_cast<unsigned char*>(p);
+}
+
 template <class S, class A>
 void emulate(fastbald::cuda::Params& P, uint64_t seed) {
   using namespace fastbald::cuda;
@@ -107,8 +122,9 @@ void emulate(fastbald::cuda::Params& P, uint64_t seed) {
   blk.threads.resize(static_cast<size_t>(B));
   blk.shfl_buf.assign(static_cast<size_t>(B), 0);
   dev::g_blk = &blk;
-  const size_t smem_bytes = static_cast<size_t>(P.smem) + 64;
-  unsigned char* smem = static_cast<unsigned char*>(std::aligned_alloc(64, (smem_bytes + 63) / 64 * 64));
+  // Exact size (dynamic shared memory is 16-byte aligned on the device; 128 here).
+  const size_t smem_bytes = static_cast<size_t>(P.smem);
+  unsigned char* smem = exact_alloc(smem_bytes, 128);
   std::function<void()> body = [&] {
     if (P.path == kTilePath) {
       tile_body<S, A>(P, smem);
@@ -198,7 +214,7 @@ void emulate(fastbald::cuda::Params& P, uint64_t seed) {
 }
 
 template <class S, class A>
-int run(const Header& h, const std::vector<unsigned char>& data, FILE* out) {
+int run(const Header& h, const unsigned char* data, FILE* out) {
   using namespace fastbald::cuda;
   Params P{};
   P.N = h.N;
@@ -224,7 +240,7 @@ int run(const Header& h, const std::vector<unsigned char>& data, FILE* out) {
   ov.force_args = static_cast<int>(h.force_args);
   ov.force_kk = static_cast<int>(h.force_kk);
   ov.row_lanes = static_cast<int>(h.row_lanes);
-  P.x = data.data() + h.offset * static_cast<int64_t>(sizeof(S));
+  P.x = data + h.offset * static_cast<int64_t>(sizeof(S));
   std::string err;
   int64_t status = 0, bad = -1;
   std::vector<A> o(h.plan_only ? 0 : static_cast<size_t>(7 * h.N), static_cast<A>(-777.0));
@@ -253,8 +269,16 @@ int run(const Header& h, const std::vector<unsigned char>& data, FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::strcmp(argv[1], "--selftest-oob") == 0) {
+    unsigned char* b = exact_alloc(40, 16);
+    std::memset(b, 1, 40);
+    volatile unsigned char* vb = b;
+    const int r = vb[40];  // one past the end
+    std::free(b);
+    return r == 12345 ? 1 : 0;
+  }
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+    std::fprintf(stderr, "usage: %s IN OUT | --selftest-oob\n", argv[0]);
     return 2;
   }
   FILE* in = std::fopen(argv[1], "rb");
@@ -263,8 +287,12 @@ int main(int argc, char** argv) {
   if (std::fread(&h, sizeof(h), 1, in) != 1 || std::memcmp(h.magic, "FBEMU1\0\0", 8) != 0) return 2;
   static const int64_t esize[4] = {4, 8, 2, 2};
   if (h.dtype < 0 || h.dtype > 3) return 2;
-  std::vector<unsigned char> data(static_cast<size_t>(h.numel * esize[h.dtype]) + 16);
-  if (h.numel > 0 && std::fread(data.data(), static_cast<size_t>(esize[h.dtype]), static_cast<size_t>(h.numel), in) !=
+  if (h.numel < 0) return 2;
+  // The tensor's whole storage at its exact size, 16-byte aligned like a device allocation (so the
+  // storage offset alone decides the alignment of the first element).
+  const size_t nbytes = static_cast<size_t>(h.numel * esize[h.dtype]);
+  unsigned char* data = exact_alloc(nbytes, 16);
+  if (h.numel > 0 && std::fread(data, static_cast<size_t>(esize[h.dtype]), static_cast<size_t>(h.numel), in) !=
                          static_cast<size_t>(h.numel))
     return 2;
   std::fclose(in);
@@ -278,5 +306,6 @@ int main(int argc, char** argv) {
     default: rc = run<BF16, float>(h, data, out); break;
   }
   std::fclose(out);
+  std::free(data);
   return rc;
 }
