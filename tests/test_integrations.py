@@ -355,3 +355,114 @@ def test_bench_smoke(tmp_path, capsys):
         assert r["status"] == "ok", r
         assert r["max_abs_err"] < 1e-5
         assert r["neg_bald"] == 0 or r["method"] in ("naive", "baal", "batchbald_redux")
+
+
+# ------------------------------------------------------------------------------------------------
+# baal: stochastic batch acquisition and EPIG (issue 11)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bs():
+    """baal's own stochastic heuristics and aliases."""
+    _peer("baal.active.heuristics", BAAL_INSTALL)
+    import baal.active.heuristics.aliases as aliases
+    import baal.active.heuristics.stochastics as stochastics
+
+    return stochastics, aliases
+
+
+def _small_pool(N=6, C=4, T=10, seed=3) -> np.ndarray:
+    """baal predictions [N, C, T] whose BALD scores are well spread."""
+    g = np.random.default_rng(seed)
+    z = g.standard_normal((N, C, T)) * np.linspace(0.3, 3.0, N)[:, None, None]
+    return probs_of(z.astype(np.float32))
+
+
+def _pair_counts(draw, n: int) -> dict:
+    counts: dict = {}
+    for d in range(n):
+        key = tuple(int(i) for i in draw(d))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _same_distribution(a: dict, b: dict, alpha: float = 1e-3) -> float:
+    """Two-sample chi-square (contingency table) on outcome counts; returns the p-value."""
+    from scipy.stats import chi2_contingency
+
+    keys = sorted(set(a) | set(b))
+    table = np.array([[a.get(k, 0) for k in keys], [b.get(k, 0) for k in keys]])
+    keep = table.sum(0) >= 5  # pool rare outcomes into one cell
+    table = np.concatenate([table[:, keep], table[:, ~keep].sum(1, keepdims=True)], 1)
+    table = table[:, table.sum(0) > 0]
+    p = chi2_contingency(table).pvalue
+    assert p > alpha, f"chi-square p = {p:.2g}:\n{table}"
+    return p
+
+
+@pytest.mark.parametrize("cls,T", [("PowerSampling", 1.0), ("PowerSampling", 0.5), ("GibbsSampling", 0.25),
+                                   ("RankBasedSampling", 1.0)])
+def test_baal_stochastic_same_distribution_as_baal(bh, bs, fh, cls, T):
+    stochastics, _ = bs
+    x = _small_pool()
+    theirs_h = getattr(stochastics, cls)(bh.BALD(), query_size=2, temperature=T)
+    ours_h = getattr(fh, cls)(fh.BALD(), query_size=2, temperature=T)
+    assert isinstance(ours_h, getattr(stochastics, cls))
+    # The same sampling distribution, returned by get_ranks.
+    np.testing.assert_allclose(ours_h.get_ranks(x)[1], theirs_h.get_ranks(x)[1], rtol=1e-5, atol=1e-9)
+    n = 3000
+    np.random.seed(0)
+    theirs = _pair_counts(lambda d: theirs_h.get_ranks(x)[0], n)
+    ours = _pair_counts(lambda d: getattr(fh, cls)(fh.BALD(), 2, T, seed=d).get_ranks(x)[0], n)
+    _same_distribution(ours, theirs)
+
+
+def test_baal_power_bald_alias_and_seeding(bs, fh):
+    _, aliases = bs
+    x = _small_pool(N=200, seed=4)
+    ours, theirs = fh.PowerBALD(5, temperature=0.5), aliases.PowerBALD(5, temperature=0.5)
+    assert isinstance(ours, bs[0].PowerSampling) and ours.temperature == theirs.temperature == 0.5
+    np.testing.assert_allclose(ours.get_ranks(x)[1], theirs.get_ranks(x)[1], rtol=1e-5, atol=1e-9)
+    np.random.seed(1)
+    a = ours.get_ranks(x)[0]
+    np.random.seed(1)
+    b = ours.get_ranks(x)[0]
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 5  # np.random.seed reproduces it
+    assert fh.PowerBALD(5, seed=7)(x).tolist() == fh.PowerBALD(5, seed=7)(x).tolist()
+    assert fh.PowerEntropy(3, seed=0).get_ranks(x)[0].shape == (3,)
+    with pytest.raises(ValueError, match="larger than the pool"):
+        fh.PowerBALD(201).get_ranks(x)
+    with pytest.raises(ValueError, match="ranks ascending"):
+        fh.PowerSampling(fh.Margin(), 2).get_ranks(x)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fh.PowerBALD(2, temperature=0)
+
+
+def test_baal_softmax_sampling_respects_margin_direction(fh):
+    x = _small_pool(N=50, seed=5)
+    margin = fh.Margin().get_uncertainties(x)
+    h = fh.GibbsSampling(fh.Margin(), 3, temperature=0.01, seed=0)  # beta = 100: almost top-k
+    assert h.get_ranks(x)[1].argmax() == int(np.argmin(margin))
+
+
+@pytest.mark.parametrize("kind", ["probs", "logits"])
+def test_baal_epig_same_scores(bh, fh, kind):
+    g = np.random.default_rng(6)
+    z_pool = (g.standard_normal((800, 10, 20)) * 3).astype(np.float32)
+    z_targ = (g.standard_normal((60, 10, 20)) * 3).astype(np.float32)
+    pool, targ = (probs_of(z_pool), probs_of(z_targ)) if kind == "probs" else (z_pool, z_targ)
+    theirs_h, ours_h = bh.EPIG(), fh.EPIG()
+    assert isinstance(ours_h, bh.EPIG) and ours_h.reversed == theirs_h.reversed
+    theirs = theirs_h.get_uncertainties(pool, target_predictions=targ)
+    ours = ours_h.get_uncertainties(pool, target_predictions=targ)
+    assert ours.dtype == theirs.dtype == np.float32 and ours.shape == (800,)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # baal subtracts entropies: ~1e-6
+    ref = fastbald.epig(torch.from_numpy(probs_of(z_pool).transpose(0, 2, 1).copy()).double(),
+                        torch.from_numpy(probs_of(z_targ).transpose(0, 2, 1).copy()).double(), input="probs")
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=2e-6)  # ours: float32, float64 oracle
+    rank_ours, _ = ours_h.get_ranks(pool, target_predictions=targ)
+    rank_theirs, _ = theirs_h.get_ranks(pool, target_predictions=targ)
+    assert len(set(rank_ours[:20]) ^ set(rank_theirs[:20])) <= 2
+    with pytest.raises(ValueError, match="needs target_predictions"):
+        ours_h.get_uncertainties(pool)
+    with pytest.raises(ValueError, match="K=20, target K=19"):
+        ours_h.get_uncertainties(pool, target_predictions=targ[..., :19])

@@ -5,7 +5,9 @@ Each submodule mirrors one library's interface, so that switching is a one-line 
 * :mod:`fastbald.integrations.baal`: baal's heuristics (``BALD``, ``Entropy``, ``Variance``,
   ``Margin``, ``Certainty``, plus ``MeanSTD`` and ``VariationRatio``), subclasses of baal's own
   classes that take baal's predictions (``[N, C, ..., T]`` probabilities or logits, numpy or torch)
-  and rank like baal. Needs baal installed.
+  and rank like baal; its ``EPIG`` (:func:`fastbald.epig`) and stochastic batch acquisition
+  (``PowerSampling``, ``GibbsSampling``, ``RankBasedSampling``, ``PowerBALD``, ``PowerEntropy``:
+  :func:`fastbald.stochastic_acquire`, seeded). Needs baal installed.
 * :mod:`fastbald.integrations.batchbald`: batchbald_redux's ``get_bald_batch``,
   ``compute_entropy`` and ``compute_conditional_entropy`` and the epig repository's
   ``bald_from_logprobs`` / ``bald_from_probs`` family (log-probs or probs ``[N, K, C]``). Works

@@ -26,6 +26,11 @@ test into the kernel's own input check, so it costs no extra pass. Pass ``input=
 segmentation) are supported as in baal: the score has shape ``[N, ...]`` and the heuristic's
 ``reduction`` turns it into ``[N]``.
 
+Also: ``EPIG`` (by :func:`fastbald.epig`, chunked, flat memory) and baal's stochastic heuristics
+``PowerSampling``, ``GibbsSampling``, ``RankBasedSampling`` and the aliases ``PowerBALD`` /
+``PowerEntropy`` (drawn by :func:`fastbald.stochastic_acquire`: same distribution, seedable; see
+``_FastbaldStochastic`` for where they differ from baal).
+
 Differences from baal: NaN or +inf in the predictions raise fastbald's ``ValueError`` (naming the
 pool item) where baal warns and scores the item 0 or 10000. Single-output predictions (C = 1,
 baal's sigmoid case) are handed to baal's own code. Extras not in baal: ``MeanSTD`` (the Mean STD
@@ -44,6 +49,7 @@ import torch
 
 try:
     from baal.active.heuristics import heuristics as _bh
+    from baal.active.heuristics import stochastics as _bs
 except ImportError as e:  # pragma: no cover - exercised only without baal
     raise ImportError(
         "fastbald.integrations.baal mirrors baal's heuristics and needs baal installed "
@@ -51,14 +57,23 @@ except ImportError as e:  # pragma: no cover - exercised only without baal
         "see the README section 'Use fastbald from baal / batchbald_redux')"
     ) from e
 
+from ..epig import epig as _fb_epig
 from ..scores import scores as _fb_scores
+from ..stochastic import sampling_probabilities as _fb_probs
+from ..stochastic import stochastic_acquire as _fb_stochastic
 
 __all__ = [
     "BALD",
     "Certainty",
+    "EPIG",
     "Entropy",
+    "GibbsSampling",
     "Margin",
     "MeanSTD",
+    "PowerBALD",
+    "PowerEntropy",
+    "PowerSampling",
+    "RankBasedSampling",
     "Variance",
     "VariationRatio",
 ]
@@ -286,3 +301,135 @@ class VariationRatio(_FastbaldHeuristic, _bh.AbstractHeuristic):
                 f"VariationRatio needs predictions [N, C, ..., T], got shape {tuple(x.shape)}"
             )
         return _to_numpy(_score_N_C_E_T(x, "variation_ratio", self.input))
+
+
+# ------------------------------------------------------------------------------------------------
+# EPIG (baal.active.heuristics.EPIG)
+# ------------------------------------------------------------------------------------------------
+def _looks_like_probs(x: torch.Tensor) -> bool:
+    """baal's ``to_prob`` test over the whole array: values in [0, 1] summing to 1 over axis 1."""
+    if x.numel() == 0:
+        return True
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        return False
+    return x.shape[1] == 1 or bool(torch.allclose(x.sum(1).double(), torch.ones((), dtype=torch.float64)))
+
+
+class EPIG(_FastbaldHeuristic, _bh.EPIG):
+    """Expected predictive information gain, highest first: baal's ``EPIG`` computed by
+    :func:`fastbald.epig` (chunked: never the ``[N_p, C, N_t * C]`` joint baal materialises; no
+    cancellation between entropies; clamped to ``[0, log C]``).
+
+    ``get_uncertainties(predictions, target_predictions)`` with baal's ``[N_p, C, K]`` and
+    ``[N_t, C, K]`` arrays (probabilities, or logits that are soft-maxed over classes, decided as
+    baal's ``to_prob`` does), numpy or torch. Scores are float32, as baal's.
+    """
+
+    def __init__(self, shuffle_prop=_bh.DEPRECATED, reverse=False, reduction="none", *, input: str = "auto"):
+        super().__init__(shuffle_prop=shuffle_prop, reverse=reverse, reduction=reduction)
+        self.input = _check_input(input)
+
+    def compute_score(self, predictions, target_predictions=None):
+        if target_predictions is None:
+            raise ValueError("EPIG needs target_predictions [N_t, C, K] (predictions on target inputs)")
+        x = _as_tensor(_single(predictions))
+        t = _as_tensor(_single(target_predictions))
+        if x.dim() != 3 or t.dim() != 3:
+            raise ValueError(
+                f"EPIG only supports classification: predictions [N_p, C, K] and target_predictions "
+                f"[N_t, C, K], got shapes {tuple(x.shape)} and {tuple(t.shape)}"
+            )
+        kinds = []
+        for a in (x, t):
+            kind = self.input
+            if kind == "auto":
+                kind = "probs" if _looks_like_probs(a) else "logits"
+            kinds.append(kind)
+        # fastbald.epig takes one input kind: bring probabilities to log space when they differ.
+        if kinds[0] != kinds[1]:
+            x, t = (a.clamp_min(0).log() if k == "probs" else a for a, k in zip((x, t), kinds, strict=True))
+            kinds = ["logits", "logits"]
+        out = _fb_epig(x.permute(0, 2, 1), t.permute(0, 2, 1), input=kinds[0])
+        return _to_numpy(out.float())
+
+
+# ------------------------------------------------------------------------------------------------
+# Stochastic batch acquisition (baal.active.heuristics.stochastics)
+# ------------------------------------------------------------------------------------------------
+class _FastbaldStochastic:
+    """Mixin: baal's stochastic heuristics drawn by :func:`fastbald.stochastic_acquire`.
+
+    Same constructor (``base_heuristic``, ``query_size``, ``temperature``: beta = 1/temperature) and
+    the same ``get_ranks(predictions) -> (indices, distribution)``, with:
+
+    * the draw seeded: ``seed=`` (keyword), else one number drawn from numpy's global generator,
+      so ``np.random.seed`` makes it reproducible as it does baal's ``np.random.choice``;
+    * the direction of the base heuristic respected (baal ignores it, "TODO handle reverse"):
+      for a heuristic that ranks ascending (``Margin``, ``Certainty``) softmax and rank sampling
+      use the negated score, and power sampling, which needs large = informative, raises;
+    * power weights ``max(s, 0)^beta`` (baal: ``s^beta``, NaN for a negative BALD);
+    * fewer items of positive weight than ``query_size``: those first, then the rest uniformly
+      (baal: the whole query uniformly).
+    """
+
+    _mode = ""
+
+    def __init__(self, base_heuristic, query_size, temperature=1.0, *, seed: int | None = None):
+        super().__init__(base_heuristic=base_heuristic, query_size=query_size, temperature=temperature)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (beta = 1 / temperature), got {temperature}")
+        self.seed = seed
+
+    def _oriented(self, scores: np.ndarray) -> np.ndarray:
+        scores = np.asarray(scores)
+        if scores.ndim != 1:
+            raise ValueError(f"scores must be [N] (set the base heuristic's reduction), got {scores.shape}")
+        if getattr(self._bh, "reversed", True):
+            return scores
+        if self._mode == "power":
+            raise ValueError(
+                f"power sampling needs a score where large = informative; {type(self._bh).__name__} "
+                "ranks ascending (small = informative): use GibbsSampling or RankBasedSampling"
+            )
+        return -scores
+
+    def _make_distribution(self, scores: np.ndarray) -> np.ndarray:
+        s = torch.from_numpy(np.ascontiguousarray(self._oriented(scores)))
+        return _fb_probs(s, self._mode, 1.0 / self.temperature).numpy()
+
+    def get_ranks(self, predictions, target_predictions=None):
+        scores = self.get_scores(predictions)
+        s = torch.from_numpy(np.ascontiguousarray(self._oriented(scores)))
+        seed = self.seed if self.seed is not None else int(np.random.randint(0, 2**62, dtype=np.int64))
+        beta = 1.0 / self.temperature
+        idx = _fb_stochastic(s, int(self.query_size), self._mode, beta, seed=seed)
+        return idx.numpy(), _fb_probs(s, self._mode, beta).numpy()
+
+
+class PowerSampling(_FastbaldStochastic, _bs.PowerSampling):
+    """baal's ``PowerSampling``: p ~ score^(1/temperature) (PowerBALD with a BALD base)."""
+
+    _mode = "power"
+
+
+class GibbsSampling(_FastbaldStochastic, _bs.GibbsSampling):
+    """baal's ``GibbsSampling``: p ~ exp(score / temperature) (softmax sampling)."""
+
+    _mode = "softmax"
+
+
+class RankBasedSampling(_FastbaldStochastic, _bs.RankBasedSampling):
+    """baal's ``RankBasedSampling``: p ~ rank^(-1/temperature), rank 1 = most informative
+    (average ranks for ties, as baal's ``rankdata``)."""
+
+    _mode = "softrank"
+
+
+def PowerBALD(query_size: int, temperature: float = 1.0, reduction="none", *, seed: int | None = None):
+    """baal's ``PowerBALD``: :class:`PowerSampling` over fastbald's :class:`BALD`."""
+    return PowerSampling(BALD(reduction=reduction), query_size=query_size, temperature=temperature, seed=seed)
+
+
+def PowerEntropy(query_size: int, temperature: float = 1.0, reduction="none", *, seed: int | None = None):
+    """baal's ``PowerEntropy``: :class:`PowerSampling` over fastbald's :class:`Entropy`."""
+    return PowerSampling(Entropy(reduction=reduction), query_size=query_size, temperature=temperature, seed=seed)
