@@ -9,8 +9,9 @@ Each size runs in a fresh subprocess, so its peak RSS is its own: ``baseline`` i
 resident memory after importing torch and fastbald and building the paper's CNN (before any
 forward pass), ``peak`` its high-water mark (VmHWM) over the whole run, DataLoader workers
 (``--workers``) excluded. The pool is :class:`fastbald.pool.SyntheticPool` (images generated on
-the fly, deterministically), scored with :func:`fastbald.score_pool` (BALD, top-10). Writes a
-markdown table to stdout and, atomically, to ``--out``.
+the fly, deterministically), scored with :func:`fastbald.score_pool` (BALD, top-10). Writes the
+numbers to ``--out`` (JSON) and the markdown table, rendered from them, beside it (``.md``) and to
+stdout.
 """
 
 from __future__ import annotations
@@ -18,30 +19,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-from fastbald._io import atomic_write_bytes
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # this checkout's fastbald
+
+from fastbald.benchtools import machine_info, proc_status_mb, write_results  # noqa: E402
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def _rss_mb(field: str) -> float:
+    mb = proc_status_mb(field)
+    if mb is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return mb
 
 
 def child(n: int, T: int, block_size: int, batch_size: int, workers: int, threads: int) -> None:
     """Score one pool of n images; print one JSON line of measurements."""
     import warnings
 
-    sys.path.insert(0, ROOT)
     import torch
 
     if threads:
@@ -53,31 +52,45 @@ def child(n: int, T: int, block_size: int, batch_size: int, workers: int, thread
 
     torch.manual_seed(0)
     model = BayesianCNN()
-    baseline = _status_kb("VmRSS")
+    baseline = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     r = score_pool(model, SyntheticPool(n), T=T, k=10, batch_size=batch_size,
                    block_size=block_size, num_workers=workers, progress=False)
     wall = time.perf_counter() - t0
-    peak = _status_kb("VmHWM")
+    peak = _rss_mb("VmHWM")
     print(json.dumps({
         "n": n, "T": T, "wall_s": wall, "images_per_s": n / wall,
-        "baseline_mb": baseline / 1024, "peak_mb": peak / 1024,
-        "delta_mb": (peak - baseline) / 1024, "threads": torch.get_num_threads(),
+        "baseline_mb": baseline, "peak_mb": peak,
+        "delta_mb": peak - baseline, "threads": torch.get_num_threads(),
         "backend": fastbald.backends().get("cpu-native", "?"),
         "top1": int(r.topk[0]), "bald_mean": float(r.scores.double().mean()),
     }))
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def to_markdown(res: dict) -> str:
+    """The table of a result (benchmarks/results/pool_scale.json)."""
+    a, m, rows = res["args"], res["machine"], res["rows"]
+    lines = [
+        "# Pool scoring at scale (synthetic 1x28x28 pool, paper CNN)",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"score_pool(BayesianCNN(), SyntheticPool(n), T={a['T']}, method='bald', k=10): trunk "
+        f"once + head T times, fused scores, running top-k; {a['workers']} DataLoader workers; "
+        f"torch {m['torch']}, {rows[0]['threads']} threads, {m['cpu']}; scoring "
+        f"backend: {rows[0]['backend']}. Each size in a fresh process; baseline = RSS after "
+        "imports and model construction, peak = VmHWM of the whole run.",
+        "",
+        "| pool size | wall time (s) | images/s | baseline RSS (MB) | peak RSS (MB) | "
+        "peak - baseline (MB) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']:,} | {r['wall_s']:.1f} | {r['images_per_s']:,.0f} | "
+            f"{r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "pool_scale.md"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "pool_scale.json"),
+                    help="the data file (.json); the table goes beside it (.md)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -104,34 +118,17 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"n={n:,}: {row['images_per_s']:,.0f} images/s, peak RSS {row['peak_mb']:.0f} MB "
               f"(baseline {row['baseline_mb']:.0f} MB, +{row['delta_mb']:.0f} MB)", file=sys.stderr)
-    import torch
-
-    lines = [
-        "# Pool scoring at scale (synthetic 1x28x28 pool, paper CNN)",
-        "",
-        f"`python benchmarks/bench_pool_scale.py --sizes {' '.join(map(str, args.sizes))} "
-        f"--T {args.T} --block-size {args.block_size} --batch-size {args.batch_size} "
-        f"--workers {args.workers}`",
-        "",
-        f"score_pool(BayesianCNN(), SyntheticPool(n), T={args.T}, method='bald', k=10): trunk "
-        f"once + head T times, fused scores, running top-k; {args.workers} DataLoader workers; "
-        f"torch {torch.__version__}, {rows[0]['threads']} threads, {_cpu_name()}; scoring "
-        f"backend: {rows[0]['backend']}. Each size in a fresh process; baseline = RSS after "
-        "imports and model construction, peak = VmHWM of the whole run.",
-        "",
-        "| pool size | wall time (s) | images/s | baseline RSS (MB) | peak RSS (MB) | "
-        "peak - baseline (MB) |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']:,} | {r['wall_s']:.1f} | {r['images_per_s']:,.0f} | "
-            f"{r['baseline_mb']:.0f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
+    command = (f"python benchmarks/bench_pool_scale.py --sizes {' '.join(map(str, args.sizes))} "
+               f"--T {args.T} --block-size {args.block_size} --batch-size {args.batch_size} "
+               f"--workers {args.workers}")
+    res = dict(benchmark="pool_scale", command=command, machine=machine_info(args.threads or None),
+               args=dict(sizes=args.sizes, T=args.T, block_size=args.block_size,
+                         batch_size=args.batch_size, workers=args.workers, threads=args.threads),
+               rows=rows)
     if args.out:
-        _write_atomic(args.out, text)
+        print(write_results(res, args.out, to_markdown))
+    else:
+        print(to_markdown(res))
 
 
 if __name__ == "__main__":

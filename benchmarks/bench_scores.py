@@ -11,17 +11,22 @@ Everything is measured side by side in one run, as the median of repeats, and re
 * the same kernel when its input sits in the L2 cache (the arithmetic alone, no DRAM traffic), in
   ns per logit per thread, which splits the time into compute and memory;
 * every CPU build this machine can run (AVX-512, AVX2, portable), each in a fresh process with
-  FASTBALD_CPU_KERNEL set (what a CPU without AVX-512 or AVX2 gets), against x.sum() in that process.
+  FASTBALD_CPU_KERNEL set (what a CPU without AVX-512 or AVX2 gets), against x.sum() in that process;
+  with ``--baseline DIR`` (a copy of an earlier build's ``fastbald/_cpu_*.so``), that build too,
+  the two interleaved, and the ratio of their times: the side-by-side check of a kernel change.
 
-Usage: python benchmarks/bench_scores.py [--quick] [--out benchmarks/results/scores_cpu.md]
+The numbers go to ``--out`` as JSON (``scores_cpu.json``) and the tables are rendered from it
+(``scores_cpu.md``; ``python -m fastbald.benchtools render`` redoes them without a run).
+
+Usage: python benchmarks/bench_scores.py [--quick] [--parts speed,builds,accuracy,memory]
+           [--baseline DIR] [--out benchmarks/results/scores_cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +35,10 @@ import torch
 
 import fastbald
 from fastbald import _ops
-from fastbald.bench import _median_time, naive_bald
+from fastbald.bench import naive_bald
+from fastbald.benchtools import machine_info, median_time, write_results
 from fastbald.reference import METRICS, reference_scores
 from fastbald.scores import pool_scores_op
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median of `repeats` timed calls after one untimed warm-up call."""
-    fn()
-    return _median_time(fn, repeats)
 
 
 def speed(sizes, repeats: int) -> list[dict]:
@@ -106,28 +106,19 @@ def accuracy() -> list[dict]:
 
 
 _MEM_CHILD = """
-import sys, torch, fastbald
+import sys, torch
 from fastbald import _ops
+from fastbald.benchtools import PeakRSS
 from fastbald.scores import pool_scores_op
 _ops.load()
-
-
-def status(key):  # kB, from /proc/self/status
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-
-
 N, T, C = map(int, sys.argv[1:4])
 x = torch.empty(N, T, C)
 x.normal_()  # in place: no temporary
 pool_scores_op(x[:64])
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-before = status("VmRSS")
-out = pool_scores_op(x)
-out.fill_(0)  # touch every page of the output
-print((status("VmHWM") - before) / 1024, out.numel() * 4 / 2**20)
+with PeakRSS() as mem:  # peak RSS above the RSS just before the call
+    out = pool_scores_op(x)
+    out.fill_(0)  # touch every page of the output
+print(mem.extra_mb, out.numel() * 4 / 2**20)
 """
 
 
@@ -143,64 +134,81 @@ def memory(sizes) -> list[dict]:
 
 
 _BUILD_CHILD = r"""
-import statistics, sys, time, torch
+import statistics, sys, torch, fastbald
 from fastbald import _ops
+from fastbald.benchtools import median_time
 from fastbald.scores import pool_scores_op
-kernel = _ops.load()["cpu"]
 N, T, C, repeats = map(int, sys.argv[1:5])
+if len(sys.argv) > 5:  # the extension files of another build (--baseline) come first
+    fastbald.__path__.insert(0, sys.argv[5])
+kernel = _ops.load()["cpu"]
+lib = sys.modules[f"fastbald._cpu_{kernel}"].__file__
+assert len(sys.argv) == 5 or lib.startswith(sys.argv[5]), lib
 x = torch.randn(N, T, C) * 3
-def med(fn):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 ratios, sums, fbs = [], [], []
 for _ in range(3):  # interleaved, so both see the same machine load
-    s = med(lambda: x.sum()); f = med(lambda: pool_scores_op(x))
+    s = median_time(lambda: x.sum(), repeats); f = median_time(lambda: pool_scores_op(x), repeats)
     sums.append(s); fbs.append(f); ratios.append(f / s)
 print(kernel, statistics.median(sums), statistics.median(fbs), statistics.median(ratios))
 """
 
 
-def builds(size, repeats: int) -> list[dict]:
-    """Each CPU build this machine can run, in a fresh process, against x.sum() in that process."""
+def _build_child(variant: str, size, repeats: int, lib_dir: str | None) -> dict:
+    env = dict(os.environ, FASTBALD_CPU_KERNEL=variant)
+    extra = [os.path.abspath(lib_dir)] if lib_dir else []
+    res = subprocess.run([sys.executable, "-c", _BUILD_CHILD, *map(str, size), str(repeats), *extra],
+                         capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        return dict(kernel=variant, error=res.stderr.strip().splitlines()[-1])
+    name, t_sum, t_fb, ratio = res.stdout.split()
+    return dict(kernel=name, N=size[0], T=size[1], C=size[2], sum_ms=float(t_sum) * 1e3,
+                fastbald_ms=float(t_fb) * 1e3, ratio=float(ratio))
+
+
+def builds(size, repeats: int, baseline: str | None = None, rounds: int = 3) -> list[dict]:
+    """Each CPU build this machine can run, in a fresh process, against x.sum() in that process.
+    With ``baseline`` (a directory with another build's fastbald/_cpu_*.so files): that build as well,
+    ``rounds`` times, this build and the baseline alternating (each round swaps who goes first);
+    the row then holds the medians over the rounds and ``vs_baseline`` = this build's × sum over
+    the baseline's (< 1: faster)."""
     cap = torch.backends.cpu.get_cpu_capability()
     runnable = {"AVX512": ["avx512", "avx2", "base"], "AVX2": ["avx2", "base"]}.get(cap, ["base"])
     rows = []
     for variant in runnable:
-        env = dict(os.environ, FASTBALD_CPU_KERNEL=variant)
-        res = subprocess.run([sys.executable, "-c", _BUILD_CHILD, *map(str, size), str(repeats)],
-                             capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            rows.append(dict(kernel=variant, error=res.stderr.strip().splitlines()[-1]))
+        if baseline is None:
+            row = _build_child(variant, size, repeats, None)
+        else:
+            runs: dict[str, list[dict]] = {"this": [], "baseline": []}
+            for r in range(rounds):
+                for who in (("this", "baseline") if r % 2 == 0 else ("baseline", "this")):
+                    runs[who].append(_build_child(variant, size, repeats, baseline if who == "baseline" else None))
+            bad = [x for xs in runs.values() for x in xs if "error" in x]
+            if bad:
+                rows.append(bad[0])
+                continue
+            med = {who: {k: statistics.median(x[k] for x in xs) for k in ("sum_ms", "fastbald_ms", "ratio")}
+                   for who, xs in runs.items()}
+            row = dict(runs["this"][0], **med["this"], rounds=rounds,
+                       baseline_fastbald_ms=med["baseline"]["fastbald_ms"],
+                       baseline_ratio=med["baseline"]["ratio"],
+                       vs_baseline=med["this"]["ratio"] / med["baseline"]["ratio"])
+        rows.append(row)
+        if "error" in row:
+            print(f"  {variant}: failed: {row['error']}", flush=True)
             continue
-        name, t_sum, t_fb, ratio = res.stdout.split()
-        rows.append(dict(kernel=name, N=size[0], T=size[1], C=size[2], sum_ms=float(t_sum) * 1e3,
-                         fastbald_ms=float(t_fb) * 1e3, ratio=float(ratio)))
-        print(f"  {name}: {rows[-1]['fastbald_ms']:.1f} ms, {float(ratio):.2f}x sum", flush=True)
+        print(f"  {row['kernel']}: {row['fastbald_ms']:.1f} ms, {row['ratio']:.2f}x sum"
+              + (f"; baseline {row['baseline_ratio']:.2f}x sum, this / baseline {row['vs_baseline']:.3f}"
+                 if "vs_baseline" in row else ""), flush=True)
     return rows
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                torch=torch.__version__, python=platform.python_version(),
-                kernel=_ops.load()["cpu"], capability=torch.backends.cpu.get_cpu_capability())
 
 
 def to_markdown(res: dict) -> str:
     m = res["machine"]
+    load = (f", 1-min load average {m['load_average']} at the start (shared machine)"
+            if m.get("load_average") is not None else "")
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
-        f"kernel `{m['kernel']}` (CPU capability {m['capability']}). Command: `{res['command']}`.",
+        f"kernel `{m['kernel']}` (CPU capability {m['capability']}){load}. Command: `{res['command']}`.",
         "",
         "### Speed (median of repeats; float32 logits, all seven outputs)",
         "",
@@ -228,6 +236,16 @@ def to_markdown(res: dict) -> str:
             else:
                 lines.append(f"| `{r['kernel']}` | {r['N']:,}, {r['T']}, {r['C']} | {r['sum_ms']:.1f} ms "
                              f"| {r['fastbald_ms']:.1f} ms | {r['ratio']:.2f}× |")
+        with_base = [r for r in res["builds"] if "vs_baseline" in r]
+        if with_base:
+            lines += ["", f"Against the baseline build `{res.get('baseline')}` (the two alternating, "
+                      f"{with_base[0]['rounds']} rounds, medians over the rounds):", "",
+                      "| build | this: × sum | baseline: × sum | this / baseline | this | baseline |",
+                      "|---|---|---|---|---|---|"]
+            for r in with_base:
+                lines.append(f"| `{r['kernel']}` | {r['ratio']:.2f}× | {r['baseline_ratio']:.2f}× "
+                             f"| **{r['vs_baseline']:.3f}** | {r['fastbald_ms']:.1f} ms "
+                             f"| {r['baseline_fastbald_ms']:.1f} ms |")
     lines += ["", "### Accuracy: max abs error vs float64 (nats)", "",
               "| C | logit scale | dtype | " + " | ".join(METRICS) + " | BALD < 0 | BALD, equal samples |",
               "|---|---|---|" + "---|" * (len(METRICS) + 2)]
@@ -249,9 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI smoke)")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default="benchmarks/results/scores_cpu.md")
+    p.add_argument("--out", default="benchmarks/results/scores_cpu.json",
+                   help="the data file (.json); the tables go beside it (.md)")
     p.add_argument("--parts", default="speed,builds,accuracy,memory",
                    help="comma-separated subset of speed,builds,accuracy,memory to run")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="a directory with another build's CPU kernels (fastbald/_cpu_*.so copied "
+                   "there before a change): the builds part runs it too, side by side")
+    p.add_argument("--rounds", type=int, default=3, help="with --baseline: alternations per build")
     args = p.parse_args(argv)
     if not _ops.native_available(torch.device("cpu")):
         print("the native CPU kernel is not built: run `make build`", file=sys.stderr)
@@ -262,28 +285,27 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [(1_000_000, 20, 10), (100_000, 20, 100), (10_000, 50, 1000)]
         mem_sizes = [(100_000, 20, 10), (1_000_000, 20, 10), (100_000, 20, 100), (10_000, 50, 1000)]
         repeats = args.repeats
-    cmd = "python benchmarks/bench_scores.py" + (" --quick" if args.quick else "")
+    cmd = "python benchmarks/bench_scores.py " + " ".join(sys.argv[1:] if argv is None else argv)
     parts = set(args.parts.split(","))
-    res = dict(machine=machine(), command=cmd, speed=[], builds=[], accuracy=[], memory=[])
+    if args.baseline is not None and not list(Path(args.baseline).glob("_cpu_*.so")):
+        p.error(f"--baseline {args.baseline}: no _cpu_*.so files there")
+    res = dict(benchmark="scores_cpu", machine=machine_info(), command=cmd.strip(),
+               baseline=args.baseline, speed=[], builds=[], accuracy=[], memory=[])
     if "speed" in parts:
         print("speed:", flush=True)
         res["speed"] = speed(sizes, repeats)
     if "builds" in parts:
         print("CPU builds:", flush=True)
-        res["builds"] = builds(sizes[0], repeats)
+        res["builds"] = builds(sizes[0], repeats, args.baseline, args.rounds)
     if "accuracy" in parts:
         print("accuracy...", flush=True)
         res["accuracy"] = accuracy()
     if "memory" in parts:
         print("memory...", flush=True)
         res["memory"] = memory(mem_sizes)
-    md = to_markdown(res)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    print(f"written {out} and {out.with_suffix('.json')}")
+    out = Path(args.out).with_suffix(".json")
+    print(write_results(res, out, to_markdown))
+    print(f"written {out} and {out.with_suffix('.md')}")
     return 0
 
 

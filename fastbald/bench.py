@@ -30,8 +30,9 @@ Usage::
     fastbald bench [--quick] [--sizes 100000x20x10,...] [--methods fastbald,baal,...]
                    [--threads N] [--out benchmarks/results/peers.md]
 
-``--out`` writes the markdown table there, with ``.json`` (all numbers) and ``.png`` (bar chart)
-beside it; without it the table is only printed. The peers are optional: a method whose library
+``--out NAME.md`` writes ``NAME.json`` (all numbers), ``NAME.md`` (the tables, rendered from the
+JSON by ``to_markdown``; ``--from-json`` or ``python -m fastbald.benchtools render`` redo them
+without a run) and ``NAME.png`` (bar chart); without it the tables are only printed. The peers are optional: a method whose library
 is not installed is listed as skipped.
 """
 
@@ -40,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import subprocess
@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fastbald.benchtools import PeakRSS, loadavg, machine_info, median_time, write_results
 
 FULL_SIZES = [(100_000, 20, 10), (1_000_000, 20, 10), (100_000, 20, 100), (10_000, 50, 1000)]
 QUICK_SIZES = [(20_000, 20, 10), (2_000, 20, 100)]
@@ -193,36 +195,8 @@ def _unavailable(m: Method) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # Child process: one method, one size
 # ------------------------------------------------------------------------------------------------
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _nbytes(a: Any) -> int:
     return a.numel() * a.element_size() if isinstance(a, torch.Tensor) else int(a.nbytes)
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def _child(argv: Sequence[str]) -> int:
@@ -250,7 +224,7 @@ def _child(argv: Sequence[str]) -> int:
     if convert is not None:
         convert(small)
         reps = max(1, min(3, a.repeats))
-        convert_ms = _median_time(lambda: convert(x), reps) * 1e3
+        convert_ms = median_time(lambda: convert(x), reps, warmup=0) * 1e3
         inp = convert(x)
         del x
     else:
@@ -259,13 +233,10 @@ def _child(argv: Sequence[str]) -> int:
     gc.collect()
 
     # Peak extra memory of one call, above what the process holds (input included) before it.
-    exact = _reset_peak()
-    base = _status_mb("VmRSS")
-    t0 = time.perf_counter()
-    out = fn(inp)
-    first = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
-    peak_extra = (peak - base) if (exact and peak is not None and base is not None) else None
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = fn(inp)
+        first = time.perf_counter() - t0
 
     # Timed calls: up to `repeats` within the time budget. A call slower than half the budget is
     # timed once: the first call (made after the warm-up on a small slice) is that time.
@@ -273,11 +244,11 @@ def _child(argv: Sequence[str]) -> int:
         reps, t = 1, first
     else:
         reps = max(1, min(a.repeats, int(a.budget / max(first, 1e-6))))
-        t = _median_time(lambda: fn(inp), reps)
+        t = median_time(lambda: fn(inp), reps, warmup=0)
     out_np = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
     np.save(a.save, out_np)
     res = dict(time_ms=t * 1e3, first_ms=first * 1e3, repeats=reps, convert_ms=convert_ms,
-               peak_extra_mb=peak_extra, input_mb=_nbytes(inp) / 2**20,
+               peak_extra_mb=mem.extra_mb, input_mb=_nbytes(inp) / 2**20,
                out_dtype=str(out_np.dtype))
     print(_RESULT_TAG + json.dumps(res), flush=True)
     return 0
@@ -325,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
     from fastbald import __version__ as fb_version
 
     results = []
-    load_before = _loadavg()
+    load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="fastbald-bench-") as tmp:
         for size in args.sizes:
             N, T, C = size
@@ -368,17 +339,10 @@ def run(args: argparse.Namespace) -> dict:
             del x_sub, oracles
             gc.collect()
             results.extend(rows)
-    machine = _machine(args.threads)
-    machine["load_average"] = [load_before, _loadavg()]
-    return dict(machine=machine, versions=_versions(fb_version), command=args.command,
+    machine = machine_info(args.threads)
+    machine["load_average"] = [load_before, loadavg()]
+    return dict(benchmark="peers", machine=machine, versions=_versions(fb_version), command=args.command,
                 seed=args.seed, logit_scale=LOGIT_SCALE, results=results)
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 1)
-    except OSError:
-        return None
 
 
 def _versions(fb_version: str) -> dict[str, str]:
@@ -390,22 +354,6 @@ def _versions(fb_version: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             v[dist] = "not installed"
     return v
-
-
-def _machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from fastbald import _ops
-
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=threads or torch.get_num_threads(),
-                kernel=_ops.load()["cpu"], capability=torch.backends.cpu.get_cpu_capability(),
-                date=time.strftime("%Y-%m-%d"))
 
 
 def _size_label(r: dict | tuple) -> str:
@@ -663,30 +611,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = "fastbald bench " + " ".join(argv) if argv else "fastbald bench"
     if args.from_json is not None:
         res = json.loads(args.from_json.read_text())
+        res.setdefault("benchmark", "peers")
     else:
         res = run(args)
-    md = to_markdown(res)
+    if args.out is not None:
+        # One data file (.json); the table (.md) is rendered from it.
+        md = write_results(res, args.out.with_suffix(".json"), to_markdown)
+        written = [args.out.with_suffix(".md"), args.out.with_suffix(".json")]
+    else:
+        md = to_markdown(res)
     print()
     print(md)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(md)
-        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=_json_default))
-        written = [args.out, args.out.with_suffix(".json")]
         if not args.no_plot and plot(res, args.out.with_suffix(".png")):
             written.append(args.out.with_suffix(".png"))
         print("written: " + ", ".join(map(str, written)))
     ok = [r for r in res["results"] if r.get("status") == "ok"]
     failed = [r for r in res["results"] if r.get("status", "").startswith(("failed", "timed out"))]
     return 1 if failed or not ok else 0
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 if __name__ == "__main__":
