@@ -29,4 +29,11 @@ TORCH_LIBRARY(fastbald, m) {
   m.def(
       "pool_scores(Tensor x, int input_kind, int metrics, bool check_finite, float prob_tol) "
       "-> Tensor");
+  // Greedy BatchBALD (csrc/cpu/batchbald_cpu.cpp). log_probs: [N, K, C] log-probabilities (any
+  // strides). Returns (indices [b] int64, scores [b] float64: joint MI of the first i+1 points,
+  // evaluated [b] int64: candidates evaluated per step). use_double: inner products in float64;
+  // lazy: lazy greedy by upper bounds (submodularity); prob_tol: |sum_c exp - 1| bound (inf: off).
+  m.def(
+      "batchbald(Tensor log_probs, int batch_size, int num_samples, int seed, bool use_double, "
+      "bool lazy, float prob_tol) -> (Tensor, Tensor, Tensor)");
 }

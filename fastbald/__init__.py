@@ -2,6 +2,7 @@
 Ratios, Mean STD, margin, least confidence) for large image pools."""
 
 from .acquire import METHODS, acquire
+from .batchbald import BatchResult, batchbald_batch
 from .epig import epig
 from .loop import ActiveLearningLoop, LoopProtocol
 from .mc import MCDropout, mc_logits
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActiveLearningLoop",
+    "BatchResult",
     "LoopProtocol",
     "MCDropout",
     "METHODS",
@@ -34,6 +36,7 @@ __all__ = [
     "SyntheticPool",
     "acquire",
     "backends",
+    "batchbald_batch",
     "bald",
     "epig",
     "expected_entropy",

@@ -91,6 +91,23 @@ def _register_fakes() -> None:
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x.new_empty((N_METRICS, x.shape[0]), dtype=out_dtype)
 
+    @torch.library.register_fake("fastbald::batchbald")
+    def _batchbald_fake(
+        log_probs: torch.Tensor,
+        batch_size: int,
+        num_samples: int,
+        seed: int,
+        use_double: bool,
+        lazy: bool,
+        prob_tol: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch._check(log_probs.dim() == 3, lambda: f"log_probs must be [N, K, C], got {log_probs.dim()} dims")
+        return (
+            log_probs.new_empty((batch_size,), dtype=torch.int64),
+            log_probs.new_empty((batch_size,), dtype=torch.float64),
+            log_probs.new_empty((batch_size,), dtype=torch.int64),
+        )
+
 
 def native_available(device: torch.device) -> bool:
     st = load()
