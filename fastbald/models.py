@@ -91,9 +91,9 @@ class BayesianCNN(nn.Module):
         self.trunk = nn.Sequential(
             OrderedDict(
                 conv1=nn.Conv2d(in_channels, _FILTERS, _KERNEL),  # valid padding
-                relu1=nn.ReLU(),
+                relu1=nn.ReLU(inplace=True),  # no copy of the conv output
                 conv2=nn.Conv2d(_FILTERS, _FILTERS, _KERNEL),
-                relu2=nn.ReLU(),
+                relu2=nn.ReLU(inplace=True),  # no copy of the conv output
                 pool=nn.MaxPool2d(_POOL),
             )
         )

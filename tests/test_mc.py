@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from fastbald.mc import MCDropout, dropout_modules, mc_logits, mix_seed, resolve_split
+from fastbald.mc import (
+    MCDropout,
+    dropout_modules,
+    match_mlp_head,
+    mc_logits,
+    mix_seed,
+    resolve_split,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:fastbald. using the pure-PyTorch backend")
 
@@ -64,9 +71,12 @@ def test_trunk_head_equals_full_model_with_same_masks() -> None:
         pair = mc_logits((m.trunk, m.head), X, 7, seed=11, consistent=consistent)
         torch.testing.assert_close(split, full, rtol=1e-6, atol=1e-6)
         assert torch.equal(split, pair)
-    # The fast path (Sequential head starting with dropout) equals the generic hook path.
+    # The unfused fast path (Sequential head starting with dropout: broadcast multiply) equals
+    # the generic hook path bit for bit; the fused head (GEMMs with the masks in the weights) is
+    # the same function summed in another order.
     generic = mc_logits((m.trunk, nn.Sequential(nn.Identity(), *m.head)), X, 7, seed=11)
-    assert torch.equal(mc_logits(m, X, 7, seed=11), generic)
+    assert torch.equal(mc_logits(m, X, 7, seed=11, fused=False), generic)
+    torch.testing.assert_close(mc_logits(m, X, 7, seed=11), generic, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("consistent", [True, False])
@@ -80,8 +90,17 @@ def test_bit_identical_across_batch_sizes(consistent: bool) -> None:
             for s in range(0, len(X), bs)
         ]
         assert torch.equal(torch.cat(parts), whole)
-    # max_rows splits the forward internally; the values do not change either.
-    assert torch.equal(mc_logits(m, X, 9, seed=3, consistent=consistent, max_rows=10), whole)
+    # max_rows bounds the generic path's forward calls; at a fixed max_rows the values do not
+    # depend on the batch either (every call runs the same number of rows, padded).
+    small = mc_logits(m, X, 9, seed=3, consistent=consistent, max_rows=20)
+    torch.testing.assert_close(small, whole, rtol=1e-6, atol=1e-6)
+    for bs in (1, 5):
+        parts = [
+            mc_logits(m, X[s : s + bs], 9, seed=3, consistent=consistent, max_rows=20,
+                      indices=torch.arange(s, min(s + bs, len(X))))
+            for s in range(0, len(X), bs)
+        ]
+        assert torch.equal(torch.cat(parts), small)
 
 
 def test_consistent_masks_shared_by_items_and_independent_masks_not() -> None:
@@ -194,7 +213,7 @@ def test_bad_inputs() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.d(x).sum(0, keepdim=True)  # [1, C] whatever the batch
 
-    with pytest.raises(ValueError, match=r"returned shape \(1, 4\) for a batch of 15 inputs"):
+    with pytest.raises(ValueError, match=r"returned shape \(1, 4\) for a batch of 48 inputs \(16 items x T=3"):
         mc_logits(Wrong(), torch.ones(5, 4), 3)
     with pytest.raises(ValueError, match="dropout layers"):
         mc_logits(m, X, 2, trunk_head=(nn.Sequential(nn.Dropout(0.1)), m.head))
@@ -234,3 +253,66 @@ def test_engine_context_and_deterministic_mode() -> None:
         warnings.simplefilter("error")
         det = MCDropout(m, 4, sample=False)(X)
     assert torch.equal(det, det[:, :1].expand_as(det))
+
+
+# -- the fused head (consistent masks, heads of the paper's form) ------------------------------
+def _float64_reference(m: nn.Module, x: torch.Tensor, T: int, seed: int) -> torch.Tensor:
+    """The unfused hook path in float64 (the same masks): the oracle of the fused head."""
+    import copy
+
+    m64 = copy.deepcopy(m).double()
+    return mc_logits(m64, x.double(), T, seed=seed, fused=False)
+
+
+@pytest.mark.parametrize("p1,p2", [(0.25, 0.5), (0.7, 0.3), (0.0, 0.5), (0.5, 0.0), (0.0, 0.0)])
+def test_fused_head_matches_float64_masked_passes(p1: float, p2: float) -> None:
+    """Dropped-feature (p <= 1/2) and kept-feature (p > 1/2) forms, and the p = 0 edge cases."""
+    m = _model(p1=p1, p2=p2)
+    assert match_mlp_head(m.head) is not None
+    got = mc_logits(m, X, 12, seed=4)
+    assert got.dtype == torch.float32 and got.shape == (23, 12, 5)
+    ref = _float64_reference(m, X, 12, 4)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+
+
+def test_fused_paper_cnn_bit_identical_across_batches_and_close_to_float64() -> None:
+    from fastbald.models import BayesianCNN
+
+    torch.manual_seed(0)
+    m = BayesianCNN().eval()
+    x = torch.rand(70, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    whole = mc_logits(m, x, 6, seed=1)
+    for bs in (1, 3, 64):
+        parts = torch.cat([mc_logits(m, x[s : s + bs], 6, seed=1) for s in range(0, 70, bs)])
+        assert torch.equal(parts, whole)
+    torch.testing.assert_close(whole.double(), _float64_reference(m, x, 6, 1), rtol=0, atol=5e-6)
+
+
+def test_fused_bf16_autocast_close_to_float32() -> None:
+    from fastbald.models import BayesianCNN
+
+    torch.manual_seed(0)
+    m = BayesianCNN().eval()
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    fp32 = mc_logits(m, x, 8, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = mc_logits(m, x, 8, seed=0)
+    assert bf.dtype == torch.float32
+    err = (bf - fp32).abs().max().item()
+    assert 0 < err < 2e-2 * fp32.abs().max().item()
+
+
+def test_fused_head_follows_weight_changes_and_falls_back() -> None:
+    m = _model()
+    with MCDropout(m, 5, seed=0) as mc:
+        a = mc(X)
+        with torch.no_grad():
+            m.head[2].weight.mul_(2.0)  # in place: the folded weights must be rebuilt
+        b = mc(X)
+    torch.testing.assert_close(b.double(), _float64_reference(m, X, 5, 0), rtol=0, atol=2e-6)
+    assert not torch.equal(a, b)
+    # Heads of another form, hooks and independent masks use the generic path (same masks).
+    m.head[3].register_forward_hook(lambda mod, i, o: o)
+    assert match_mlp_head(m.head) is None
+    assert match_mlp_head(nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 4), nn.Tanh(),
+                                        nn.Dropout(0.1), nn.Linear(4, 2))) is None
