@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,47 +52,31 @@ examples:
 """
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _number(kind: type, lo: float, *, strict: bool = False) -> Callable[[str], Any]:
+    """The argparse ``type`` of a number of ``kind`` (int or float) ``>= lo`` (``> lo`` if
+    ``strict``); bad values give "expected an integer >= 1" style messages."""
+    noun = "integer" if kind is int else "number"
+    bound = f"a positive {noun}" if strict and lo == 0 else f"{'an' if kind is int else 'a'} {noun} {'>' if strict else '>='} {lo:g}"
+
+    def parse(s: str) -> Any:
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if kind is int else 'a'} {noun}, got {s!r}") from None
+        if not (v > lo if strict else v >= lo):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {s}")
+        return v
+
+    parse.__name__ = f"{kind.__name__} {'>' if strict else '>='} {lo:g}"
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
-    return v
+_positive_int = _number(int, 1)
+_nonneg_int = _number(int, 0)
 
 
 def _subset(s: str) -> int:
+    """A subset size: a positive integer, or 0 / none / all / full for no subset (returns 0)."""
     if s.lower() in ("none", "all", "full", "0"):
         return 0
     return _positive_int(s)
@@ -110,12 +95,97 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
-def _add_experiment(sub: Any) -> None:
-    from .experiments.mnist import PRESETS
-    from .loop import LoopProtocol
-    from .metrics import ACQUISITIONS, ALIASES
+# Protocol fields that are not protocol flags: each (acquisition, seed) is one run.
+_RUN_FIELDS = ("acquisition", "seed")
+# Flags whose names are not derived from the field name.
+_FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "T": ("--mc-samples", "-T"),
+    "balanced_initial": ("--unbalanced-initial",),
+}
+_METAVARS: dict[str, str] = {"T": "T", "per_round": "K", "weight_decay_c": "C"}
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """``{field: description}`` from the ``Attributes:`` section of ``cls``'s docstring."""
+    docs: dict[str, str] = {}
+    name = None
+    in_attrs = False
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            in_attrs = True
+            continue
+        if not in_attrs or not text:
+            continue
+        m = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if m:
+            name = m[1]
+            docs[name] = m[2]
+        elif name is not None and line.startswith(" " * 12):
+            docs[name] += " " + text
+        else:
+            break
+    return {k: v.replace("``", "").replace(":func:", "").replace(":data:", "").replace("`", "")
+            for k, v in docs.items()}
+
+
+def protocol_flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """``(flags, add_argument keywords)`` of every :class:`fastbald.loop.LoopProtocol` field but
+    acquisition and seed, generated from the dataclass: its type gives the parser (bounds from
+    ``PROTOCOL_INT_MIN``), its docstring the help, its default the "Default:" note. Every
+    option defaults to None (= not given, so a preset's value stays)."""
+    import typing
+
+    from .loop import PROTOCOL_INT_MIN, WEIGHT_DECAY_SCOPES, LoopProtocol
 
     d = LoopProtocol()
+    hints = typing.get_type_hints(LoopProtocol)
+    docs = _field_docs(LoopProtocol)
+    floats = {"lr": _number(float, 0, strict=True), "weight_decay_c": _number(float, 0)}
+    out = []
+    for f in dataclasses.fields(LoopProtocol):
+        if f.name in _RUN_FIELDS:
+            continue
+        default, hint = getattr(d, f.name), hints[f.name]
+        # A bool that is on by default gets a flag that turns it off.
+        flag = ("--no-" if hint is bool and default else "--") + f.name.replace("_", "-")
+        flags = _FLAG_NAMES.get(f.name, (flag,))
+        kw: dict[str, Any] = {"dest": f.name, "default": None}
+        doc = docs[f.name].replace("%", "%%")
+        if hint is bool:
+            kw["action"] = "store_false" if default else "store_true"
+            kw["help"] = f"turn off: {doc}" if default else f"{doc} Default: off"
+        elif hint is int:
+            kw["type"] = _number(int, PROTOCOL_INT_MIN[f.name])
+            kw["metavar"] = "N"
+            kw["help"] = f"{doc} Default: {default}"
+        elif hint is float:
+            kw["type"] = floats[f.name]
+            kw["help"] = f"{doc} Default: {default:g}"
+        elif hint == (int | None):
+            kw["type"] = _subset
+            kw["metavar"] = "N"
+            kw["help"] = f"{doc} 'all' or 0: none. Default: {'all' if default is None else default}"
+        elif f.name == "weight_decay_scope":
+            kw["choices"] = WEIGHT_DECAY_SCOPES
+            kw["help"] = f"{doc} Default: {default}"
+        else:  # pragma: no cover - a new field type needs a rule here
+            raise TypeError(f"no command-line rule for LoopProtocol.{f.name}: {hint}")
+        if f.name in _METAVARS:
+            kw["metavar"] = _METAVARS[f.name]
+        out.append((flags, kw))
+    return out
+
+
+def _add_protocol_flags(g: Any) -> None:
+    for flags, kw in protocol_flags():
+        g.add_argument(*flags, **kw)
+
+
+def _add_experiment(sub: Any) -> None:
+    from .experiments.mnist import PRESETS
+    from .metrics import ACQUISITIONS, ALIASES
+
     exp = sub.add_parser(
         "experiment",
         help="run a paper experiment (MNIST active learning)",
@@ -164,39 +234,7 @@ def _add_experiment(sub: Any) -> None:
         "demo preset",
     )
 
-    g = p.add_argument_group("protocol (defaults: the paper's)")
-    g.add_argument("--rounds", type=_nonneg_int, default=None,
-                   help=f"acquisition rounds. Default: {d.rounds}")
-    g.add_argument("--per-round", type=_positive_int, default=None, metavar="K",
-                   help=f"images acquired per round. Default: {d.per_round}")
-    g.add_argument("--initial", type=_positive_int, default=None, metavar="N",
-                   help=f"initial labelled images (class-balanced). Default: {d.initial}")
-    g.add_argument("--unbalanced-initial", action="store_true",
-                   help="draw the initial labelled set uniformly instead of class-balanced")
-    g.add_argument("--validation", type=_nonneg_int, default=None, metavar="N",
-                   help=f"held-out validation images (never trained on). Default: {d.validation}")
-    g.add_argument("--epochs", type=_positive_int, default=None,
-                   help=f"training epochs per round, from scratch. Default: {d.epochs}")
-    g.add_argument("--batch-size", type=_positive_int, default=None,
-                   help=f"training batch size. Default: {d.batch_size}")
-    g.add_argument("--lr", type=_positive_float, default=None,
-                   help=f"Adam learning rate. Default: {d.lr:g}")
-    g.add_argument("--weight-decay-c", type=_nonneg_float, default=None, metavar="C",
-                   help="L2 coefficient c of the authors' l2(c / N_train) on the dense layer "
-                   f"(0: none). Default: {d.weight_decay_c:g}")
-    g.add_argument("--weight-decay-scope", choices=("paper", "dense"), default=None,
-                   help="'paper': the 128-unit dense layer's weight only; 'dense': both dense "
-                   "layers. Default: paper")
-    g.add_argument("--mc-samples", "-T", dest="T", type=_positive_int, default=None, metavar="T",
-                   help=f"MC-dropout samples per pool image. Default: {d.T}")
-    g.add_argument("--pool-subset", type=_subset, default=None, metavar="N",
-                   help="score only N random pool images per round (the authors' code: 2000); "
-                   "'all' scores the whole pool. Default: all")
-    g.add_argument("--test-subset", type=_subset, default=None, metavar="N",
-                   help="evaluate on a fixed random N of the 10,000 test images. Default: all")
-    g.add_argument("--deterministic-model", action="store_true",
-                   help="acquire with one deterministic (dropout-off) prediction instead of "
-                   "MC dropout (the paper's deterministic baseline)")
+    _add_protocol_flags(p.add_argument_group("protocol (defaults: the paper's)"))
 
     g = p.add_argument_group("data and machine")
     g.add_argument("--data-root", type=Path, default=None, metavar="DIR",
@@ -300,34 +338,18 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    overrides: dict[str, Any] = {
-        "rounds": args.rounds,
-        "per_round": args.per_round,
-        "initial": args.initial,
-        "validation": args.validation,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "weight_decay_c": args.weight_decay_c,
-        "weight_decay_scope": args.weight_decay_scope,
-        "T": args.T,
-    }
-    if args.unbalanced_initial:
-        overrides["balanced_initial"] = False
-    if args.deterministic_model:
-        overrides["deterministic_model"] = True
+    optional = {kw["dest"] for _, kw in protocol_flags() if kw.get("type") is _subset}
+    given = {kw["dest"]: getattr(args, kw["dest"]) for _, kw in protocol_flags()}
+    # Unset options are None (the preset's value stays); a subset of 0 ("all") means None.
+    overrides = {k: v for k, v in given.items() if k not in optional}
+    subsets = {k: (v or None) for k, v in given.items() if k in optional and v is not None}
     protocols = []
     try:
         for acq in acquisitions:
             for seed in args.seed:
                 proto = make_protocol(acq, seed, args.preset, **overrides)
-                changes: dict[str, Any] = {}
-                if args.pool_subset is not None:
-                    changes["pool_subset"] = args.pool_subset or None
-                if args.test_subset is not None:
-                    changes["test_subset"] = args.test_subset or None
-                if changes:
-                    proto = dataclasses.replace(proto, **changes)
+                if subsets:
+                    proto = dataclasses.replace(proto, **subsets)
                 protocols.append(proto)
     except ValueError as e:
         print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)

@@ -101,6 +101,22 @@ class PoolData(TypingProtocol):
 # ------------------------------------------------------------------------------------------------
 # Protocol and records
 # ------------------------------------------------------------------------------------------------
+#: Minimum of each integer field of :class:`LoopProtocol` but ``seed``, ``pool_subset`` and
+#: ``test_subset`` (the command line's bounds too).
+PROTOCOL_INT_MIN: dict[str, int] = {
+    "initial": 1,
+    "validation": 0,
+    "per_round": 1,
+    "rounds": 0,
+    "epochs": 1,
+    "batch_size": 1,
+    "T": 1,
+    "score_block_size": 1,
+}
+#: Values of :attr:`LoopProtocol.weight_decay_scope`.
+WEIGHT_DECAY_SCOPES: tuple[str, ...] = ("paper", "dense")
+
+
 @dataclass(frozen=True)
 class LoopProtocol:
     """Everything that fixes a run's result (the defaults are the paper's MNIST protocol).
@@ -150,17 +166,8 @@ class LoopProtocol:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "acquisition", canonical_acquisition(self.acquisition))
-        ints = {
-            "initial": (self.initial, 1),
-            "validation": (self.validation, 0),
-            "per_round": (self.per_round, 1),
-            "rounds": (self.rounds, 0),
-            "epochs": (self.epochs, 1),
-            "batch_size": (self.batch_size, 1),
-            "T": (self.T, 1),
-            "score_block_size": (self.score_block_size, 1),
-        }
-        for name, (v, lo) in ints.items():
+        for name, lo in PROTOCOL_INT_MIN.items():
+            v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -184,7 +191,7 @@ class LoopProtocol:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not (self.weight_decay_c >= 0 and math.isfinite(self.weight_decay_c)):
             raise ValueError(f"weight_decay_c must be >= 0, got {self.weight_decay_c!r}")
-        if self.weight_decay_scope not in ("paper", "dense"):
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
             raise ValueError(
                 f"weight_decay_scope must be 'paper' or 'dense', got {self.weight_decay_scope!r}"
             )

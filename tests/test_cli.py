@@ -157,3 +157,59 @@ def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastbald", "experiment", "mnist", "--seed", "x"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "expected an integer" in r.stderr
+
+
+def test_protocol_flags_cover_every_field_and_reach_the_protocol(tmp_path, monkeypatch):
+    """The protocol options are generated from LoopProtocol: one per field (but acquisition and
+    seed), and each given value arrives in the run's protocol; unset ones keep the preset's."""
+    import dataclasses
+
+    import fastbald.experiments.mnist as mnist
+    from fastbald.loop import LoopProtocol
+
+    seen = []
+    monkeypatch.setattr(mnist, "run_mnist", lambda a, s, out, protocol, **kw: seen.append(protocol) or [])
+    fields = {f.name for f in dataclasses.fields(LoopProtocol)}
+    assert {kw["dest"] for _, kw in cli.protocol_flags()} == fields - {"acquisition", "seed"}
+    argv = ["experiment", "mnist", "--synthetic", "400", "-q", "--out", str(tmp_path),
+            "--initial", "30", "--unbalanced-initial", "--validation", "7", "--per-round", "5",
+            "--rounds", "3", "--epochs", "4", "--batch-size", "16", "--lr", "0.01",
+            "--weight-decay-c", "0", "--weight-decay-scope", "dense", "-T", "9",
+            "--pool-subset", "50", "--deterministic-model", "--score-block-size", "64",
+            "--test-subset", "40", "--seed", "2"]
+    assert main(argv) == 0
+    want = LoopProtocol(acquisition="bald", seed=2, initial=30, balanced_initial=False,
+                        validation=7, per_round=5, rounds=3, epochs=4, batch_size=16, lr=0.01,
+                        weight_decay_c=0.0, weight_decay_scope="dense", T=9, pool_subset=50,
+                        deterministic_model=True, score_block_size=64, test_subset=40)
+    assert seen == [want]
+    # every field but acquisition differs from the default: the argv above covers them all
+    assert LoopProtocol().differences(want, ignore=()) and len(LoopProtocol().differences(want, ignore=())) == len(fields) - 1
+    # a preset's values stay unless given; "all" removes a preset's subset
+    seen.clear()
+    assert main(["experiment", "mnist", "--synthetic", "400", "-q", "--out", str(tmp_path),
+                 "--preset", "demo", "--acquisition", "random", "--no-report"]) == 0
+    assert (seen[0].pool_subset, seen[0].rounds, seen[0].T) == (2000, 10, 20)
+    seen.clear()
+    assert main(["experiment", "mnist", "--synthetic", "400", "-q", "--out", str(tmp_path),
+                 "--preset", "demo", "--acquisition", "random", "--pool-subset", "all", "--no-report"]) == 0
+    assert seen[0].pool_subset is None and seen[0].test_subset == 2000
+
+
+@pytest.mark.parametrize(
+    "kind, lo, strict, text, message",
+    [
+        (int, 1, False, "0", "expected an integer >= 1, got 0"),
+        (int, 0, False, "1.5", "expected an integer, got '1.5'"),
+        (float, 0, True, "0", "expected a positive number, got 0"),
+        (float, 0, False, "nan", "expected a number >= 0, got nan"),
+        (float, 0, False, "x", "expected a number, got 'x'"),
+    ],
+)
+def test_number_parser(kind, lo, strict, text, message):
+    import argparse
+
+    parse = cli._number(kind, lo, strict=strict)
+    with pytest.raises(argparse.ArgumentTypeError, match=message.replace(".", r"\.")):
+        parse(text)
+    assert parse("3") == kind(3)
