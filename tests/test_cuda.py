@@ -541,6 +541,76 @@ def test_emulated_bad_items(emulator: Path, plan: dict, C: int) -> None:
     assert run(p, kind=2)["status"] == 0
 
 
+def nan_rule_variation_ratio(x: torch.Tensor) -> torch.Tensor:
+    """The variation ratio by the rule of scores_math.h's row_max_argmax, which also defines the
+    vote of a NaN row: the argmax (ties: lowest class) is frozen at the row's first NaN, so a row
+    votes for the argmax of the classes before its first NaN (class 0 when that is class 0)."""
+    N, T, C = x.shape
+    vr = torch.empty(N, dtype=torch.float64)
+    for n in range(N):
+        votes = []
+        for t in range(T):
+            row = x[n, t].double()
+            nan = torch.nonzero(torch.isnan(row))
+            f = int(nan[0]) if len(nan) else C
+            votes.append(int(torch.argmax(row[:f])) if f > 0 else 0)
+        vr[n] = 1.0 - max(votes.count(v) for v in set(votes)) / T
+    return vr
+
+
+NAN_PLANS = [
+    ({}, 10),
+    ({}, 40),
+    ({"row_lanes": 4}, 37),
+    ({"row_lanes": 32}, 70),
+    ({"force_generic": 1}, 12),
+    ({"force_path": 1}, 12),
+    ({"force_path": 1, "force_args": 1}, 40),
+]
+
+
+@pytest.mark.parametrize(
+    ("plan", "C"),
+    NAN_PLANS,
+    ids=[
+        (",".join(f"{k}={v}" for k, v in p.items()) or "default") + f"-C{c}" for p, c in NAN_PLANS
+    ],
+)
+def test_emulated_invalid_rows_without_check(emulator: Path, plan: dict, C: int) -> None:
+    """check_finite=False with NaN / +inf / fully masked rows: the item's outputs are NaN but for
+    the variation ratio, whose votes follow the CPU's rule (NaN rows included); the other items
+    are scored as usual."""
+    g = torch.Generator().manual_seed(C)
+    N, T = 12, 5
+    x = torch.randn(N, T, C, generator=g) * 3
+    for n in range(8):
+        for t in range(T):
+            if (n + t) % 3:
+                x[n, t, (n * 7 + t * 3) % C] = math.nan
+    x[8, :, 0] = math.nan  # a NaN in class 0: votes for class 0
+    x[9, 1, :] = -math.inf  # every class masked
+    x[10, 3, 2 % C] = math.inf
+    bad = torch.arange(N) < 11
+    rule = nan_rule_variation_ratio(x)
+    for metrics in (ALL, 1 << 3, (1 << 3) | 1):
+        _, out = emu_run(emulator, x, check=False, metrics=metrics, block=64, **plan)
+        assert not (out == SENTINEL).any()
+        vr = out[3].double()
+        assert (vr - rule).abs().max().item() <= 1e-6, (vr, rule)
+        for i in range(7):
+            if i != 3 and metrics >> i & 1:
+                assert torch.isnan(out[i][bad]).all(), METRICS[i]
+        ref = oracle(x[~bad].double(), "logits")
+        for i in range(7):
+            if metrics >> i & 1:
+                assert (out[i][~bad].double() - ref[i]).abs().max().item() <= 1e-5, METRICS[i]
+        if _ops.native_available(torch.device("cpu")):
+            cpu = torch.ops.fastbald.pool_scores(x, 0, metrics, False, 1e-4)
+            assert torch.equal(torch.isnan(cpu), torch.isnan(out))
+            if metrics == 1 << 3:  # the CPU's row_max_argmax path (see coord: its ALL path differs)
+                assert (cpu[3].double() - rule).abs().max().item() <= 1e-6
+
+
 H100 = {"smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024}
 A100 = {"smem_optin": 163 * 1024, "smem_per_sm": 164 * 1024}
 H200 = H100  # same shared-memory limits per block and per SM
@@ -1032,6 +1102,38 @@ def test_cuda_streams_devices_and_empty() -> None:
             got = torch.ops.fastbald.pool_scores(x1, 0, ALL, True, 1e-4)
         assert got.device == x1.device
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_graph_capture() -> None:
+    """check_finite=False works inside a CUDA graph (replays follow the input); check_finite=True
+    raises a clear error at capture instead of breaking it with a host synchronisation."""
+    _cuda_native()
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(3000, 20, 10, generator=g) * 3).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up off the capture, as torch.cuda.graphs asks
+        torch.ops.fastbald.pool_scores(x, 0, ALL, False, 1e-4)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.fastbald.pool_scores(x, 0, ALL, False, 1e-4)
+    for scale in (1.0, 0.5):
+        x.mul_(scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = torch.ops.fastbald.pool_scores(x, 0, ALL, True, 1e-4)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    graph2 = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="check_finite=True cannot run while the CUDA stream"):
+        with torch.cuda.graph(graph2):
+            torch.ops.fastbald.pool_scores(x, 0, ALL, True, 1e-4)
+    torch.cuda.synchronize()
+    f = torch.compile(lambda x: fastbald.scores(x, check_finite=False).bald, mode="reduce-overhead")
+    for _ in range(3):
+        torch.testing.assert_close(f(x), fastbald.bald(x))
 
 
 @cuda

@@ -39,6 +39,9 @@ FB_DEV T shfl(T v, int src_lane) {
   return __shfl_sync(0xffffffffu, v, src_lane);
 }
 
+// Bit l set when lane l's p is true; every lane of the warp must call it.
+FB_DEV unsigned ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+
 FB_DEV void atomic_add_shared(int* p, int v) { atomicAdd(p, v); }
 FB_DEV void atomic_max_global(unsigned long long* p, unsigned long long v) { atomicMax(p, v); }
 
@@ -142,6 +145,16 @@ inline T shfl_xor(T v, int lane_mask) {
 template <class T>
 inline T shfl(T v, int src_lane) {
   return shfl_from(v, src_lane, false);
+}
+
+inline unsigned ballot(bool p) {
+  const int me = g_blk->cur, w = me / 32, l = me % 32;
+  g_blk->shfl_buf[static_cast<size_t>(w) * 32 + l] = p ? 1 : 0;
+  wait_at(kWaitWarp);
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= static_cast<unsigned>(g_blk->shfl_buf[static_cast<size_t>(w) * 32 + i] != 0) << i;
+  wait_at(kWaitWarp);
+  return r;
 }
 
 inline void atomic_add_shared(int* p, int v) { std::atomic_ref<int>(*p).fetch_add(v); }

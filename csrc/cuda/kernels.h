@@ -80,9 +80,12 @@ FB_DEV void warp_top2(double& top1, double& top2) {
 // One row processed by a group of G lanes, lane gl of the group taking classes gl, gl + G, ...
 // (`z(i)` loads the lane's i-th class; `sink(c, d, e)` receives the shifted logit and its exp).
 // Gives the row max m (the same on every lane of the group), with exps the row sums s and a, and
-// with need_arg the argmax (lowest index; -1 for a NaN row): row_max_argmax_index per lane, then
-// the group's (max, lowest index) merge. A lane with no class (C <= gl, or C = 0 for a group with
-// no row) takes part in the shuffles with m = -inf and empty sums.
+// with need_arg the argmax (lowest index): row_max_argmax_index per lane, then the group's
+// (max, lowest index) merge. A NaN row votes as on the CPU (math::row_max_argmax: the argmax is
+// frozen at the first NaN): the argmax of the classes before its first NaN, -1 (class 0) if that
+// is class 0; found in a second pass taken only when a row of the warp has a NaN max. A lane with
+// no class (C <= gl, or C = 0 for a group with no row) takes part in the shuffles with m = -inf
+// and empty sums. All 32 lanes of the warp must call it.
 template <class A, class I, class Load, class Sink>
 FB_DEV void group_row(const Load& z, I C, int gl, int lane, int G, bool exps, bool need_arg, A& m, I& arg, A& s,
                       A& a, Sink&& sink) {
@@ -103,6 +106,35 @@ FB_DEV void group_row(const Load& z, I C, int gl, int lane, int G, bool exps, bo
       ml = O::max(ml, mo);
     }
     first = group_bcast(first, lane, G);  // identical on every lane (NaN rows included)
+    if (dev::ballot(ml != ml) != 0) {  // warp-uniform: some row of the warp has a NaN
+      // The row's first NaN class f, then the argmax of the classes before it.
+      I fl = C;
+      for (I i = 0; i < Cl; ++i) {
+        const A v = z(i);
+        if (v != v) {
+          fl = gl + G * i;
+          break;
+        }
+      }
+      const I f = group_min(fl, G);
+      A pm = -a_inf<A>();
+      I pa = C;
+      for (I i = 0; i < Cl && gl + G * i < f; ++i) {
+        const A v = z(i);
+        if (pa == C || v > pm) {
+          pm = v;
+          pa = gl + G * i;
+        }
+      }
+      for (int o = G >> 1; o > 0; o >>= 1) {
+        const A mo = dev::shfl_xor(pm, o);
+        const I fo = dev::shfl_xor(pa, o);
+        if (mo > pm || (mo == pm && fo < pa)) pa = fo;
+        pm = mo > pm ? mo : pm;
+      }
+      pa = group_bcast(pa, lane, G);
+      if (ml != ml) first = pa;  // C (no class before the NaN): votes class 0
+    }
   } else {
     if (Cl > 0) ml = math::row_max<A>(z, Cl);
     for (int o = G >> 1; o > 0; o >>= 1) ml = O::max(ml, dev::shfl_xor(ml, o));
@@ -120,9 +152,11 @@ FB_DEV void group_row(const Load& z, I C, int gl, int lane, int G, bool exps, bo
 }
 
 // The 7 outputs of item n; lane k < 7 of the calling warp writes metric k (NaN if not requested).
+// `invalid`: a row of the item has a max that is not finite (NaN, +inf, every class masked; only
+// reachable with check_finite=False): every output but the variation ratio is NaN, as on the CPU.
 template <class A>
 FB_DEV void write_outputs(const Params& P, int64_t n, int lane, double ent, double h, double kl, int modal,
-                          double sd, double top1, double top2) {
+                          double sd, double top1, double top2, bool invalid) {
   if (lane >= math::kNumMetrics) return;
   const double inv_T = P.inv_T;
   double v = 0;
@@ -135,12 +169,25 @@ FB_DEV void write_outputs(const Params& P, int64_t n, int lane, double ent, doub
     case math::kMargin: v = top1 - top2; break;
     default: v = 1.0 - top1; break;
   }
+  if (invalid && lane != math::kVariationRatio) v = std::numeric_limits<double>::quiet_NaN();
   A* out = static_cast<A*>(P.out);
   out[lane * P.N + n] = ((P.metrics >> lane) & 1) ? static_cast<A>(v) : std::numeric_limits<A>::quiet_NaN();
 }
 
 FB_DEV void mark_bad(const Params& P, int64_t n) {
   dev::atomic_max_global(P.flag, ~0ull - static_cast<unsigned long long>(n));
+}
+
+// Warp-aggregated mark_bad: the lowest item n among the lanes with `bad` set, flagged with one
+// atomic by the lowest such lane (a ballot, and nothing more, when no lane is bad). All 32 lanes
+// of the warp must call it.
+FB_DEV void mark_bad_warp(const Params& P, bool bad, int64_t n) {
+  const unsigned b = dev::ballot(bad);
+  if (b == 0) return;
+  unsigned long long v = bad ? ~0ull - static_cast<unsigned long long>(n) : 0ull;
+  v = group_imax(v, 32);
+  const int lane = dev::tid() & 31;
+  if (bad && (b & ((1u << lane) - 1u)) == 0) dev::atomic_max_global(P.flag, v);
 }
 
 // Finite-check of a row (max not finite: NaN, +inf or all -inf; for probs also |sum p - 1| > tol,
@@ -403,20 +450,24 @@ struct TileKernel {
         group_row<A, int>(z, Ce, gl, lane, G, exps, need_vr, m, arg, s, a,
                           [row](int c, const A& d, const A&) { row[c] = d; });
       }
+      bool bad = false;
       if (active && gl == 0) {
         if (exps) {
-          const A ls = math::Ops<A>::log(s);
+          // A row whose max is not finite gets NaN stats: its item's outputs are NaN (reduce()).
+          const bool fin = m > -a_inf<A>() && m < a_inf<A>();
+          const A ls = fin ? math::Ops<A>::log(s) : std::numeric_limits<A>::quiet_NaN();
           const A inv = A(1) / s;
           rls[rs] = ls;
           rinv[rs] = inv;
           rh[rs] = math::row_entropy(ls, a, inv);
         }
-        if (row_bad<A>(P, m, exps, s)) mark_bad(P, n0 + j);
+        bad = row_bad<A>(P, m, exps, s);
         if (need_vr) {
           const int ai = arg < 0 ? 0 : (arg >= C ? C - 1 : arg);
           dev::atomic_add_shared(&cnt[j * C + ai], 1);
         }
       }
+      if (P.check) mark_bad_warp(P, bad, n0 + j);  // uniform: every lane of the block is here
     }
   }
 
@@ -512,8 +563,13 @@ struct TileKernel {
         }
         if (need_vr) modal = cnt[w] > modal ? cnt[w] : modal;
       }
-      if (needs.entropy_t) {
-        for (int t = lane; t < T; t += 32) h += static_cast<double>(rh[row_of(j, t)]);
+      int invalid = 0;  // a row with a non-finite max (its log s is NaN: rows())
+      if (needs.exps) {
+        for (int t = lane; t < T; t += 32) {
+          const A ls = rls[row_of(j, t)];
+          invalid |= ls != ls;
+          if (needs.entropy_t) h += static_cast<double>(rh[row_of(j, t)]);
+        }
       }
       ent = warp_sum(ent);
       kl = warp_sum(kl);
@@ -521,7 +577,8 @@ struct TileKernel {
       h = warp_sum(h);
       modal = warp_imax(modal);
       warp_top2(top1, top2);
-      write_outputs<A>(P, n0 + j, lane, ent, h, kl, modal, sd, top1, top2);
+      invalid = warp_imax(invalid);
+      write_outputs<A>(P, n0 + j, lane, ent, h, kl, modal, sd, top1, top2, invalid != 0);
     }
   }
 
@@ -577,6 +634,8 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
     dev::sync();
     // Pass A: warp per row.
     double h = 0;
+    bool bad = false;
+    int invalid = 0;  // a row with a non-finite max: the item's outputs but the vote are NaN
     for (int64_t t = warp; t < T; t += nwarps) {
       const S* row = base + t * P.sT;
       const int64_t sC = P.sC;
@@ -594,7 +653,8 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
           rls[t] = ls;
           h += static_cast<double>(math::row_entropy(ls, a, A(1) / s));
         }
-        if (row_bad<A>(P, m, needs.exps, s)) mark_bad(P, n);
+        bad = bad || row_bad<A>(P, m, needs.exps, s);
+        invalid |= !(m > -a_inf<A>() && m < a_inf<A>());
         if (need_vr) {
           const int64_t ai = arg < 0 ? 0 : (arg >= C ? C - 1 : arg);
           if (P.cnt_mode) {
@@ -605,6 +665,7 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
         }
       }
     }
+    if (P.check) mark_bad_warp(P, bad, n);  // one atomic per warp with a bad row
     dev::sync();
     // Pass B: thread per class.
     double ent = 0, kl = 0, sd = 0, top1 = 0, top2 = 0;
@@ -656,6 +717,7 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
     h = warp_sum(h);
     modal = warp_imax(modal);
     warp_top2(top1, top2);
+    invalid = warp_imax(invalid);
     if (lane == 0) {
       double* r = red + warp * 8;
       r[0] = ent;
@@ -665,11 +727,13 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
       r[4] = top1;
       r[5] = top2;
       r[6] = static_cast<double>(modal);
+      r[7] = static_cast<double>(invalid);
     }
     dev::sync();
     if (warp == 0) {
       ent = kl = sd = h = top1 = top2 = 0;
       modal = 0;
+      invalid = 0;
       if (lane < nwarps) {
         const double* r = red + lane * 8;
         ent = r[0];
@@ -679,6 +743,7 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
         top1 = r[4];
         top2 = r[5];
         modal = static_cast<int>(r[6]);
+        invalid = static_cast<int>(r[7]);
       }
       ent = warp_sum(ent);
       kl = warp_sum(kl);
@@ -686,7 +751,8 @@ FB_DEV void stream_body(const Params& P, unsigned char* smem) {
       h = warp_sum(h);
       modal = warp_imax(modal);
       warp_top2(top1, top2);
-      write_outputs<A>(P, n, lane, ent, h, kl, modal, sd, top1, top2);
+      invalid = warp_imax(invalid);
+      write_outputs<A>(P, n, lane, ent, h, kl, modal, sd, top1, top2, invalid != 0);
     }
     dev::sync();
   }
