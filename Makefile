@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: setup build demo test test-fast bench lint cuda-check clean
+.PHONY: setup build demo test test-fast bench lint cuda-check emu-check clean
 
 setup: build
 
@@ -52,6 +52,11 @@ lint: $(DEPS_STAMP)
 
 cuda-check: $(DEPS_STAMP)
 	bash scripts/check_cuda_build.sh
+
+# The CUDA kernel bodies run in the CPU emulator (csrc/cuda/emu): the case table at blocks 64 and
+# 256, the seeded fuzz, and both under ASan/UBSan. `make test` runs them too; this is the short loop.
+emu-check: $(DEPS_STAMP)
+	$(PY) -m pytest -q tests/test_cuda.py -k "emulat or fuzz or asan or padded_flat or invalid_rows"
 
 clean:
 	rm -rf build fastbald/*.so

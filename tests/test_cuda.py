@@ -5,10 +5,14 @@ Four groups:
 * **Host emulation** (runs on any machine with g++, no GPU): csrc/cuda/kernels.h and plan.h, the
   very sources nvcc compiles, built against a std::thread implementation of the device primitives
   (csrc/cuda/device_compat.h, csrc/cuda/emu/emu_main.cpp). Every case of ``CASES`` runs through the
-  emulated kernels and is compared with the float64 reference, with the output pre-filled with a
-  sentinel (an element the kernels forget to write fails) and shared memory poisoned before every
-  block. A shuffle or barrier reached by only part of a warp/block deadlocks the emulator: the
-  subprocess timeout turns that into a failure.
+  emulated kernels at block 64 and at the production block 256 and is compared with the float64
+  reference, with the output pre-filled with a sentinel (an element the kernels forget to write
+  fails) and shared memory poisoned before every block. A shuffle or barrier reached by only part
+  of a warp/block deadlocks the emulator: the subprocess timeout turns that into a failure. A
+  seeded random fuzz (``fuzz_case``: shapes, dtypes, axis orders, strided/padded/broadcast views
+  with NaN in the gaps, storage offsets, kinds, metric subsets, forced plans, block sizes, device
+  limits, bad items) checks the same way; the table and the fuzz run again on an ASan/UBSan build
+  whose input storage and shared memory have their exact sizes (out-of-bounds accesses abort).
 * **Plans** (emulator in plan-only mode): which kernel and configuration real GPU sizes get, with
   H100 and A100 shared-memory limits.
 * **CUDA** (``pytest.mark.cuda``, skipped without a CUDA device): every case of ``CASES`` on the

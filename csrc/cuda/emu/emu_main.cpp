@@ -1,8 +1,9 @@
 // Host emulation of the CUDA pool-score kernels (see ../device_compat.h and ../NOTES.md).
 //
 // Built by tests/test_cuda.py with plain g++ (no torch, no CUDA), and a second time with
-// AddressSanitizer + UndefinedBehaviorSanitizer (scripts/emu_build.sh shows both command lines):
+// AddressSanitizer + UndefinedBehaviorSanitizer (the flags: EMU_FLAGS in tests/test_cuda.py):
 //   g++ -std=c++20 -O1 -I csrc csrc/cuda/emu/emu_main.cpp -o <exe>
+//   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -I csrc ... -o <exe>
 // The input storage and the block's shared memory are allocated at their exact sizes (no slack),
 // so under ASan a read or write one byte past either is a heap-buffer-overflow.
 // Usage: <exe> IN OUT. IN holds the problem (header + raw input storage, written by the test), OUT
