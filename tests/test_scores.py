@@ -160,6 +160,44 @@ def test_non_contiguous_strides():
         assert_close(ps, ref(v.contiguous()), 1e-5, name)
 
 
+def _vr_first_nan_rule(x: torch.Tensor) -> torch.Tensor:
+    """Variation ratio when rows may hold NaN: each row votes for the argmax (ties: lowest class)
+    of its classes before its first NaN, class 0 when the NaN is at class 0."""
+    N, T, C = x.shape
+    vr = torch.empty(N, dtype=torch.float64)
+    for n in range(N):
+        votes = []
+        for t in range(T):
+            row = x[n, t]
+            nan = torch.isnan(row).nonzero()
+            k = int(nan[0]) if len(nan) else C
+            votes.append(int(torch.argmax(row[:k])) if k > 0 else 0)
+        vr[n] = 1 - max(votes.count(v) for v in set(votes)) / T
+    return vr
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40), (37, 20, 10), (19, 3, 7), (5, 40, 100)], ids=str)
+def test_unchecked_nan_rows_vote_by_one_rule(shape):
+    """check_finite=False: the variation ratio of items with NaN logits does not depend on which
+    other metrics are asked for nor on the kernel (group, row), and follows the first-NaN rule."""
+    N, T, C = shape
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(*shape, generator=g) * 3
+    x[0, 1, 5 % C] = math.nan
+    x[1, :, 0] = math.nan
+    x[2, :, C - 1] = math.nan
+    x[-1, T - 1, C // 2] = math.nan
+    x[-1, 0, :] = math.nan
+    want = _vr_first_nan_rule(x)
+    k = METRICS.index("variation_ratio")
+    for force_row in (False, True):
+        with cpu_kernel_forced_to_rows(force_row):
+            every = pool_scores_op(x, check_finite=False)[k].double()
+            alone = pool_scores_op(x, metrics=["variation_ratio"], check_finite=False)[k].double()
+        assert torch.allclose(every, want, atol=1e-6), (force_row, every, want)
+        assert torch.allclose(alone, want, atol=1e-6), (force_row, alone, want)
+
+
 def test_extreme_logits_and_masks():
     g = torch.Generator().manual_seed(11)
     x = torch.randn(50, 12, 9, generator=g) * 1e4

@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -278,6 +279,29 @@ struct GroupKernel : Problem<scalar_t, A> {
     }
   }
 
+  // check_finite=False only: the rows of the lanes not set in `ok` hold a NaN (or +inf) logit, and
+  // the exps path's one-instruction max (max_fast) lets their argmax move past a NaN. Their argmax
+  // is taken again from the input by the rule of math::row_max_argmax (ties: lowest class; frozen
+  // once the max is NaN), which the item kernel, the VR-only path and the CUDA kernels follow.
+  void redo_nan_argmax(int64_t n0, int64_t nvalid, const V& ok, A* args) const {
+    alignas(64) A okarr[L];
+    ok.store(okarr);
+    for (int64_t l = 0; l < nvalid; ++l) {
+      if (okarr[l] != A(0)) continue;
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* row = x + (n0 + l) * sN + t * sT;
+        auto z = [this, row](int64_t c) {
+          const A v = static_cast<A>(row[c * sC]);
+          return kind == math::kProbs ? std::log(v) : v;
+        };
+        A m;
+        int64_t arg;
+        math::row_max_argmax_index<A, int64_t>(z, C, m, arg);
+        args[t * L + l] = static_cast<A>(arg);
+      }
+    }
+  }
+
   // Scores items n0 .. n0 + nvalid - 1. Returns the lane of the first bad item, or -1.
   // CT > 0 fixes C at compile time and kNTC the in-tile layout [T][C] (the common C = 10 case:
   // fully unrolled class loops, no stride arithmetic, the per-class accumulators and the row's
@@ -337,7 +361,8 @@ struct GroupKernel : Problem<scalar_t, A> {
       });
       const V log_s = O::log(sum);
       const V inv_s = one / sum;
-      if (check) ok = ok & O::eq(xa, xa);
+      // Unchecked input: lanes with a NaN (or +inf) logit are marked for redo_nan_argmax.
+      if (check || need_vr) ok = ok & O::eq(xa, xa);
       if (check && kind == math::kProbs) {
         const V dev = (sum * O::exp(at::vec::minimum(m, V(A(80)))) - one).abs();
         ok = ok & (dev <= V(static_cast<A>(tol)));
@@ -355,6 +380,8 @@ struct GroupKernel : Problem<scalar_t, A> {
       for (int64_t l = 0; l < nvalid; ++l) {
         if (okarr[l] == A(0)) return l;
       }
+    } else if (need_vr && needs.exps) {
+      redo_nan_argmax(n0, nvalid, ok, args);
     }
     const A inv_T = A(1) / static_cast<A>(T);
     auto put = [&](int k, const V& v) {
