@@ -101,65 +101,67 @@ def dropout_modules(*modules: nn.Module | None) -> list[nn.Module]:
     return out
 
 
+def _pair(got: Any, what: str) -> tuple[nn.Module, nn.Module]:
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise ValueError(f"{what} must be a (trunk, head) pair, got {got!r}")
+    for name, m in zip(("trunk", "head"), got, strict=True):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{what}: the {name} must be an nn.Module, got {type(m).__name__}")
+    return got[0], got[1]
+
+
 def resolve_split(
-    model: nn.Module | tuple[nn.Module, nn.Module] | None,
+    model: nn.Module | tuple[nn.Module, nn.Module],
     trunk_head: bool | tuple[nn.Module, nn.Module] | None = None,
 ) -> tuple[nn.Module | None, nn.Module]:
     """Decide how to run ``model``: ``(trunk, head)`` (trunk once, head T times) or
     ``(None, model)`` (T full passes).
 
     Args:
-        model: a module, or a ``(trunk, head)`` pair.
-        trunk_head: ``None`` (auto: an explicit pair, else ``model.split()``, else
-            ``model.trunk``/``model.head``, else full passes), ``True`` (require a split),
-            ``False`` (force T full passes, e.g. for benchmarks) or an explicit pair.
+        model: an ``nn.Module``, or an explicit ``(trunk, head)`` pair of modules.
+        trunk_head: ``None`` (auto: the explicit pair, else the pair returned by the module's
+            ``split()`` method if it has one, else T full passes), ``True`` (a split is
+            required), ``False`` (T full passes, e.g. for benchmarks), or an explicit
+            ``(trunk, head)`` pair (the same as passing the pair as ``model``).
 
-    An explicit split whose trunk contains dropout raises ValueError (the trunk would not be
-    deterministic); an auto-detected one falls back to full passes with a warning.
+    Nothing else is inferred: attributes named ``trunk``/``head`` are not looked at. An explicit
+    split (a pair, or ``trunk_head=True``) whose trunk contains dropout raises ValueError (the
+    trunk would not be deterministic); a ``split()`` found automatically falls back to T full
+    passes with a warning.
     """
-    explicit = False
     pair: tuple[nn.Module, nn.Module] | None = None
-    if isinstance(model, (tuple, list)):
-        if len(model) != 2:
-            raise ValueError("model given as a sequence must be a (trunk, head) pair")
-        pair, explicit = (model[0], model[1]), True
     if isinstance(trunk_head, (tuple, list)):
-        if len(trunk_head) != 2:
-            raise ValueError("trunk_head must be a (trunk, head) pair, a bool or None")
-        pair, explicit = (trunk_head[0], trunk_head[1]), True
+        if isinstance(model, (tuple, list)):
+            raise ValueError("give the (trunk, head) pair once: as model or as trunk_head")
+        pair = _pair(trunk_head, "trunk_head")
     elif trunk_head is not None and not isinstance(trunk_head, bool):
         raise TypeError(f"trunk_head must be a (trunk, head) pair, a bool or None, got {trunk_head!r}")
+    if isinstance(model, (tuple, list)):
+        pair = _pair(model, "model")
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a (trunk, head) pair, got {type(model).__name__}")
+    explicit = pair is not None or trunk_head is True
     if trunk_head is False:
-        if pair is not None and model is not None and isinstance(model, nn.Module):
+        if isinstance(model, nn.Module):
             return None, model
-        if pair is not None:  # only a pair given: run it as one sequential model
-            return None, nn.Sequential(pair[0], pair[1])
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        return None, model
-    if pair is None and isinstance(model, nn.Module):
+        assert pair is not None
+        return None, nn.Sequential(*pair)  # only a pair given: run it as one model
+    if pair is None:
         split = getattr(model, "split", None)
-        if callable(split):
-            got = split()
-            if isinstance(got, (tuple, list)) and len(got) == 2:
-                pair = (got[0], got[1])
-        if pair is None:
-            t, h = getattr(model, "trunk", None), getattr(model, "head", None)
-            if isinstance(t, nn.Module) and isinstance(h, nn.Module):
-                pair = (t, h)
-        explicit = trunk_head is True
+        got = split() if callable(split) else None
+        if (
+            isinstance(got, (tuple, list))
+            and len(got) == 2
+            and all(isinstance(m, nn.Module) for m in got)
+        ):
+            pair = (got[0], got[1])
     if pair is None:
         if trunk_head is True:
             raise ValueError(
                 "trunk_head=True but the model exposes no split(): pass trunk_head=(trunk, head)"
             )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        return None, model
+        return None, model  # type: ignore[return-value]
     trunk, head = pair
-    for name, m in (("trunk", trunk), ("head", head)):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
     if dropout_modules(trunk):
         msg = (
             "the trunk contains dropout layers, so it is not deterministic and cannot run once "
@@ -168,9 +170,7 @@ def resolve_split(
         if explicit:
             raise ValueError(msg)
         warnings.warn(msg + " (running T full passes instead)", RuntimeWarning, stacklevel=3)
-        if not isinstance(model, nn.Module):
-            return None, nn.Sequential(trunk, head)
-        return None, model
+        return None, model  # type: ignore[return-value]
     return trunk, head
 
 

@@ -316,3 +316,35 @@ def test_fused_head_follows_weight_changes_and_falls_back() -> None:
     assert match_mlp_head(m.head) is None
     assert match_mlp_head(nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 4), nn.Tanh(),
                                         nn.Dropout(0.1), nn.Linear(4, 2))) is None
+
+
+def test_resolve_split_module_or_explicit_pair_only() -> None:
+    m = _model()
+    assert resolve_split(m) == (m.trunk, m.head)  # its split() method
+    assert resolve_split((m.trunk, m.head)) == (m.trunk, m.head)
+    assert resolve_split(m, (m.trunk, m.head)) == (m.trunk, m.head)
+
+    class Attrs(nn.Module):  # trunk/head attributes but no split(): not inferred
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.head = nn.Flatten(), nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.trunk(x))
+
+    a = Attrs()
+    assert resolve_split(a) == (None, a)
+    with pytest.raises(ValueError, match="exposes no split"):
+        resolve_split(a, True)
+    full, seq = resolve_split((m.trunk, m.head), False)
+    assert full is None and isinstance(seq, nn.Sequential) and list(seq) == [m.trunk, m.head]
+    with pytest.raises(ValueError, match="pair once"):
+        resolve_split((m.trunk, m.head), (m.trunk, m.head))
+    with pytest.raises(ValueError, match="pair"):
+        resolve_split((m.trunk,))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="head must be an nn.Module"):
+        resolve_split((m.trunk, "head"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        resolve_split("model")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="trunk_head must be"):
+        resolve_split(m, 3)  # type: ignore[arg-type]
