@@ -11,7 +11,8 @@ Environment:
   FASTBALD_FORCE_CUDA=1   build them even with no GPU present (needs nvcc + a CUDA build of torch)
   FASTBALD_CUDA_ONLY=1    build only fastbald._C (with the CUDA kernels): the CUDA build check
   FASTBALD_PTXAS_VERBOSE=1  print ptxas' per-kernel resource usage (registers, spills, smem)
-  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0+PTX"); PTX of the last listed arch is always
+                          embedded ("+PTX" added if missing) so newer GPUs JIT the kernels
   FASTBALD_DEBUG=1        -O0 -g
 """
 
@@ -22,7 +23,9 @@ import os
 import platform
 
 os.environ.setdefault("CUDA_HOME", "/usr/local/cuda") if os.path.isdir("/usr/local/cuda") else None
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+if "PTX" not in os.environ["TORCH_CUDA_ARCH_LIST"].upper():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["TORCH_CUDA_ARCH_LIST"].rstrip("; ") + "+PTX"
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402

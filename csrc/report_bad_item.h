@@ -45,8 +45,29 @@ template <class scalar_t>
                         ") sums to ", sum, ", not 1 (tolerance ", tol, ")");
     }
   }
-  TORCH_CHECK_VALUE(false, "fastbald::pool_scores: pool item ", n,
-                    " is invalid (its probabilities do not sum to 1 within tolerance ", tol, ")");
+  // Every element passes the host's float64 re-check, yet the kernel flagged the item.
+  if (kind == math::kProbs) {
+    // A row sum within tol of 1 in float64 but not in the kernel's arithmetic (float for
+    // float/half/bfloat16 input): name the sample closest to the edge.
+    int64_t worst_t = 0;
+    double worst_sum = 1.0;
+    for (int64_t t = 0; t < T; ++t) {
+      double sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(item[t * sT + c * sC]);
+      if (std::abs(sum - 1.0) > std::abs(worst_sum - 1.0) || t == 0) {
+        worst_t = t;
+        worst_sum = sum;
+      }
+    }
+    TORCH_CHECK_VALUE(false, "fastbald::pool_scores: input='probs' but pool item ", n, " (sample ", worst_t,
+                      ") sums to ", worst_sum, ", within the tolerance ", tol, " of 1 in float64 but not in the kernel's ",
+                      sizeof(scalar_t) < 8 ? "float32" : "float64",
+                      " sum; raise prob_tol or renormalise the probabilities");
+  }
+  TORCH_CHECK_VALUE(false, "fastbald::pool_scores: the kernel flagged pool item ", n, " (input='",
+                    kind == math::kLogProbs ? "log_probs" : "logits",
+                    "') as invalid, but on the host every sample has a finite maximum and no NaN or +inf; "
+                    "this is a bug in fastbald, please report it (check_finite=False skips the check)");
 }
 
 }  // namespace fastbald

@@ -2,14 +2,15 @@
 # CUDA build check (no GPU needed): builds fastbald._C with the CUDA kernels
 # (FASTBALD_FORCE_CUDA=1) for sm_80 and sm_90, with every warning an error and ptxas spills
 # reported as errors, into a scratch directory (never touching the in-place build the tests use),
-# then checks with cuobjdump that the library carries sm_80 and sm_90 machine code.
+# then checks with cuobjdump that the library carries sm_80 and sm_90 machine code and compute_90
+# PTX (so that GPUs newer than sm_90 JIT the kernels instead of failing with "no kernel image").
 #
 # Usage: scripts/check_cuda_build.sh [OUTDIR]
 #   OUTDIR (default: a fresh temporary directory, removed at exit) receives build.log and
 #   ptxas.txt (per-kernel registers / spills / shared memory).
 # Environment: PYTHON (default .venv/bin/python), MAX_JOBS (default 1), CUOBJDUMP (default: the
 #   CUDA toolkit's, else the one shipped in triton's wheel).
-# Exit status: 0 when it compiled and both architectures are present, non-zero otherwise.
+# Exit status: 0 when it compiled and both architectures and the PTX are present, non-zero otherwise.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,7 +47,7 @@ set +e
 (
   cd "$SRC" &&
     FASTBALD_FORCE_CUDA=1 FASTBALD_CUDA_ONLY=1 FASTBALD_PTXAS_VERBOSE=1 \
-      TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS="${MAX_JOBS:-1}" \
+      TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" MAX_JOBS="${MAX_JOBS:-1}" \
       "$PY" setup.py build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp"
 ) >"$OUT/build.log" 2>&1
 rc=$?
@@ -128,6 +129,10 @@ echo "$ELF"
 for a in "${ARCHS[@]}"; do
   grep -q "sm_${a}" <<<"$ELF" || fail "$SO carries no sm_${a} machine code"
 done
+# PTX of the newest architecture, for the JIT on newer GPUs.
+PTX="$("$CUOBJDUMP" --list-ptx "$SO")" || fail "cuobjdump --list-ptx failed on $SO"
+echo "$PTX"
+grep -q "sm_${ARCHS[-1]}\|compute_${ARCHS[-1]}" <<<"$PTX" || fail "$SO carries no compute_${ARCHS[-1]} PTX"
 # The library loads (all symbols resolve against the installed torch; no GPU needed) and registers
 # the CUDA implementation of the op.
 "$PY" - "$SO" <<'EOF' || fail "$SO does not load or does not register fastbald::pool_scores for CUDA"
@@ -141,4 +146,4 @@ assert torch._C._dispatch_has_kernel_for_dispatch_key("fastbald::pool_scores", "
 print("check_cuda_build: library loads; fastbald::pool_scores has a CUDA kernel")
 EOF
 
-echo "check_cuda_build: OK ($(basename "$SO"): sm_${ARCHS[0]} and sm_${ARCHS[1]} ELF, no spills, $(du -k "$SO" | cut -f1) KB)"
+echo "check_cuda_build: OK ($(basename "$SO"): sm_${ARCHS[0]} and sm_${ARCHS[1]} ELF, compute_${ARCHS[1]} PTX, no spills, $(du -k "$SO" | cut -f1) KB)"

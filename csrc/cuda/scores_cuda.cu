@@ -148,6 +148,17 @@ at::Tensor pool_scores_cuda(const at::Tensor& x, int64_t input_kind, int64_t met
   P.tol = prob_tol;
   at::Tensor flag;
   if (check_finite) {
+    // The finite check reads the kernel's flag back on the host (to raise the error naming the first
+    // bad item, like the CPU op), which a stream being captured into a CUDA graph cannot do: the
+    // synchronisation would invalidate the capture with an opaque error. Say so before anything is
+    // enqueued (the capture stays valid).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+                "fastbald::pool_scores: check_finite=True cannot run while the CUDA stream is being captured into "
+                "a graph (CUDA graphs, torch.compile(mode=\"reduce-overhead\")): the check reads a flag back to the "
+                "host to name the first bad pool item. Pass check_finite=False inside the graph (an invalid item "
+                "then scores NaN, but for its variation ratio) and validate the inputs outside it if needed.");
     flag = at::empty({1}, x.options().dtype(at::kLong));
     C10_CUDA_CHECK(cudaMemsetAsync(flag.data_ptr(), 0, sizeof(unsigned long long), stream));
     P.flag = reinterpret_cast<unsigned long long*>(flag.data_ptr());
