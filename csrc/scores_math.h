@@ -258,5 +258,134 @@ FB_HD A variation_ratio_inv(int64_t modal_count, A inv_T) {
   return A(1) - static_cast<A>(modal_count) * inv_T;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Base-2 form of the per-row math for rows held in registers with a compile-time class count C
+// (the CUDA item kernel, csrc/cuda/item_kernel.h; any scalar caller can use it). Same definitions
+// as above, with the exponentials and logarithms taken in base 2: a shifted logit d (nats, clamped
+// at exp_floor) becomes d2 = d * log2(e) and e = 2^d2, so the exp is one ex2 on the device; the
+// log-probabilities are kept as lp2 = d2 - log2 s (bits) and the KL sum is converted to nats once
+// per item. The subtraction z - m is done before scaling (as shifted()), so large logits lose no
+// accuracy. Accuracy (float, the CUDA approximations ex2/lg2/rcp/sqrt.approx.ftz): within 1e-5
+// nats of float64 on the emulator's case table.
+template <class A>
+struct Base2;
+template <>
+struct Base2<float> {
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2 = 0.693147180559945309f;
+  // log_floor in bits: log2 pbar is floored here (a class masked in every sample has pbar = 0).
+  static constexpr float log2_floor = Limits<float>::log_floor * 1.44269504088896341f;
+  // exp_floor in bits (2^-125.5 is still a normal float).
+  static constexpr float exp2_floor = Limits<float>::exp_floor * 1.44269504088896341f;
+};
+
+// One-instruction primitives on the device (MUFU ex2 / lg2 / rcp / sqrt, flush-to-zero, ~2 ulp;
+// max.NaN), the libm equivalents on the host.
+FB_HD float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+FB_HD float fast_log2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::log2(x);
+#endif
+}
+FB_HD float fast_rcp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.0f / x;
+#endif
+}
+FB_HD float fast_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::sqrt(x);
+#endif
+}
+// max(a, b), NaN if either is NaN (one instruction on sm_80+; Ops<float>::max keeps a NaN of either
+// side too, but costs a compare and a select).
+FB_HD float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return (a != a || b != b) ? a + b : (a > b ? a : b);
+#endif
+}
+
+// Pass 1a: the row max (NaN-propagating) and, with kArg, the argmax (ties: lowest c; frozen once
+// the max is NaN), as row_max_argmax_index.
+template <int C, bool kArg>
+FB_HD float row_max_arg_n(const float (&z)[C], int& arg) {
+  float m = z[0];
+  arg = 0;
+  for (int c = 1; c < C; ++c) {
+    if constexpr (kArg) arg = z[c] > m ? c : arg;
+    m = max_nan(m, z[c]);
+  }
+  return m;
+}
+
+// Pass 1b: z[c] is replaced by d2_c = max(z_c log2(e) - m2, exp_floor log2(e)) with m2 = m log2(e)
+// (shifted(), in bits: one FFMA and one fmax per logit), e[c] = 2^d2_c; s = sum_c e_c and, with
+// kA, a2 = sum_c e_c d2_c (the row entropy in bits is log2 s - a2 / s). z_c log2(e) is exact inside
+// the FFMA; the rounding of m2 shifts every d2_c of the row by the same delta (|delta| <= |m| 2^-24
+// log2(e)), which cancels in p = e / s, in log2 p = d2 - log2 s and in the entropy, so large logits
+// lose no accuracy. The clamp is fmax, which drops a NaN: a row whose max is not finite must be
+// handled by the caller (row_nonfinite).
+template <int C, bool kA>
+FB_HD void row_exp2_n(float (&z)[C], float m, float (&e)[C], float& s, float& a2) {
+  const float m2 = m * Base2<float>::log2e;
+  s = 0.0f;
+  a2 = 0.0f;
+  for (int c = 0; c < C; ++c) {
+    const float d2 = std::fmax(std::fma(z[c], Base2<float>::log2e, -m2), Base2<float>::exp2_floor);
+    e[c] = fast_exp2(d2);
+    s += e[c];
+    if constexpr (kA) a2 += e[c] * d2;
+    z[c] = d2;
+  }
+}
+
+// A row max that is NaN, +inf or -inf (all classes masked): the row is invalid (the finite check's
+// condition); its sums are made NaN so that, with check_finite=False, its item's outputs are NaN
+// as on the CPU.
+FB_HD bool row_nonfinite(float m) { return !(std::fabs(m) < INFINITY); }
+
+// Entropy of a row in nats from its base-2 sums (row_entropy's clamp at 0).
+FB_HD float row_entropy2(float log2_s, float a2, float inv_s) {
+  const float h = (log2_s - a2 * inv_s) * Base2<float>::ln2;
+  return h > 0.0f ? h : 0.0f;
+}
+
+// log2 pbar floored at log2_floor (log_pbar in bits; pbar = 0 or a flushed subnormal give the
+// floor).
+FB_HD float log2_pbar(float pbar) { return std::fmax(fast_log2(pbar), Base2<float>::log2_floor); }
+
+// -pbar log pbar in nats from log2 pbar, 0 log 0 = 0 (neg_plogp).
+FB_HD float neg_plogp2(float pbar, float lpb2) { return pbar > 0.0f ? -pbar * lpb2 * Base2<float>::ln2 : 0.0f; }
+
+// Branch-free top2_update for values >= 0 (the same multiset semantics).
+FB_HD void top2_update_nb(float v, float& top1, float& top2) {
+  top2 = std::fmax(top2, std::fmin(top1, v));
+  top1 = std::fmax(top1, v);
+}
+
 }  // namespace math
 }  // namespace fastbald

@@ -1272,7 +1272,7 @@ def _item_cases() -> list[Case]:
     for block in (64, 256):
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             cs.append(Case(f"item-b{block}-{str(dt)[6:]}-20x10", (300, 20, 10), dt, block=block))
-        for C in (2, 3, 5, 7, 13, 16):
+        for C in (2, 3, 4, 5, 6, 8, 16):
             cs.append(Case(f"item-b{block}-C{C}", (70, 9, C), block=block))
     for G in (1, 2, 4, 8, 16, 32):
         cs.append(Case(f"item-G{G}-T37", (45, 37, 6), plan={"force_path": ITEM, "row_lanes": G}))
@@ -1285,19 +1285,31 @@ def _item_cases() -> list[Case]:
         Case("item-TC-odd", (33, 7, 5)),
         Case("item-TC-odd-f16", (33, 5, 6), torch.float16),
         Case("item-grid1-multichunk", (150, 6, 10), plan={"max_grid": 1}),
-        Case("item-grid3-b256", (700, 4, 12), plan={"max_grid": 3}, block=256),
+        Case("item-grid3-b256", (700, 4, 16), plan={"max_grid": 3}, block=256),
         Case("item-N1", (1, 20, 10)),
+        # Votes are packed into 64 / C bits per class and unpacked every 2^(64/C) - 1 rows of a lane.
+        Case("item-vote-unpack-C10", (20, 70, 10), plan={"force_path": ITEM, "row_lanes": 1}),
+        Case("item-vote-unpack-C16", (20, 37, 16), metrics=1 << 3, plan={"force_path": ITEM, "row_lanes": 1}),
         Case("item-masks-extreme", (17, 8, 10), special="masks"),
         Case("item-identical", (12, 9, 10), special="identical"),
-        Case("item-identical-G4", (12, 9, 10), special="identical", plan={"force_path": ITEM, "row_lanes": 4}),
+        Case(
+            "item-identical-G4",
+            (12, 9, 10),
+            special="identical",
+            plan={"force_path": ITEM, "row_lanes": 4},
+        ),
         Case("item-scale50", (21, 6, 10), scale=50.0),
         Case("item-scale0.01", (21, 6, 16), scale=0.01),
-        Case("item-log_probs", (40, 6, 9), kind="log_probs"),
+        Case("item-log_probs", (40, 6, 8), kind="log_probs"),
     ]
     for m in range(7):
-        cs.append(Case(f"item-only-{METRICS[m]}", (40, 6, 9), metrics=1 << m))
+        cs.append(Case(f"item-only-{METRICS[m]}", (40, 6, 8), metrics=1 << m))
     for m in (0b0000111, 0b1010101, (1 << 2) | (1 << 4)):
-        cs.append(Case(f"item-metrics{m}", (40, 6, 9), metrics=m, plan={"force_path": ITEM, "row_lanes": 2}))
+        cs.append(
+            Case(
+                f"item-metrics{m}", (40, 6, 8), metrics=m, plan={"force_path": ITEM, "row_lanes": 2}
+            )
+        )
     return cs
 
 
@@ -1310,7 +1322,12 @@ def test_emulated_item_kernel_matches_reference(emulator: Path, case: Case) -> N
     seeds = range(3) if "multichunk" in case.id else [zlib.crc32(case.id.encode())]
     for seed in seeds:
         info, out = emu_run(
-            emulator, x, kind=INPUT_KINDS.index(case.kind), metrics=case.metrics, seed=seed, **_emu_plan(case)
+            emulator,
+            x,
+            kind=INPUT_KINDS.index(case.kind),
+            metrics=case.metrics,
+            seed=seed,
+            **_emu_plan(case),
         )
         assert info["status"] == 0, info
         assert info["path"] == ITEM, f"expected the item kernel, got plan {info}"
@@ -1359,9 +1376,12 @@ def test_item_kernel_plans(emulator: Path) -> None:
     assert _plan(emulator, (1_000_000, 20, 10), limits=A100)["path"] == ITEM
     assert _plan(emulator, (1_000, 20, 16))["path"] == ITEM
     assert _plan(emulator, (1_000, 20, 17))["path"] == 0  # C > 16: no instantiation
+    assert _plan(emulator, (1_000, 20, 7))["path"] == 0  # C = 7: not instantiated (plan.h)
     assert _plan(emulator, (1_000, 20, 1))["path"] == 0
     assert _plan(emulator, (1_000, 20, 10), torch.float64)["path"] == 0
-    assert _plan(emulator, (1_000, 20, 10), kind=2)["path"] == 0  # probs: the tile kernel's log load
+    assert (
+        _plan(emulator, (1_000, 20, 10), kind=2)["path"] == 0
+    )  # probs: the tile kernel's log load
     assert _plan(emulator, (1_000, 20, 10), layout="TNC")["path"] == 0
     assert _plan(emulator, (1_000, 20, 10), layout="NCT")["path"] == 0
     assert _plan(emulator, (1_000, 20, 10), force_path=0)["path"] == 0

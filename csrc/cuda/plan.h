@@ -41,7 +41,22 @@ inline FastDiv make_fastdiv(int64_t d) {
   return f;
 }
 
-enum Path : int { kTilePath = 0, kStreamPath = 1 };
+enum Path : int { kTilePath = 0, kStreamPath = 1, kItemPath = 2 };
+
+// Item kernel (item_kernel.h): the class counts it is instantiated for (each costs ~7 s of nvcc
+// time per architecture and input type); other C take the tile kernel.
+#define FB_ITEM_CLASSES(X) X(2) X(3) X(4) X(5) X(6) X(8) X(10) X(16)
+constexpr int kItemMaxC = 16;
+inline bool item_has_classes(int64_t C) {
+  switch (C) {
+#define FB_ITEM_HAS(c) case c:
+    FB_ITEM_CLASSES(FB_ITEM_HAS)
+#undef FB_ITEM_HAS
+    return true;
+    default:
+      return false;
+  }
+}
 
 // How the tile kernel copies a chunk of items from global to shared memory.
 enum LoadMode : int {
@@ -87,6 +102,14 @@ struct Params {
   // Stream kernel.
   int cnt_mode;         // 1: C vote counters in shared memory; 0: T argmax indices
   int off_rm, off_args, off_red;
+  // Item kernel (row_lanes = G lanes per item, kk = block / G items per chunk, nchunks).
+  int it_tc;            // T * C
+  int it_stride;        // floats between consecutive items of the shared tile (>= T * C, % 4 == 0)
+  int it_vec;           // 16-byte loads (aligned start, T * C a multiple of 16 bytes of input)
+  int it_nvi;           // 16-byte vectors per item
+  int it_glog2;         // log2 G
+  int it_conflict;      // planned shared-memory conflict degree of the row reads (1: none)
+  FastDiv div_nvi, div_tc;
 };
 
 struct DeviceLimits {
@@ -105,7 +128,8 @@ struct PlanOverrides {
   int64_t max_grid = 0;         // cap on the grid (exercises the grid-stride loops)
   int force_args = 0;           // stream kernel: argmax indices instead of counters
   int force_kk = 0;             // tile kernel: items per chunk (if it fits)
-  int row_lanes = 0;            // tile kernel: lanes per row (power of 2 <= 32)
+  int row_lanes = 0;            // tile kernel: lanes per row (power of 2 <= 32); item kernel
+                                // (force_path = kItemPath): lanes per item
 };
 
 namespace plan_detail {
@@ -183,6 +207,111 @@ inline int64_t row_stride(int64_t C, int G) {
 }
 }  // namespace plan_detail
 
+// ---- item kernel planning ----
+namespace plan_detail {
+// Conflict degree (the most distinct 4-byte words any bank serves in one shared-memory wavefront)
+// of the item kernel's row reads: thread tid reads, at the same time as the others, w words from
+// (tid / G) * stride + (tid % G) * C (a warp; wavefronts of 32 / w threads for w-word vectors).
+inline int item_conflict(int64_t stride, int G, int64_t C) {
+  const int w = C % 4 == 0 ? 4 : (C % 2 == 0 ? 2 : 1);
+  const int per = 32 / w;
+  int worst = 1;
+  for (int ph = 0; ph < 32; ph += per) {
+    int64_t words[32 * 4];
+    int nw = 0;
+    for (int tid = ph; tid < ph + per; ++tid) {
+      const int64_t base = (tid / G) * stride + (tid % G) * C;
+      for (int i = 0; i < w; ++i) words[nw++] = base + i;
+    }
+    for (int b = 0; b < 32; ++b) {
+      int64_t seen[32 * 4];
+      int ns = 0;
+      for (int k = 0; k < nw; ++k) {
+        if (words[k] % 32 != b) continue;
+        bool dup = false;
+        for (int u = 0; u < ns; ++u) dup = dup || seen[u] == words[k];
+        if (!dup) seen[ns++] = words[k];
+      }
+      worst = ns > worst ? ns : worst;
+    }
+  }
+  return worst;
+}
+}  // namespace plan_detail
+
+// The item kernel when it applies: float/half/bf16 logits or log-probs, C in FB_ITEM_CLASSES,
+// contiguous NTC, an item tile that fits, and no tile-kernel test override. G (lanes per item) is
+// the smallest power of 2 that gives >= 16 resident warps per SM (shared memory permitting) with
+// conflict-free row reads; the item stride is the smallest padding of T*C (a multiple of 4 floats)
+// with the least conflicts for that G.
+inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const DeviceLimits& lim,
+                      const PlanOverrides& ov) {
+  using namespace plan_detail;
+  const int64_t N = P.N, T = P.T, C = P.C;
+  const bool forced = ov.force_path == kItemPath;
+  if (!forced && (ov.force_path >= 0 || ov.force_generic || ov.force_one_array || ov.tile_budget > 0 ||
+                  ov.force_kk > 0 || ov.row_lanes > 0))
+    return false;
+  if (acc_size != 4 || elem_size == 8 || P.kind == math::kProbs || !item_has_classes(C)) return false;
+  const bool contiguous = P.sC == 1 && (T == 1 || P.sT == C) && (N == 1 || P.sN == T * C);
+  if (!contiguous || T * C > (int64_t(1) << 20) || T > 65535) return false;
+  const int B = P.block;
+  const int64_t TC = T * C;
+  int best_G = 0;
+  int64_t best_stride = 0, best_res = -1;
+  int best_conf = 1 << 30;
+  for (int G = 1; G <= 32 && G <= B; G *= 2) {
+    if (forced && ov.row_lanes > 0 && G != ov.row_lanes) continue;
+    const int64_t kk = B / G;
+    int64_t stride = 0;
+    int conf = 1 << 30;
+    for (int64_t s = (TC + 3) / 4 * 4; s < (TC + 3) / 4 * 4 + 64; s += 4) {
+      const int c = item_conflict(s, G, C);
+      if (c < conf) {
+        conf = c;
+        stride = s;
+      }
+      if (c == 1) break;
+    }
+    const int64_t smem = kk * stride * 4;
+    if (smem > lim.smem_optin) continue;
+    const int64_t blocks = std::min<int64_t>(lim.smem_per_sm / (smem + 1024), 2048 / B);
+    const int64_t res = std::min<int64_t>(blocks * B, 512);  // resident threads per SM (target 512)
+    // The first G that reaches the target without conflicts; else the most residents, then the
+    // fewest conflicts, then the smallest G.
+    if (best_G == 0 || res > best_res || (res == best_res && conf < best_conf)) {
+      best_G = G;
+      best_stride = stride;
+      best_res = res;
+      best_conf = conf;
+    }
+    if (res >= 512 && conf == 1) break;
+  }
+  if (best_G == 0) return false;
+  const int G = best_G;
+  const int64_t kk = B / G;
+  P.path = kItemPath;
+  P.row_lanes = G;
+  P.it_glog2 = 0;
+  while ((1 << P.it_glog2) < G) ++P.it_glog2;
+  P.kk = static_cast<int>(kk);
+  P.Cp = static_cast<int>(C);
+  P.it_tc = static_cast<int>(TC);
+  P.it_stride = static_cast<int>(best_stride);
+  P.it_conflict = best_conf;
+  const int64_t vw = 16 / elem_size;
+  P.it_vec = (reinterpret_cast<uintptr_t>(P.x) % 16 == 0 && TC % vw == 0) ? 1 : 0;
+  P.it_nvi = static_cast<int>(TC / vw);
+  P.div_nvi = make_fastdiv(std::max<int64_t>(1, P.it_nvi));
+  P.div_tc = make_fastdiv(TC);
+  P.smem = kk * best_stride * 4;
+  P.nchunks = cdiv(N, kk);
+  const int64_t max_grid = ov.max_grid > 0 ? ov.max_grid : (int64_t(1) << 30);
+  P.grid = std::max<int64_t>(1, std::min(P.nchunks, max_grid));
+  P.cnt_mode = -1;
+  return true;
+}
+
 // Chooses the kernel and its configuration (P.x must be set: the TNC vector load depends on its
 // alignment). Returns false with *err set when the problem cannot be run on the device (only: T
 // too large for the stream kernel's per-row stats).
@@ -197,6 +326,9 @@ inline bool make_plan(Params& P, int64_t elem_size, int64_t acc_size, const Devi
   P.block = ov.block > 0 ? ov.block : 256;
   const int B = P.block;
   const int64_t max_grid = ov.max_grid > 0 ? ov.max_grid : (int64_t(1) << 30);
+
+  // ---- item kernel (small C, contiguous NTC float/half/bf16 logits or log-probs) ----
+  if (plan_item(P, elem_size, acc_size, lim, ov)) return true;
 
   // ---- tile kernel ----
   bool tile_ok = false;

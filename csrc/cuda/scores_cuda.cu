@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "../report_bad_item.h"
+#include "item_kernel.h"
 #include "kernels.h"
 #include "plan.h"
 
@@ -36,6 +37,12 @@ template <class S, class A>
 __global__ void __launch_bounds__(kMaxBlock) stream_kernel(const Params P) {
   extern __shared__ __align__(16) unsigned char fb_smem[];
   stream_body<S, A>(P, fb_smem);
+}
+
+template <class S, int C>
+__global__ void __launch_bounds__(kMaxBlock) item_kernel(const Params P) {
+  extern __shared__ __align__(16) unsigned char fb_smem[];
+  item_body<S, C>(P, fb_smem);
 }
 
 namespace {
@@ -70,7 +77,7 @@ PlanOverrides overrides_from_env() {
     const std::string k = item.substr(0, eq), v = item.substr(eq + 1);
     const long long n = std::atoll(v.c_str());
     if (k == "path") {
-      ov.force_path = v == "stream" ? kStreamPath : (v == "tile" ? kTilePath : -1);
+      ov.force_path = v == "stream" ? kStreamPath : (v == "tile" ? kTilePath : (v == "item" ? kItemPath : -1));
     } else if (k == "generic") {
       ov.force_generic = static_cast<int>(n);
     } else if (k == "one_array") {
@@ -95,11 +102,43 @@ PlanOverrides overrides_from_env() {
   return ov;
 }
 
+template <class S, int C>
+void launch_item_c(const Params& P, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
+  const size_t smem = static_cast<size_t>(P.smem);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(item_kernel<S, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  item_kernel<S, C><<<grid, block, smem, stream>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The item kernel for the runtime C (plan.h plans it for float/half/bf16 and 2 <= C <= kItemMaxC).
+template <class S>
+void launch_item(const Params& P, cudaStream_t stream) {
+  if constexpr (sizeof(S) != 8) {
+    switch (P.C) {
+#define FB_ITEM_CASE(c)               \
+  case c:                             \
+    launch_item_c<S, c>(P, stream);   \
+    return;
+      FB_ITEM_CLASSES(FB_ITEM_CASE)
+#undef FB_ITEM_CASE
+      default:
+        break;
+    }
+  }
+  TORCH_CHECK(false, "fastbald::pool_scores: no item kernel for C = ", P.C);
+}
+
 template <class S, class A>
 void launch(const Params& P, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
   const size_t smem = static_cast<size_t>(P.smem);
-  if (P.path == kTilePath) {
+  if (P.path == kItemPath) {
+    launch_item<S>(P, stream);
+  } else if (P.path == kTilePath) {
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(tile_kernel<S, A>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../device_compat.h"
+#include "../item_kernel.h"
 #include "../kernels.h"
 #include "../plan.h"
 
@@ -129,6 +130,8 @@ void emulate(fastbald::cuda::Params& P, uint64_t seed) {
   std::function<void()> body = [&] {
     if (P.path == kTilePath) {
       tile_body<S, A>(P, smem);
+    } else if (P.path == kItemPath) {
+      item_dispatch<S>(P, smem);
     } else {
       stream_body<S, A>(P, smem);
     }

@@ -1,0 +1,343 @@
+// Item kernel of fastbald::pool_scores: small C known at compile time (2..16), contiguous NTC input
+// (float, half, bfloat16; logits or log_probs). Design and instruction counts: NOTES.md section 2.4.
+//
+// A group of G lanes per pool item (G = 1: a thread per item; chosen by the planner for occupancy
+// and conflict-free shared-memory reads), lane l of the group taking the rows l, l + G, ... A block
+// of B threads scores chunks of kk = B / G items (grid-stride over chunks):
+//   1. load: the chunk (kk*T*C contiguous elements) is copied to a float tile in shared memory with
+//      coalesced 16-byte loads (cp.async for float; half/bf16 converted on the way), item j at
+//      j * stride (stride >= T*C, planned so that the lanes' row reads hit distinct banks);
+//   2. pass 1, per row in registers (csrc/scores_math.h, base-2 forms): max (+ argmax vote), the
+//      shifted logits scaled to bits, one ex2 each, s, the row entropy, pbar_c += e_c / s; the
+//      row's log-probabilities lp2 = d2 - log2 s are written back over the row;
+//   3. group sums (xor shuffles) of pbar, entropies and votes; log2 pbar per class;
+//   4. pass 2 (bald / mean_std only), per row: p = 2^lp2, the mean-KL sum p (lp2 - log2 pbar) and
+//      per-class (p - pbar)^2; group sums;
+//   5. per item in float: the 7 outputs, written by lane 0 of the group (NaN where not asked for).
+// No per-(item, class) or per-row shared arrays, no block reductions: one barrier after the load
+// and one before the next chunk's load.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "../scores_math.h"
+#include "device_compat.h"
+#include "kernels.h"  // mark_bad
+#include "plan.h"
+
+namespace fastbald {
+namespace cuda {
+
+namespace item {
+
+// ---- shared-memory and async-copy primitives of this kernel ----
+#if defined(__CUDACC__)
+// 16 bytes global -> shared without a register round trip (sm_80+ cp.async, L2 only: .cg).
+FB_DEV void cp_async16(float* smem_dst, const void* gsrc) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gsrc) : "memory");
+}
+FB_DEV void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+FB_DEV void store4(float* dst, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(dst) = make_float4(a, b, c, d);
+}
+// A row of C floats at p (8-byte aligned when C is even, 16-byte aligned when C % 4 == 0).
+template <int C>
+FB_DEV void load_row(const float* p, float (&z)[C]) {
+  if constexpr (C % 4 == 0) {
+    FB_UNROLL
+    for (int i = 0; i < C / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(p)[i];
+      z[4 * i] = v.x;
+      z[4 * i + 1] = v.y;
+      z[4 * i + 2] = v.z;
+      z[4 * i + 3] = v.w;
+    }
+  } else if constexpr (C % 2 == 0) {
+    FB_UNROLL
+    for (int i = 0; i < C / 2; ++i) {
+      const float2 v = reinterpret_cast<const float2*>(p)[i];
+      z[2 * i] = v.x;
+      z[2 * i + 1] = v.y;
+    }
+  } else {
+    FB_UNROLL
+    for (int i = 0; i < C; ++i) z[i] = p[i];
+  }
+}
+template <int C>
+FB_DEV void store_row(float* p, const float (&z)[C]) {
+  if constexpr (C % 4 == 0) {
+    FB_UNROLL
+    for (int i = 0; i < C / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(z[4 * i], z[4 * i + 1], z[4 * i + 2], z[4 * i + 3]);
+  } else if constexpr (C % 2 == 0) {
+    FB_UNROLL
+    for (int i = 0; i < C / 2; ++i) reinterpret_cast<float2*>(p)[i] = make_float2(z[2 * i], z[2 * i + 1]);
+  } else {
+    FB_UNROLL
+    for (int i = 0; i < C; ++i) p[i] = z[i];
+  }
+}
+#else
+// Host emulation: the same alignment contract, checked (a misaligned vector access traps).
+inline void check_align(const void* p, uintptr_t a) {
+  if (reinterpret_cast<uintptr_t>(p) % a != 0) __builtin_trap();
+}
+inline void cp_async16(float* smem_dst, const void* gsrc) {
+  check_align(smem_dst, 16);
+  check_align(gsrc, 16);
+  std::memcpy(smem_dst, gsrc, 16);
+}
+inline void cp_async_wait_all() {}
+inline void store4(float* dst, float a, float b, float c, float d) {
+  check_align(dst, 16);
+  dst[0] = a;
+  dst[1] = b;
+  dst[2] = c;
+  dst[3] = d;
+}
+template <int C>
+inline void load_row(const float* p, float (&z)[C]) {
+  check_align(p, C % 4 == 0 ? 16 : (C % 2 == 0 ? 8 : 4));
+  for (int i = 0; i < C; ++i) z[i] = p[i];
+}
+template <int C>
+inline void store_row(float* p, const float (&z)[C]) {
+  check_align(p, C % 4 == 0 ? 16 : (C % 2 == 0 ? 8 : 4));
+  for (int i = 0; i < C; ++i) p[i] = z[i];
+}
+#endif
+
+}  // namespace item
+
+template <class S, int C>
+struct ItemKernel {
+  static constexpr int VW = 16 / static_cast<int>(sizeof(S));  // elements per 16-byte load
+  static constexpr int U = 4;                                   // loads in flight per thread
+  static constexpr int NP = (C + 1) / 2;                        // packed vote counters
+  static constexpr int kVoteBits = 64 / C < 16 ? 64 / C : 16;   // bits per class in a row block
+  static constexpr int kVoteRows = (1 << kVoteBits) - 1;          // rows per lane between unpacks
+
+  // ---- 1. load the chunk [n0, n0 + kc) into the float tile ----
+  FB_DEV static void load(const Params& P, const S* x, int64_t n0, int kc, float* tile, int tid, int B) {
+    const int TC = P.it_tc, stride = P.it_stride;
+    const S* src = x + n0 * P.sN;
+    if (P.it_vec) {
+      // Vector w of the chunk: item j = w / nvi (multiply-high), shared offset w * VW + j * pad.
+      const int nvi = P.it_nvi, total = kc * nvi, pad = stride - TC;
+      for (int w0 = tid; w0 < total; w0 += U * B) {
+        if constexpr (sizeof(S) == 4) {
+          FB_UNROLL
+          for (int u = 0; u < U; ++u) {
+            const int w = w0 + u * B;
+            if (w < total) item::cp_async16(tile + w * VW + P.div_nvi(w) * pad, src + static_cast<int64_t>(w) * VW);
+          }
+        } else {
+          S buf[U][VW];
+          FB_UNROLL
+          for (int u = 0; u < U; ++u) {
+            const int w = w0 + u * B < total ? w0 + u * B : w0;  // out of range: a valid dummy read
+            dev::load16(src + static_cast<int64_t>(w) * VW, buf[u]);
+          }
+          FB_UNROLL
+          for (int u = 0; u < U; ++u) {
+            const int w = w0 + u * B;
+            if (w < total) {
+              float* dst = tile + w * VW + P.div_nvi(w) * pad;
+              FB_UNROLL
+              for (int i = 0; i < VW; i += 4) {
+                item::store4(dst + i, static_cast<float>(buf[u][i]), static_cast<float>(buf[u][i + 1]),
+                             static_cast<float>(buf[u][i + 2]), static_cast<float>(buf[u][i + 3]));
+              }
+            }
+          }
+        }
+      }
+      if constexpr (sizeof(S) == 4) item::cp_async_wait_all();
+    } else {
+      // Unaligned start or T*C not a multiple of a vector: one element per thread-iteration.
+      const int total = kc * TC;
+      for (int i = tid; i < total; i += B) {
+        const int j = P.div_tc(i);
+        tile[j * stride + (i - j * TC)] = static_cast<float>(dev::load_elem(src + i));
+      }
+    }
+  }
+
+  // ---- 2.-5. one item per group of G lanes ----
+  FB_DEV static void items(const Params& P, float* tile, int64_t n0, int kc, int tid) {
+    using namespace math;
+    const int G = P.row_lanes;
+    const int l = tid & (G - 1);
+    const int j = tid >> P.it_glog2;
+    const bool active = j < kc;
+    const int T = static_cast<int>(P.T);
+    const int Te = active ? T : 0;  // an idle group still takes part in the shuffles
+    float* it = tile + (active ? j : 0) * P.it_stride;
+    const Needs needs(P.metrics, P.kind);
+    const bool need_vr = (P.metrics & (1 << kVariationRatio)) != 0;
+    const bool second = needs.second;
+    const float inv_T = static_cast<float>(P.inv_T);
+
+    float pb[C];
+    uint32_t cnt[NP];
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) pb[c] = 0.0f;
+    FB_UNROLL
+    for (int i = 0; i < NP; ++i) cnt[i] = 0u;
+    float h = 0.0f;
+    // Pass 1. Votes: one 64-bit add per row into F-bit fields of the lane's class counts
+    // (F = 64 / C bits, so at most R = 2^F - 1 rows per field), unpacked into 16-bit fields of
+    // cnt[] after every R rows of the lane.
+    uint64_t acc = 0;
+    for (int t0 = l; t0 < Te; t0 += G * kVoteRows) {
+      const int t1 = Te < t0 + G * kVoteRows ? Te : t0 + G * kVoteRows;
+      for (int t = t0; t < t1; t += G) {
+        float* row = it + t * C;
+        float z[C], e[C];
+        item::load_row<C>(row, z);
+        int arg = 0;
+        const float m = need_vr ? row_max_arg_n<C, true>(z, arg) : row_max_arg_n<C, false>(z, arg);
+        float s, a2;
+        row_exp2_n<C, true>(z, m, e, s, a2);
+        // An invalid row (max NaN / +inf / -inf) makes s, hence pbar, NaN: detected once per item.
+        if (row_nonfinite(m)) s = std::numeric_limits<float>::quiet_NaN();
+        const float inv = fast_rcp(s), ls2 = fast_log2(s);
+        h += row_entropy2(ls2, a2, inv);
+        FB_UNROLL
+        for (int c = 0; c < C; ++c) {
+          pb[c] += e[c] * inv;
+          z[c] -= ls2;
+        }
+        if (second) item::store_row<C>(row, z);
+        acc += uint64_t(1) << (kVoteBits * arg);
+      }
+      if (need_vr) {
+        FB_UNROLL
+        for (int c = 0; c < C; ++c) {
+          const uint32_t v = static_cast<uint32_t>(acc >> (kVoteBits * c)) & kVoteRows;
+          cnt[c / 2] += v << (16 * (c & 1));
+        }
+      }
+      acc = 0;
+    }
+    // Group sums (xor butterflies, every lane gets the sums), log2 pbar.
+    for (int o = G >> 1; o > 0; o >>= 1) {
+      FB_UNROLL
+      for (int c = 0; c < C; ++c) pb[c] += dev::shfl_xor(pb[c], o);
+      h += dev::shfl_xor(h, o);
+      if (need_vr) {
+        FB_UNROLL
+        for (int i = 0; i < NP; ++i) cnt[i] += dev::shfl_xor(cnt[i], o);
+      }
+    }
+    // An invalid row made its item's sums NaN: flag the item; its softmax-based outputs are NaN
+    // (the CPU op's result with check_finite=False; the variation ratio still counts its vote).
+    const bool item_bad = pb[0] != pb[0];
+    if (item_bad && active && l == 0 && P.check) mark_bad(P, n0 + j);
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) pb[c] *= inv_T;
+    float lpb[C];
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) lpb[c] = log2_pbar(pb[c]);
+    // Pass 2.
+    float kl = 0.0f, sd = 0.0f;
+    if (second) {
+      float var[C];
+      FB_UNROLL
+      for (int c = 0; c < C; ++c) var[c] = 0.0f;
+      for (int t = l; t < Te; t += G) {
+        float lp[C];
+        item::load_row<C>(it + t * C, lp);
+        FB_UNROLL
+        for (int c = 0; c < C; ++c) {
+          const float p = fast_exp2(lp[c]);
+          kl += p * (lp[c] - lpb[c]);
+          const float dv = p - pb[c];
+          var[c] += dv * dv;
+        }
+      }
+      for (int o = G >> 1; o > 0; o >>= 1) {
+        kl += dev::shfl_xor(kl, o);
+        FB_UNROLL
+        for (int c = 0; c < C; ++c) var[c] += dev::shfl_xor(var[c], o);
+      }
+      FB_UNROLL
+      for (int c = 0; c < C; ++c) sd += fast_sqrt(var[c] * inv_T);
+    }
+    // Per item.
+    float ent = 0.0f, top1 = 0.0f, top2 = 0.0f;
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) {
+      ent += neg_plogp2(pb[c], lpb[c]);
+      top2_update_nb(pb[c], top1, top2);
+    }
+    uint32_t modal = 0;
+    FB_UNROLL
+    for (int i = 0; i < NP; ++i) {
+      const uint32_t lo = cnt[i] & 0xffffu, hi = cnt[i] >> 16;
+      modal = lo > modal ? lo : modal;
+      modal = hi > modal ? hi : modal;
+    }
+    if (active && l == 0) {
+      const float klv = kl * Base2<float>::ln2 * inv_T;
+      const float v[kNumMetrics] = {ent,
+                                    h * inv_T,
+                                    klv > 0.0f ? klv : 0.0f,
+                                    1.0f - static_cast<float>(modal) * inv_T,
+                                    sd * static_cast<float>(P.inv_C),
+                                    top1 - top2,
+                                    1.0f - top1};
+      float* out = static_cast<float*>(P.out);
+      const int64_t n = n0 + j;
+      constexpr float nan = std::numeric_limits<float>::quiet_NaN();
+      FB_UNROLL
+      for (int k = 0; k < kNumMetrics; ++k) {
+        out[k * P.N + n] = ((P.metrics >> k) & 1) && (!item_bad || k == kVariationRatio) ? v[k] : nan;
+      }
+    }
+  }
+
+  FB_DEV static void run(const Params& P, unsigned char* smem) {
+    const int tid = dev::tid(), B = dev::bdim();
+    float* tile = reinterpret_cast<float*>(smem);
+    const S* x = static_cast<const S*>(P.x);
+    for (int64_t chunk = dev::bid(); chunk < P.nchunks; chunk += dev::gdim()) {
+      const int64_t n0 = chunk * P.kk;
+      const int kc = static_cast<int>(P.N - n0 < P.kk ? P.N - n0 : P.kk);
+      load(P, x, n0, kc, tile, tid, B);
+      dev::sync();
+      items(P, tile, n0, kc, tid);
+      dev::sync();
+    }
+  }
+};
+
+template <class S, int C>
+FB_DEV void item_body(const Params& P, unsigned char* smem) {
+  ItemKernel<S, C>::run(P, smem);
+}
+
+// item_body for the runtime C (the host emulator; the CUDA launch has its own switch over
+// FB_ITEM_CLASSES). float64 input never takes this path.
+template <class S>
+FB_DEV void item_dispatch(const Params& P, unsigned char* smem) {
+  if constexpr (sizeof(S) != 8) {
+    switch (P.C) {
+#define FB_ITEM_CASE(c) \
+  case c:               \
+    item_body<S, c>(P, smem); \
+    break;
+      FB_ITEM_CLASSES(FB_ITEM_CASE)
+#undef FB_ITEM_CASE
+      default:
+        break;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastbald
