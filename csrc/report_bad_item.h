@@ -60,7 +60,8 @@ template <class scalar_t>
       }
     }
     TORCH_CHECK_VALUE(false, "fastbald::pool_scores: input='probs' but pool item ", n, " (sample ", worst_t,
-                      ") sums to ", worst_sum, ", within the tolerance ", tol, " of 1 in float64 but not in the kernel's ",
+                      ") sums to 1 with |sum - 1| = ", std::abs(worst_sum - 1.0), " in float64, within the tolerance ", tol,
+                      ", but not in the kernel's ",
                       sizeof(scalar_t) < 8 ? "float32" : "float64",
                       " sum; raise prob_tol or renormalise the probabilities");
   }

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -613,6 +614,31 @@ def test_emulated_invalid_rows_without_check(emulator: Path, plan: dict, C: int)
             assert torch.equal(torch.isnan(cpu), torch.isnan(out))
             if metrics == 1 << 3:  # the CPU's row_max_argmax path (see coord: its ALL path differs)
                 assert (cpu[3].double() - rule).abs().max().item() <= 1e-6
+
+
+@pytest.mark.skipif(
+    not _ops.native_available(torch.device("cpu")), reason="native CPU kernel not built"
+)
+def test_bad_item_message_probs_at_the_tolerance_edge() -> None:
+    """report_bad_item.h (shared by the CPU and CUDA ops): a probs row whose sum is off by more
+    than prob_tol in the kernel's float arithmetic but not in the host's float64 re-check gets a
+    message naming the sample, its sum and the tolerance."""
+    raised = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        p = torch.softmax(torch.randn(3, 4, 100, generator=g, dtype=torch.float64) * 3, -1).float()
+        tol = (p.double().sum(-1) - 1).abs().max().item()  # every row within tol in float64
+        try:
+            torch.ops.fastbald.pool_scores(p, 2, ALL, True, tol)
+        except ValueError as e:
+            msg = str(e).splitlines()[0]
+            n, t = map(int, re.search(r"pool item (\d+) \(sample (\d+)\)", msg).groups())
+            dev = (p[n].double().sum(-1) - 1).abs()
+            assert t == int(dev.argmax()), msg  # the item's sample closest to the edge
+            assert f"|sum - 1| = {dev[t].item():g} in float64, within the tolerance {tol:g}" in msg
+            assert "not in the kernel's float32 sum" in msg, msg
+            raised += 1
+    assert raised > 0, "no case reached the float64-vs-kernel edge"
 
 
 H100 = {"smem_optin": 227 * 1024, "smem_per_sm": 228 * 1024}
