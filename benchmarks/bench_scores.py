@@ -165,7 +165,8 @@ def _build_child(variant: str, size, repeats: int, lib_dir: str | None) -> dict:
                 fastbald_ms=float(t_fb) * 1e3, ratio=float(ratio))
 
 
-def builds(size, repeats: int, baseline: str | None = None, rounds: int = 3) -> list[dict]:
+def builds(size, repeats: int, baseline: str | None = None, rounds: int = 3,
+           kernels: list[str] | None = None) -> list[dict]:
     """Each CPU build this machine can run, in a fresh process, against x.sum() in that process.
     With ``baseline`` (a directory with another build's fastbald/_cpu_*.so files): that build as well,
     ``rounds`` times, this build and the baseline alternating (each round swaps who goes first);
@@ -174,7 +175,7 @@ def builds(size, repeats: int, baseline: str | None = None, rounds: int = 3) -> 
     cap = torch.backends.cpu.get_cpu_capability()
     runnable = {"AVX512": ["avx512", "avx2", "base"], "AVX2": ["avx2", "base"]}.get(cap, ["base"])
     rows = []
-    for variant in runnable:
+    for variant in [k for k in runnable if kernels is None or k in kernels]:
         if baseline is None:
             row = _build_child(variant, size, repeats, None)
         else:
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a directory with another build's CPU kernels (fastbald/_cpu_*.so copied "
                    "there before a change): the builds part runs it too, side by side")
     p.add_argument("--rounds", type=int, default=3, help="with --baseline: alternations per build")
+    p.add_argument("--kernels", default=None,
+                   help="builds part: comma-separated subset of avx512,avx2,base (default: all this CPU runs)")
     args = p.parse_args(argv)
     if not _ops.native_available(torch.device("cpu")):
         print("the native CPU kernel is not built: run `make build`", file=sys.stderr)
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         res["speed"] = speed(sizes, repeats)
     if "builds" in parts:
         print("CPU builds:", flush=True)
-        res["builds"] = builds(sizes[0], repeats, args.baseline, args.rounds)
+        res["builds"] = builds(sizes[0], repeats, args.baseline, args.rounds,
+                               args.kernels.split(",") if args.kernels else None)
     if "accuracy" in parts:
         print("accuracy...", flush=True)
         res["accuracy"] = accuracy()
