@@ -15,6 +15,7 @@ ASCENDING = frozenset(m.name for m in METRIC_TABLE if m.ascending)
 #: What ``acquire`` accepts: every metric (top-k by it), then the other acquisition functions.
 METHODS: tuple[str, ...] = (*METRICS, *(a.name for a in ACQUISITION_TABLE if a.name not in METRICS))
 _RULES = {a.name: a.rule for a in ACQUISITION_TABLE}
+_STOCHASTIC_RULES = ("power", "softmax", "softrank")  # the modes of fastbald.stochastic
 
 
 def ranking_key(values: torch.Tensor, method: str) -> torch.Tensor:
@@ -43,6 +44,11 @@ def acquire(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     rule = "top_k" if method in METRICS else _RULES[method]
+    if rule in _STOCHASTIC_RULES:  # p ~ score^beta etc., beta = 1 (fastbald.stochastic)
+        from .stochastic import stochastic_acquire
+
+        metric = next(a.metric for a in ACQUISITION_TABLE if a.name == method)
+        return stochastic_acquire(x_or_scores, k, rule, 1.0, metric, generator=generator, **score_kwargs)
     if rule not in ("top_k", "uniform"):  # pragma: no cover - a table row without an implementation
         raise NotImplementedError(f"acquire() does not implement the {rule!r} rule of {method!r}")
     was_numpy = isinstance(x_or_scores, np.ndarray)

@@ -83,6 +83,7 @@ _STATE_JSON = "state.json"
 
 # Purposes of the per-round seeds (mixed with the protocol seed and the round number).
 _SEED_SPLIT, _SEED_TRAIN, _SEED_SCORE, _SEED_SUBSET, _SEED_RANDOM, _SEED_TEST = range(6)
+_SEED_STOCHASTIC = 6  # the draw of a stochastic acquisition (power_bald)
 
 
 class StateMismatchError(RuntimeError):
@@ -759,7 +760,8 @@ class ActiveLearningLoop:
             g = _generator(p.seed, round_, _SEED_RANDOM)
             new = pool[torch.randperm(pool.numel(), generator=g)[: p.per_round]]
             return new.tolist(), time.perf_counter() - t0, int(pool.numel()), 0
-        if acq.rule != "top_k" or acq.metric is None:  # pragma: no cover - table row not wired
+        stochastic = acq.rule in ("power", "softmax", "softrank")  # fastbald.stochastic, beta = 1
+        if (acq.rule != "top_k" and not stochastic) or acq.metric is None:  # pragma: no cover
             raise NotImplementedError(f"the loop does not implement the {acq.rule!r} rule of {acq.name!r}")
         cand = pool
         if p.pool_subset is not None and p.pool_subset < pool.numel():
@@ -774,12 +776,18 @@ class ActiveLearningLoop:
             self.x_train[cand.to(self.device)],
             T=p.T,
             method=acq.metric,
-            k=p.per_round,
+            k=None if stochastic else p.per_round,
             block_size=p.score_block_size,
             batch_size=p.score_block_size,
             seed=self.round_seed(round_, _SEED_SCORE),
             progress=self.score_progress,
         )
+        if stochastic:
+            from .stochastic import stochastic_acquire
+
+            picked = stochastic_acquire(res.scores.cpu(), p.per_round, acq.rule, 1.0, acq.metric,
+                                        seed=self.round_seed(round_, _SEED_STOCHASTIC))
+            return cand[picked].tolist(), time.perf_counter() - t0, int(pool.numel()), int(cand.numel())
         assert res.topk is not None
         new = cand[res.topk.cpu()]
         return new.tolist(), time.perf_counter() - t0, int(pool.numel()), int(cand.numel())

@@ -170,6 +170,9 @@ ACQUISITION_TABLE: tuple[Acquisition, ...] = (
     _from_metric("margin"),
     _from_metric("least_confidence"),
     Acquisition("random", "Random", None, "uniform", ("uniform",)),
+    # Stochastic batch acquisition (Kirsch et al., TMLR 2023; fastbald.stochastic): draw the batch
+    # with p ~ BALD^beta, beta = 1, instead of its top-k.
+    Acquisition("power_bald", "PowerBALD", "bald", "power", ("powerbald",)),
 )
 
 #: Acquisition function names, in table order.

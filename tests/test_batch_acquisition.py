@@ -1,0 +1,49 @@
+"""Batch acquisition in the active-learning loop and in ``fastbald.acquire``: ``power_bald``
+(stochastic batch acquisition, fastbald.stochastic) draws its round from the scored pool."""
+
+from __future__ import annotations
+
+import torch
+
+import fastbald
+from fastbald.data import synthetic_mnist_like
+from fastbald.loop import ActiveLearningLoop, LoopProtocol, canonical_acquisition
+from fastbald.metrics import acquisition
+
+TINY = {"rounds": 1, "epochs": 2, "T": 4, "validation": 20, "per_round": 7}
+
+
+def test_power_bald_in_the_table_and_acquire():
+    assert canonical_acquisition("PowerBALD") == "power_bald" == canonical_acquisition("powerbald")
+    a = acquisition("power_bald")
+    assert (a.metric, a.rule, a.display) == ("bald", "power", "PowerBALD")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 8, 10, generator=g) * 3
+    s = fastbald.scores(logits)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    got = fastbald.acquire(s, 12, "power_bald", generator=g1)
+    assert got.tolist() == fastbald.acquire(logits, 12, "power_bald", generator=g2).tolist()
+    assert len(set(got.tolist())) == 12
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(4)))
+    assert got.tolist() == fastbald.stochastic_acquire(s.bald, 12, "power", 1.0, seed=seed).tolist()
+
+
+def test_loop_power_bald_draws_from_the_scored_pool():
+    from fastbald.loop import _SEED_SCORE, _SEED_STOCHASTIC
+    from fastbald.pool import score_pool
+
+    data = synthetic_mnist_like(400, seed=0, n_test=100)
+    p = LoopProtocol(acquisition="power_bald", **TINY)
+    loop = ActiveLearningLoop(data, p)
+    loop.step()
+    model, pool = loop.model, loop.pool_indices()
+    rec = loop.step()
+    assert rec.acquired == 7 and rec.scored == pool.numel() and len(set(rec.new_indices)) == 7
+    res = score_pool(model, data.x_train[pool], T=p.T, method="bald", seed=loop.round_seed(1, _SEED_SCORE),
+                     progress=False)
+    want = fastbald.stochastic_acquire(res.scores, 7, "power", 1.0, seed=loop.round_seed(1, _SEED_STOCHASTIC))
+    assert rec.new_indices == pool[want].tolist()
+    # Reproducible: the same protocol and seed give the same run.
+    again = ActiveLearningLoop(data, p)
+    again.run()
+    assert again.labelled_indices == loop.labelled_indices
