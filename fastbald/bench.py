@@ -29,6 +29,7 @@ Usage::
 
     fastbald bench [--quick] [--sizes 100000x20x10,...] [--methods fastbald,baal,...]
                    [--threads N] [--out benchmarks/results/peers.md]
+    fastbald bench batch [...]   batch acquisition (stochastic, EPIG): fastbald.bench_batch
 
 ``--out NAME.md`` writes ``NAME.json`` (all numbers), ``NAME.md`` (the tables, rendered from the
 JSON by ``to_markdown``; ``--from-json`` or ``python -m fastbald.benchtools render`` redo them
@@ -579,6 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--child":
         return _child(argv[1:])
+    if argv and argv[0] == "batch":  # batch acquisition: stochastic, EPIG (fastbald.bench_batch)
+        from fastbald.bench_batch import main as batch_main
+
+        return batch_main(argv[1:])
     p = argparse.ArgumentParser(prog="fastbald bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",

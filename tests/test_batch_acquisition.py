@@ -47,3 +47,20 @@ def test_loop_power_bald_draws_from_the_scored_pool():
     again = ActiveLearningLoop(data, p)
     again.run()
     assert again.labelled_indices == loop.labelled_indices
+
+
+def test_bench_batch_smoke(tmp_path):
+    """`fastbald bench batch` runs end to end (tiny sizes) and writes its table from its JSON."""
+    import json
+
+    from fastbald.bench import main
+
+    out = tmp_path / "batch.json"
+    rc = main(["batch", "--stochastic-n", "20000", "--repeats", "2", "--epig-size", "300x10x8x5",
+               "--epig-methods", "fastbald,epig_repo", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert {r["method"] for r in res["stochastic"]["rows"]} >= {"torch.topk", "stochastic power"}
+    assert all(r["status"] == "ok" and r["max_abs_err"] < 1e-5 for r in res["epig"]["rows"])
+    md = out.with_suffix(".md").read_text()
+    assert "### EPIG" in md and "fastbald.epig" in md and "stochastic softrank" in md
