@@ -466,3 +466,24 @@ def test_baal_epig_same_scores(bh, fh, kind):
         ours_h.get_uncertainties(pool)
     with pytest.raises(ValueError, match="K=20, target K=19"):
         ours_h.get_uncertainties(pool, target_predictions=targ[..., :19])
+
+
+# ------------------------------------------------------------------------------------------------
+# batchbald_redux: get_batchbald_batch (fastbald.batchbald_batch underneath)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, None])
+def test_bbr_get_batchbald_batch_same_batch_exact_regime(bbr, dtype):
+    from fastbald.integrations import batchbald as fb
+
+    lp = log_probs_NKC(N=120, K=10, C=3, scale=2.0, seed=3, dtype=torch.float64)
+    # C^n <= num_samples for every step of a batch of 5 (3^4 = 81): both compute the exact joint.
+    theirs = bbr.get_batchbald_batch(lp, 5, 1000, dtype=dtype)
+    ours = fb.get_batchbald_batch(lp, 5, 1000, dtype=dtype)
+    assert type(ours) is type(theirs)
+    assert ours.indices == theirs.indices
+    np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-4 if dtype is None else 1e-9, atol=1e-6)
+    # The first pick is BALD's argmax; batch_size is capped at N; 0 gives an empty batch.
+    assert ours.indices[0] == fb.get_bald_batch(lp, 1).indices[0]
+    assert len(fb.get_batchbald_batch(lp[:3], 10, 1000).indices) == 3
+    assert fb.get_batchbald_batch(lp, 0, 1000).indices == []
+    assert len(set(fb.get_batchbald_batch(lp, 20, 100).indices)) == 20  # sampled regime: no duplicate

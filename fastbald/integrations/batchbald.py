@@ -4,9 +4,10 @@ Same signatures, same values (up to float32 rounding), one import to change:
 
 .. code-block:: python
 
-    # from batchbald_redux.batchbald import get_bald_batch
-    from fastbald.integrations.batchbald import get_bald_batch
+    # from batchbald_redux.batchbald import get_bald_batch, get_batchbald_batch
+    from fastbald.integrations.batchbald import get_bald_batch, get_batchbald_batch
     candidates = get_bald_batch(log_probs_N_K_C, batch_size=10)
+    candidates = get_batchbald_batch(log_probs_N_K_C, batch_size=10, num_samples=10_000)
 
     # epig (github.com/fbickfordsmith/epig): from src.uncertainty import bald_from_logprobs
     from fastbald.integrations.batchbald import bald_from_logprobs
@@ -18,8 +19,8 @@ CPU or, with fastbald's CUDA kernels, a GPU. Unlike the originals, nothing ``N x
 materialised, BALD is computed in the mean-KL form (never negative), and a ``-inf`` log-probability
 (a masked class) counts as probability 0 instead of giving NaN.
 
-EPIG itself needs the joint predictive of pool and target items (``[N_p, N_t, C, C]``), which is not
-a per-item score; fastbald does not replace that part.
+EPIG itself (the joint predictive of pool and target items) is :func:`fastbald.epig`: chunked,
+never the ``[N_p, N_t, C, C]`` joint.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "conditional_entropy_from_logprobs",
     "conditional_entropy_from_probs",
     "get_bald_batch",
+    "get_batchbald_batch",
     "get_bald_scores",
     "marginal_entropy_from_logprobs",
     "marginal_entropy_from_probs",
@@ -99,6 +101,36 @@ def get_bald_batch(
     scores_N = get_bald_scores(log_probs_N_K_C)
     values, indices = torch.topk(scores_N.to(torch.float64), batch_size)
     return CandidateBatch(values.tolist(), indices.tolist())
+
+
+def get_batchbald_batch(
+    log_probs_N_K_C: torch.Tensor, batch_size: int, num_samples: int, dtype=None, device=None
+) -> CandidateBatch:
+    """batchbald_redux's ``get_batchbald_batch``, computed by :func:`fastbald.batchbald_batch`
+    (native op: no ``N x M x C`` temporary, chosen points never re-sampled, lazy greedy).
+
+    Same arguments and result: ``CandidateBatch(scores, indices)`` in the order chosen, ``scores``
+    the joint mutual information of the first i + 1 points. ``batch_size`` is capped at N as there.
+    ``dtype`` is the inner-product precision (``None``: float32, as batchbald_redux's default;
+    ``torch.float64`` for redux's double mode). ``device`` is accepted for the signature: the op
+    runs on the CPU (a CUDA input is copied there). In the exact regime (``C**n <= num_samples``)
+    the batch is batchbald_redux's; beyond, both are Monte-Carlo estimates with different draws
+    (seed 0 here: deterministic).
+    """
+    from ..batchbald import batchbald_batch
+
+    if not isinstance(log_probs_N_K_C, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor [N, K, C], got {type(log_probs_N_K_C).__name__}")
+    if log_probs_N_K_C.dim() != 3:
+        raise ValueError(f"expected a tensor [N, K, C], got shape {tuple(log_probs_N_K_C.shape)}")
+    N = log_probs_N_K_C.shape[0]
+    batch_size = min(int(batch_size), N)
+    if batch_size <= 0:
+        return CandidateBatch([], [])
+    lp = log_probs_N_K_C.detach().cpu()
+    r = batchbald_batch(lp, batch_size, num_samples=int(num_samples),
+                        dtype=torch.float32 if dtype is None else dtype)
+    return CandidateBatch(r.scores.tolist(), r.indices.tolist())
 
 
 # ------------------------------------------------------------------------------------------------
