@@ -39,10 +39,10 @@ from . import distributed as _dist
 from ._io import atomic_torch_save  # noqa: F401  (re-exported)
 from .acquire import ranking_key
 from .mc import DEFAULT_MAX_ROWS, MCDropout
-from .reference import METRICS
+from .metrics import METRICS, parse_metrics
 from .scores import scores as _scores
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "PoolResult", "SyntheticPool", "score_pool"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "PoolResult", "PoolScoringConfig", "SyntheticPool", "score_pool"]
 
 #: Items per compute block (part of the reproducibility key, with seed and T).
 DEFAULT_BLOCK_SIZE = 256
@@ -218,6 +218,11 @@ class _Source:
     batches: Iterable[Any]  # loader batches (owned items only, or all items when skip)
     skip: bool  # True: the stream holds every item and non-owned blocks are skipped here
     loader: DataLoader | None = None
+
+    @property
+    def positional(self) -> bool:
+        """The stream holds exactly this rank's blocks (known length, sharded by the loader)."""
+        return self.n is not None and not self.skip
 
 
 def _make_source(
@@ -400,7 +405,7 @@ class RunningTopK:
 
 
 # ------------------------------------------------------------------------------------------------
-# score_pool
+# score_pool, piece 1: the validated settings
 # ------------------------------------------------------------------------------------------------
 def _check_int(name: str, v: Any, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -408,17 +413,65 @@ def _check_int(name: str, v: Any, lo: int) -> int:
     return int(v)
 
 
-def _check_logits(lg: torch.Tensor, start: int, block_no: int) -> None:
-    bad = (torch.isnan(lg) | (lg == math.inf)).any(-1) | (lg == -math.inf).all(-1)  # [b, T]
-    if bool(bad.any()):
-        i, t = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(
-            f"the model returned NaN, +inf or all -inf logits for pool item {start + i} "
-            f"(MC sample {t}, compute block {block_no}: items {start}..{start + lg.shape[0] - 1}); "
-            "has the model diverged?"
-        )
+@dataclass(frozen=True)
+class PoolScoringConfig:
+    """The settings of one :func:`score_pool` call, validated and normalised when constructed
+    (ValueError / TypeError naming the bad one); see :func:`score_pool` for their meaning.
+
+    After construction ``metrics`` holds canonical names in bit order with ``method`` among them,
+    and ``amp`` the autocast dtype or None.
+    """
+
+    T: int = 20
+    method: str = "bald"
+    k: int | None = None
+    metrics: Sequence[str] | str | None = None
+    batch_size: int = DEFAULT_BLOCK_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
+    seed: int = 0
+    consistent: bool = True
+    num_workers: int = 0
+    pin_memory: bool | None = None
+    prefetch_factor: int | None = None
+    amp: bool | torch.dtype | None = False
+    max_rows: int = DEFAULT_MAX_ROWS
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("T", _check_int("T (number of MC samples)", self.T, 1))
+        if self.method not in METRICS:
+            hint = " (use fastbald.acquire(..., method='random'))" if self.method == "random" else ""
+            raise ValueError(f"method must be one of {METRICS}, got {self.method!r}{hint}")
+        if self.k is not None:
+            put("k", _check_int("k", self.k, 0))
+        put("batch_size", _check_int("batch_size", self.batch_size, 1))
+        put("block_size", _check_int("block_size", self.block_size, 1))
+        put("num_workers", _check_int("num_workers", self.num_workers, 0))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        put("seed", int(self.seed))
+        put("consistent", bool(self.consistent))
+        names = parse_metrics(self.metrics, default=(self.method,))
+        put("metrics", names if self.method in names else parse_metrics((*names, self.method)))
+        if self.amp is True:
+            put("amp", torch.bfloat16)
+        elif self.amp is False or self.amp is None:
+            put("amp", None)
+        elif not isinstance(self.amp, torch.dtype):
+            raise TypeError(f"amp must be a bool or a torch.dtype, got {self.amp!r}")
+
+    def shared_key(self) -> tuple:
+        """The settings every rank of a sharded call must share (they fix the result)."""
+        return (self.T, self.seed, self.consistent, self.block_size, self.method, self.k,
+                tuple(self.metrics))
 
 
+# ------------------------------------------------------------------------------------------------
+# score_pool, piece 2: the model
+# ------------------------------------------------------------------------------------------------
 def _model_device(mc: MCDropout) -> torch.device:
     for m in (mc.trunk, mc.head):
         if m is None:
@@ -430,6 +483,230 @@ def _model_device(mc: MCDropout) -> torch.device:
     return torch.device("cpu")
 
 
+def _prepare_model(
+    model: nn.Module | tuple[nn.Module, nn.Module],
+    cfg: PoolScoringConfig,
+    trunk_head: bool | tuple[nn.Module, nn.Module] | None,
+    device: str | torch.device | None,
+) -> tuple[MCDropout, torch.device]:
+    """The MC-dropout wrapper of ``model`` (trunk/head split, masks of ``cfg.seed``) and the
+    compute device: ``device``, or the model's; the model is moved there when they differ."""
+    sample = getattr(model, "mc_dropout", True) is not False if isinstance(model, nn.Module) else True
+    mc = MCDropout(
+        model, cfg.T, seed=cfg.seed, consistent=cfg.consistent, trunk_head=trunk_head,
+        max_rows=cfg.max_rows, sample=sample,
+    )
+    dev = torch.device(device) if device is not None else _model_device(mc)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if _model_device(mc) != dev:
+        for m in (mc.trunk, mc.head):
+            if m is not None:
+                m.to(dev)
+    return mc, dev
+
+
+# ------------------------------------------------------------------------------------------------
+# score_pool, piece 3: the streaming loop over this rank's blocks
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _LocalScores:
+    """What one rank scored."""
+
+    scores: torch.Tensor | None  # [len(metrics), this rank's items] in pool order; None: none
+    topk: RunningTopK | None  # running top-k of this rank's items (None without k)
+    seen: int  # items the stream held (every item of the pool when the stream is not sharded)
+
+
+def _first_bad_logits(lg: torch.Tensor) -> tuple[int, int] | None:
+    """(item, sample) of the first row of logits [b, T, C] with NaN, +inf or only -inf."""
+    bad = (torch.isnan(lg) | (lg == math.inf)).any(-1) | (lg == -math.inf).all(-1)  # [b, T]
+    if not bool(bad.any()):
+        return None
+    i, t = (int(v) for v in bad.nonzero()[0])
+    return i, t
+
+
+def _block_scores(lg: torch.Tensor, names: list[str], start: int, block_no: int) -> torch.Tensor:
+    """[len(names), b] fused scores of one block's logits [b, T, C], on the CPU. The scoring op
+    checks the logits (its check is the only pass over them for that); a bad item is then named
+    by its pool index."""
+    try:
+        ps = _scores(lg, metrics=names, check_finite=True)
+    except ValueError as e:
+        where = _first_bad_logits(lg)
+        if where is None:
+            raise
+        i, t = where
+        raise ValueError(
+            f"the model returned NaN, +inf or all -inf logits for pool item {start + i} "
+            f"(MC sample {t}, compute block {block_no}: items {start}..{start + lg.shape[0] - 1}); "
+            "has the model diverged?"
+        ) from e
+    return torch.stack([getattr(ps, m) for m in names]).cpu()
+
+
+def _score_blocks(
+    mc: MCDropout, src: _Source, cfg: PoolScoringConfig, dev: torch.device, rank: int, world: int
+) -> _LocalScores:
+    """Stream the pool through the model: for each block this rank owns, T stochastic forwards,
+    the fused scores and the running top-k. Raises ValueError / TypeError (naming the block and
+    its items) for a malformed pool or model output."""
+    names = list(cfg.metrics)
+    block_size = cfg.block_size
+    # Blocks this rank computes: (block number, start, size); sizes drive the re-chunking.
+    # Positional: the stream holds exactly this rank's blocks. Otherwise (unknown length, or a
+    # loader that cannot be re-sharded) it holds every item and blocks are numbered as they come.
+    positional = src.positional
+    if positional:
+        owned = _owned_blocks(src.n, block_size, rank, world)  # type: ignore[arg-type]
+        sizes: Iterable[int] = [e - s for s, e in owned]
+    else:
+        owned = []
+        sizes = repeat(block_size)
+
+    topk = RunningTopK(cfg.k) if cfg.k is not None else None
+    local_n = sum(e - s for s, e in owned) if positional else (src.n or 1 << 16)
+    scored = _ScoreBuffer(len(names), local_n)  # [n_metrics, items of this rank] in order
+    n_classes: int | None = None
+    seen = 0  # items of the stream (all items in skip mode)
+    n_local = 0
+
+    def autocast() -> Any:
+        if cfg.amp is None:
+            return nullcontext()
+        return torch.autocast(device_type=dev.type, dtype=cfg.amp)  # type: ignore[arg-type]
+
+    total = sum(e - s for s, e in owned) if owned else (src.n if world == 1 else None)
+    bar = _progress_bar(total=total, T=cfg.T, enabled=cfg.progress and rank == 0)
+    stream = _rechunk(src.batches, sizes, dev, non_blocking=dev.type == "cuda")
+    try:
+        with mc:
+            for j, xb in enumerate(stream):
+                b = xb.shape[0]
+                if not positional:
+                    start, block_no = seen, j
+                    seen += b
+                    if block_no % world != rank:
+                        continue
+                else:
+                    start, block_no = owned[j][0], owned[j][0] // block_size
+                    seen += b
+                    if b != owned[j][1] - owned[j][0]:
+                        raise ValueError(
+                            f"the pool yielded {seen} items but has {src.n} "
+                            "(a DataLoader with drop_last=True?)"
+                        )
+                try:
+                    with autocast():
+                        idx = torch.arange(start, start + b)
+                        lg = mc(xb, idx)
+                except (ValueError, TypeError) as e:
+                    if type(e) not in (ValueError, TypeError):
+                        raise
+                    raise type(e)(
+                        f"{e} [compute block {block_no}: pool items {start}..{start + b - 1}]"
+                    ) from e
+                if n_classes is None:
+                    n_classes = int(lg.shape[-1])
+                    if n_classes < 1:
+                        raise ValueError("the model returned logits with 0 classes")
+                elif lg.shape[-1] != n_classes:
+                    raise ValueError(
+                        f"the model returned {lg.shape[-1]} classes for compute block {block_no} "
+                        f"(pool items {start}..{start + b - 1}) but {n_classes} before"
+                    )
+                vals = _block_scores(lg, names, start, block_no)
+                scored.append(vals)
+                if topk is not None:
+                    topk.update(ranking_key(vals[names.index(cfg.method)], cfg.method), idx)
+                n_local += b
+                bar.update(b)
+        if positional and n_local != sum(sizes):  # type: ignore[arg-type]
+            raise ValueError(
+                f"the pool yielded fewer items than its length {src.n} "
+                "(a DataLoader with drop_last=True?)"
+            )
+        if not positional and src.n is not None and seen != src.n:
+            raise ValueError(
+                f"the pool yielded {seen} items but has {src.n} (a DataLoader with drop_last=True?)"
+            )
+    finally:
+        bar.close()
+        stream.close()  # shuts the DataLoader's workers down, also on Ctrl-C
+    return _LocalScores(scored.result(), topk, seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# score_pool, piece 4: every rank's scores in pool order
+# ------------------------------------------------------------------------------------------------
+def _check_ranks(err: BaseException | None, local: _LocalScores | None, src: _Source, group: Any) -> None:
+    """Sharded calls: every rank learns whether any failed (and raises: its own error, or a
+    RuntimeError naming the rank that failed), and that all streams had the same length."""
+    msg = None if err is None else f"{type(err).__name__}: {err}"
+    count = None if (src.positional or local is None) else local.seen
+    states = _dist.all_gather_objects((msg, count), group)
+    if err is not None:
+        raise err
+    bad = [(r, m) for r, (m, _) in enumerate(states) if m is not None]
+    if bad:
+        r, m = bad[0]
+        raise RuntimeError(f"score_pool failed on rank {r}: {m}")
+    counts = {c for _, c in states}
+    if len(counts) > 1:
+        raise RuntimeError(
+            "the ranks' pool streams had different lengths "
+            f"({[c for _, c in states]}): every rank must iterate the same pool"
+        )
+
+
+def _gather_scores(
+    local: torch.Tensor | None, n_metrics: int, n_total: int, block_size: int, sharded: bool,
+    world: int, dev: torch.device, group: Any,
+) -> torch.Tensor:
+    """[n_metrics, N] scores of the whole pool in pool order: this process' own, or every rank's
+    blocks put back in place (block b came from rank b % world)."""
+    dtype = local.dtype if local is not None else torch.float32
+    if not sharded:
+        assert local is not None and local.shape[1] == n_total
+        return local
+    if local is None:
+        local = torch.empty(n_metrics, 0)
+    cdev = _dist.comm_device(dev, group)
+    dtypes = _dist.all_gather_objects(str(dtype) if local.shape[1] else None, group)
+    dt = next((d for d in dtypes if d is not None), str(dtype))
+    dtype = getattr(torch, dt.split(".")[-1])
+    full = torch.empty(n_metrics, n_total, dtype=dtype)
+    gathered = _dist.all_gather_varlen(local.to(dtype), group, cdev)
+    for r, g in enumerate(gathered):
+        pos = 0
+        for s, e in _owned_blocks(n_total, block_size, r, world):
+            full[:, s:e] = g[:, pos : pos + e - s]
+            pos += e - s
+        if pos != g.shape[1]:
+            raise RuntimeError(f"rank {r} sent {g.shape[1]} scores, expected {pos}")
+    return full
+
+
+def _gather_topk(
+    topk: RunningTopK, k: int, dtype: torch.dtype, sharded: bool, dev: torch.device, group: Any
+) -> torch.Tensor:
+    """Global indices of the k best items, best first: this process' running top-k, or the
+    merge of every rank's."""
+    keys, idx = topk.keys, topk.idx
+    if sharded:
+        cdev = _dist.comm_device(dev, group)
+        kk = _dist.all_gather_varlen(keys.to(dtype).reshape(1, -1), group, cdev)
+        ii = _dist.all_gather_varlen(idx.reshape(1, -1), group, cdev)
+        keys = torch.cat([t[0] for t in kk])
+        idx = torch.cat([t[0] for t in ii])
+        idx = idx[_order(keys, idx)[:k]]
+    return idx.clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# score_pool
+# ------------------------------------------------------------------------------------------------
 def score_pool(
     model: nn.Module | tuple[nn.Module, nn.Module],
     pool: Any,
@@ -498,231 +775,69 @@ def score_pool(
         warns (RuntimeWarning) when the model has no dropout layer.
     """
     t0 = time.perf_counter()
-    T = _check_int("T (number of MC samples)", T, 1)
-    if method not in METRICS:
-        hint = " (use fastbald.acquire(..., method='random'))" if method == "random" else ""
-        raise ValueError(f"method must be one of {METRICS}, got {method!r}{hint}")
-    if k is not None:
-        k = _check_int("k", k, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    block_size = _check_int("block_size", block_size, 1)
-    num_workers = _check_int("num_workers", num_workers, 0)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
-    if metrics is None:
-        names = [method]
-    elif metrics == "all":
-        names = list(METRICS)
-    else:
-        names = [metrics] if isinstance(metrics, str) else list(metrics)
-        for m in names:
-            if m not in METRICS:
-                raise ValueError(f"unknown metric {m!r}; choose from {METRICS}")
-        if method not in names:
-            names.append(method)
-    names = [m for m in METRICS if m in names]  # canonical order
-    amp_dtype: torch.dtype | None
-    if amp is True:
-        amp_dtype = torch.bfloat16
-    elif amp is False or amp is None:
-        amp_dtype = None
-    elif isinstance(amp, torch.dtype):
-        amp_dtype = amp
-    else:
-        raise TypeError(f"amp must be a bool or a torch.dtype, got {amp!r}")
-
+    cfg = PoolScoringConfig(
+        T=T, method=method, k=k, metrics=metrics, batch_size=batch_size, block_size=block_size,
+        seed=seed, consistent=consistent, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor, amp=amp, max_rows=max_rows, progress=progress,
+    )
     sharded = _dist.use_distributed(distributed, group)
     rank, world = _dist.rank_world(group) if sharded else (0, 1)
-
-    sample = getattr(model, "mc_dropout", True) is not False if isinstance(model, nn.Module) else True
-    mc = MCDropout(
-        model, T, seed=seed, consistent=consistent, trunk_head=trunk_head, max_rows=max_rows,
-        sample=sample,
-    )
-    dev = torch.device(device) if device is not None else _model_device(mc)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if _model_device(mc) != dev:
-        for m in (mc.trunk, mc.head):
-            if m is not None:
-                m.to(dev)
-    pin = (dev.type == "cuda") if pin_memory is None else bool(pin_memory)
-    non_blocking = dev.type == "cuda"
-
+    mc, dev = _prepare_model(model, cfg, trunk_head, device)
     src = _make_source(
-        pool, batch_size=batch_size, block=block_size, rank=rank, world=world,
-        num_workers=num_workers, pin_memory=pin, prefetch_factor=prefetch_factor,
+        pool, batch_size=cfg.batch_size, block=cfg.block_size, rank=rank, world=world,
+        num_workers=cfg.num_workers,
+        pin_memory=(dev.type == "cuda") if cfg.pin_memory is None else bool(cfg.pin_memory),
+        prefetch_factor=cfg.prefetch_factor,
     )
     if sharded:  # every rank must score the same pool the same way
-        cfg = (T, seed, bool(consistent), block_size, method, k, src.n, tuple(names))
-        cfgs = _dist.all_gather_objects(cfg, group)
+        cfgs = _dist.all_gather_objects((*cfg.shared_key(), src.n), group)
         if any(c != cfgs[0] for c in cfgs):
             raise ValueError(
-                "score_pool was called with different settings or pool sizes on different ranks: "
+                "score_pool was called with different settings or pool sizes on different ranks "
+                "(T, seed, consistent, block_size, method, k, metrics, N): "
                 + "; ".join(f"rank {r}: {c}" for r, c in enumerate(cfgs))
             )
     if src.n == 0:
         raise ValueError("the pool is empty (0 items): nothing to score")
-    if k is not None and src.n is not None and k > src.n:
-        raise ValueError(f"k={k} is larger than the pool (N={src.n})")
+    if cfg.k is not None and src.n is not None and cfg.k > src.n:
+        raise ValueError(f"k={cfg.k} is larger than the pool (N={src.n})")
 
-    # Blocks this rank computes: (block number, start, size); sizes drive the re-chunking.
-    # Positional: the stream holds exactly this rank's blocks. Otherwise (unknown length, or a
-    # loader that cannot be re-sharded) it holds every item and blocks are numbered as they come.
-    positional = src.n is not None and not src.skip
-    if positional:
-        owned = _owned_blocks(src.n, block_size, rank, world)  # type: ignore[arg-type]
-        sizes: Iterable[int] = [e - s for s, e in owned]
-    else:
-        owned = []
-        sizes = repeat(block_size)
-
-    topk = RunningTopK(k) if k is not None else None
-    local_n = sum(e - s for s, e in owned) if positional else (src.n or 1 << 16)
-    scored = _ScoreBuffer(len(names), local_n)  # [n_metrics, items of this rank] in order
-    n_classes: int | None = None
-    seen = 0  # items of the stream (all items in skip mode)
-    n_local = 0
     err: BaseException | None = None
-
-    def autocast() -> Any:
-        if amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=dev.type, dtype=amp_dtype)
-
-    total = sum(e - s for s, e in owned) if owned else (src.n if world == 1 else None)
-    bar = _progress_bar(total=total, T=T, enabled=progress and rank == 0)
-    stream = _rechunk(src.batches, sizes, dev, non_blocking)
+    local: _LocalScores | None = None
     try:
-        with mc:
-            for j, xb in enumerate(stream):
-                b = xb.shape[0]
-                if not positional:
-                    start, block_no = seen, j
-                    seen += b
-                    if block_no % world != rank:
-                        continue
-                else:
-                    start, block_no = owned[j][0], owned[j][0] // block_size
-                    seen += b
-                    if b != owned[j][1] - owned[j][0]:
-                        raise ValueError(
-                            f"the pool yielded {seen} items but has {src.n} "
-                            "(a DataLoader with drop_last=True?)"
-                        )
-                try:
-                    with autocast():
-                        idx = torch.arange(start, start + b)
-                        lg = mc(xb, idx)
-                except (ValueError, TypeError) as e:
-                    if type(e) not in (ValueError, TypeError):
-                        raise
-                    raise type(e)(
-                        f"{e} [compute block {block_no}: pool items {start}..{start + b - 1}]"
-                    ) from e
-                if n_classes is None:
-                    n_classes = int(lg.shape[-1])
-                    if n_classes < 1:
-                        raise ValueError("the model returned logits with 0 classes")
-                elif lg.shape[-1] != n_classes:
-                    raise ValueError(
-                        f"the model returned {lg.shape[-1]} classes for compute block {block_no} "
-                        f"(pool items {start}..{start + b - 1}) but {n_classes} before"
-                    )
-                _check_logits(lg, start, block_no)
-                ps = _scores(lg, metrics=names, check_finite=False)
-                vals = torch.stack([getattr(ps, m) for m in names]).cpu()
-                scored.append(vals)
-                if topk is not None:
-                    topk.update(ranking_key(vals[names.index(method)], method), idx)
-                n_local += b
-                bar.update(b)
-        if positional and n_local != sum(sizes):  # type: ignore[arg-type]
-            raise ValueError(
-                f"the pool yielded fewer items than its length {src.n} "
-                "(a DataLoader with drop_last=True?)"
-            )
-        if not positional and src.n is not None and seen != src.n:
-            raise ValueError(
-                f"the pool yielded {seen} items but has {src.n} (a DataLoader with drop_last=True?)"
-            )
-    except Exception as e:  # noqa: BLE001 - re-raised below (after telling the other ranks)
-        err = e
+        local = _score_blocks(mc, src, cfg, dev, rank, world)
+    except Exception as e:  # noqa: BLE001 - re-raised by _check_ranks (after telling the other ranks)
         if not sharded:
             raise
-    finally:
-        bar.close()
-        stream.close()  # shuts the DataLoader's workers down, also on Ctrl-C
-
+        err = e
     if sharded:
-        msg = None if err is None else f"{type(err).__name__}: {err}"
-        states = _dist.all_gather_objects((msg, None if positional else seen), group)
-        if err is not None:
-            raise err
-        bad = [(r, m) for r, (m, _) in enumerate(states) if m is not None]
-        if bad:
-            r, m = bad[0]
-            raise RuntimeError(f"score_pool failed on rank {r}: {m}")
-        counts = {c for _, c in states}
-        if len(counts) > 1:
-            raise RuntimeError(
-                "the ranks' pool streams had different lengths "
-                f"({[c for _, c in states]}): every rank must iterate the same pool"
-            )
-
-    n_total = src.n if src.n is not None else seen
+        _check_ranks(err, local, src, group)
+    assert local is not None
+    n_total = src.n if src.n is not None else local.seen
     if n_total == 0:
         raise ValueError("the pool is empty (0 items): nothing to score")
-    if k is not None and k > n_total:
-        raise ValueError(f"k={k} is larger than the pool (N={n_total})")
-    local = scored.result()
-    dtype = local.dtype if local is not None else torch.float32
-    if not sharded:
-        assert local is not None and local.shape[1] == n_total
-        full = local
-    else:
-        if local is None:
-            local = torch.empty(len(names), 0)
-        cdev = _dist.comm_device(dev, group)
-        dtypes = _dist.all_gather_objects(str(dtype) if local.shape[1] else None, group)
-        dt = next((d for d in dtypes if d is not None), str(dtype))
-        dtype = getattr(torch, dt.split(".")[-1])
-        full = torch.empty(len(names), n_total, dtype=dtype)
-        gathered = _dist.all_gather_varlen(local.to(dtype), group, cdev)
-        for r, g in enumerate(gathered):
-            pos = 0
-            for s, e in _owned_blocks(n_total, block_size, r, world):
-                full[:, s:e] = g[:, pos : pos + e - s]
-                pos += e - s
-            if pos != g.shape[1]:
-                raise RuntimeError(f"rank {r} sent {g.shape[1]} scores, expected {pos}")
-    result_metrics = {m: full[i] for i, m in enumerate(names)}
-    scores_n = result_metrics[method]
+    if cfg.k is not None and cfg.k > n_total:
+        raise ValueError(f"k={cfg.k} is larger than the pool (N={n_total})")
+
+    full = _gather_scores(local.scores, len(cfg.metrics), n_total, cfg.block_size, sharded, world,
+                          dev, group)
+    result_metrics = {m: full[i] for i, m in enumerate(cfg.metrics)}
+    scores_n = result_metrics[cfg.method]
     top: torch.Tensor | None = None
     top_scores: torch.Tensor | None = None
-    if topk is not None:
-        keys, idx = topk.keys, topk.idx
-        if sharded:
-            cdev = _dist.comm_device(dev, group)
-            kk = _dist.all_gather_varlen(keys.to(dtype).reshape(1, -1), group, cdev)
-            ii = _dist.all_gather_varlen(idx.reshape(1, -1), group, cdev)
-            keys = torch.cat([t[0] for t in kk])
-            idx = torch.cat([t[0] for t in ii])
-            o = _order(keys, idx)[:k]
-            idx = idx[o]
-        top = idx.clone()
+    if local.topk is not None:
+        top = _gather_topk(local.topk, cfg.k, full.dtype, sharded, dev, group)  # type: ignore[arg-type]
         top_scores = scores_n[top]
     result = PoolResult(
         scores=scores_n,
         topk=top,
         topk_scores=top_scores,
-        method=method,
+        method=cfg.method,
         metrics=result_metrics,
-        T=T,
-        seed=seed,
-        consistent=bool(consistent),
-        block_size=block_size,
+        T=cfg.T,
+        seed=cfg.seed,
+        consistent=cfg.consistent,
+        block_size=cfg.block_size,
         world_size=world,
         elapsed_s=time.perf_counter() - t0,
     )

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pool_fixtures import POOL, tiny
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from fastbald.pool import SyntheticPool, score_pool
+from fastbald.pool import score_pool
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:fastbald. using the pure-PyTorch backend"),
@@ -24,21 +25,7 @@ pytestmark = [
 ]
 
 WORLD = 2
-POOL = SyntheticPool(203, shape=(1, 8, 8), seed=4)
 COMMON = dict(T=5, k=11, block_size=16, metrics="all", progress=False, seed=3)
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(
-            nn.Dropout(0.3), nn.Flatten(), nn.Linear(27, 12), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(12, 4),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
 
 
 class Stream(IterableDataset):
@@ -59,11 +46,6 @@ class Diverged(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.d(x.flatten(1)[:, :4])
         return torch.where(x.flatten(1)[:, :1] == POOL[150].flatten()[0], torch.nan, out)
-
-
-def _model() -> Tiny:
-    torch.manual_seed(0)
-    return Tiny()
 
 
 def _runs() -> dict[str, dict]:
@@ -93,7 +75,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     try:
         res: dict[str, object] = {}
         for name, kw in _runs().items():
-            res[name] = _summary(score_pool(_model(), **{**COMMON, **kw}))
+            res[name] = _summary(score_pool(tiny(), **{**COMMON, **kw}))
         try:
             score_pool(Diverged(), POOL, T=2, block_size=16, progress=False)
             res["error"] = "no error"
@@ -121,7 +103,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path: os.PathLike[str]) -> None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = {name: score_pool(_model(), **{**COMMON, **kw}) for name, kw in _runs().items()}
+        single = {name: score_pool(tiny(), **{**COMMON, **kw}) for name, kw in _runs().items()}
     finally:
         torch.set_num_threads(threads)
     for rank in range(WORLD):

@@ -2,42 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from pool_fixtures import POOL, tiny
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import fastbald
 from fastbald.mc import mc_logits
-from fastbald.pool import PoolResult, RunningTopK, SyntheticPool, _ScoreBuffer, score_pool
+from fastbald.pool import (
+    PoolResult,
+    PoolScoringConfig,
+    RunningTopK,
+    SyntheticPool,
+    _ScoreBuffer,
+    score_pool,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:fastbald. using the pure-PyTorch backend")
 
 
-class Tiny(nn.Module):
-    """1x8x8 images -> 4 classes; deterministic trunk, dropout head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(
-            nn.Dropout(0.3), nn.Flatten(), nn.Linear(27, 12), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(12, 4),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
-
-
-def _tiny() -> Tiny:
-    torch.manual_seed(0)
-    return Tiny()
-
-
-POOL = SyntheticPool(203, shape=(1, 8, 8), seed=4)
 XS = torch.stack([POOL[i] for i in range(len(POOL))])
 
 
@@ -51,7 +40,7 @@ def test_synthetic_pool_deterministic() -> None:
 
 @pytest.mark.parametrize("consistent", [True, False])
 def test_bit_identical_across_batch_sizes_and_sources(consistent: bool) -> None:
-    m = _tiny()
+    m = tiny()
     kw = dict(T=6, k=9, seed=7, block_size=32, metrics="all", progress=False,
               consistent=consistent)
     a = score_pool(m, POOL, batch_size=7, **kw)
@@ -67,7 +56,7 @@ def test_bit_identical_across_batch_sizes_and_sources(consistent: bool) -> None:
 
 
 def test_scores_equal_fused_scores_of_mc_logits() -> None:
-    m = _tiny()
+    m = tiny()
     r = score_pool(m, XS, T=5, seed=1, block_size=203, metrics="all", progress=False)
     ref = fastbald.scores(mc_logits(m, XS, 5, seed=1))
     for name in fastbald.METRICS:
@@ -77,7 +66,7 @@ def test_scores_equal_fused_scores_of_mc_logits() -> None:
 
 @pytest.mark.parametrize("method", ["bald", "margin", "variation_ratio"])
 def test_topk_equals_acquire_with_ties(method: str) -> None:
-    m = _tiny()
+    m = tiny()
     # Repeated images give exactly tied scores (variation_ratio ties a lot by itself).
     x = torch.cat([XS[:40]] * 3)[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
     for k in (0, 1, 17, 120):
@@ -113,14 +102,14 @@ def test_iterable_dataset_pool() -> None:
         def __iter__(self):  # type: ignore[override]
             yield from XS
 
-    m = _tiny()
+    m = tiny()
     a = score_pool(m, Stream(), T=4, k=5, block_size=32, batch_size=9, progress=False)
     b = score_pool(m, XS, T=4, k=5, block_size=32, progress=False)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.topk, b.topk)
 
 
 def test_errors() -> None:
-    m = _tiny()
+    m = tiny()
     with pytest.raises(ValueError, match="empty"):
         score_pool(m, XS[:0], progress=False)
     with pytest.raises(ValueError, match="k=204 is larger than the pool"):
@@ -163,6 +152,44 @@ def test_nan_logits_name_the_item() -> None:
         score_pool(Diverged(), XS, T=3, block_size=32, progress=False)
 
 
+def test_logits_are_checked_once_by_the_scoring_op(monkeypatch) -> None:
+    """Good logits go through no Python scan of their own (the op's check is the only one); the
+    scan that names a bad item runs only after the op has refused the block."""
+    from fastbald import pool
+
+    calls = []
+    real = pool._first_bad_logits
+    monkeypatch.setattr(pool, "_first_bad_logits", lambda lg: calls.append(lg.shape) or real(lg))
+    score_pool(tiny(), XS, T=3, block_size=32, progress=False)
+    assert calls == []
+    bad = XS.clone()
+    bad[70] = float("nan")  # the NaN reaches every logit of item 70
+    with pytest.raises(ValueError, match=r"pool item 70 \(MC sample 0, compute block 2: items 64\.\.95\)"):
+        score_pool(tiny(), bad, T=3, block_size=32, progress=False)
+    assert calls == [(32, 3, 4)]
+
+
+def test_config_is_validated_and_normalised() -> None:
+    cfg = PoolScoringConfig(T=np.int64(4), method="margin", metrics=["mean_std", "entropy"], amp=True)
+    assert cfg.T == 4 and type(cfg.T) is int
+    assert cfg.metrics == ("entropy", "mean_std", "margin")  # bit order, the method added
+    assert cfg.amp is torch.bfloat16 and PoolScoringConfig().amp is None
+    assert PoolScoringConfig(metrics="all").metrics == fastbald.METRICS
+    for kw, err, msg in [
+        (dict(T=0), ValueError, "T .* >= 1"),
+        (dict(k=-1), ValueError, "k must be an integer >= 0"),
+        (dict(block_size=2.0), ValueError, "block_size must be an integer"),
+        (dict(seed="1"), TypeError, "seed must be an int"),
+        (dict(metrics=["bald", "nope"]), ValueError, "unknown metric 'nope'"),
+        (dict(amp="bf16"), TypeError, "amp must be a bool or a torch.dtype"),
+        (dict(method="random"), ValueError, "fastbald.acquire"),
+    ]:
+        with pytest.raises(err, match=msg):
+            PoolScoringConfig(**kw)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.T = 5  # type: ignore[misc]
+
+
 def test_no_dropout_warns() -> None:
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     with pytest.warns(RuntimeWarning, match="BALD is identically 0"):
@@ -171,7 +198,7 @@ def test_no_dropout_warns() -> None:
 
 
 def test_save_atomic_and_interrupt_leaves_nothing(tmp_path: os.PathLike[str]) -> None:
-    m = _tiny()
+    m = tiny()
     path = os.path.join(tmp_path, "scores.pt")
     r = score_pool(m, XS, T=3, k=4, progress=False, out=path)
     back = PoolResult.load(path)
@@ -196,7 +223,7 @@ def test_save_atomic_and_interrupt_leaves_nothing(tmp_path: os.PathLike[str]) ->
 
 
 def test_progress_bar_and_amp(capsys: pytest.CaptureFixture[str]) -> None:
-    m = _tiny()
+    m = tiny()
     r = score_pool(m, XS, T=3, progress=True, amp=True)
     err = capsys.readouterr().err
     assert "img/s" in err and "203/203" in err
@@ -206,7 +233,7 @@ def test_progress_bar_and_amp(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_deterministic_model_scores_once() -> None:
-    m = _tiny()
+    m = tiny()
     m.mc_dropout = False  # type: ignore[assignment]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
