@@ -34,6 +34,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -302,9 +303,11 @@ def build_emulator(flavour: str = "plain") -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"emulator build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
         os.replace(tmp, exe)
-        for old in exe.parent.glob(f"emu-{flavour}-*"):  # builds of earlier sources
-            if old != exe:
-                with contextlib.suppress(OSError):
+        # Builds of earlier sources, once they are an hour old (a concurrent test session on
+        # other sources may still be running its own).
+        for old in exe.parent.glob(f"emu-{flavour}-*"):
+            with contextlib.suppress(OSError):
+                if old != exe and time.time() - old.stat().st_mtime > 3600:
                     old.unlink()
     return exe
 
