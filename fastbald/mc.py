@@ -600,13 +600,12 @@ class FusedMLPHead:
         sel = ~keep1 if self.complement else keep1
         counts = sel.sum(1)
         S = int(counts.max()) if T else 0
-        idx = torch.zeros(T, S, dtype=torch.int64)
-        v = torch.zeros(T, S, H)  # [T, S, H]: the selected rows of W1.T, scaled; zero-padded
+        # idx[t]: the selected features of sample t in ascending order, then (padding) others.
+        idx = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :S].contiguous()
         sign = -s1 if self.complement else s1
-        for t in range(T):
-            j = sel[t].nonzero().reshape(-1)
-            idx[t, : j.numel()] = j
-            v[t, : j.numel()] = w1.t()[j] * sign
+        live = torch.arange(S).unsqueeze(0) < counts.unsqueeze(1)  # [T, S]: not padding
+        # [T, S, H]: the selected rows of W1.T, scaled; zero rows for the padding.
+        v = w1.t().contiguous()[idx] * (live.unsqueeze(2) * sign)
         self.T, self.F, self.H, self.C, self.S = T, F, H, C, S
         self.dtype = dtype
         self.idx = idx
