@@ -487,3 +487,27 @@ def test_bbr_get_batchbald_batch_same_batch_exact_regime(bbr, dtype):
     assert len(fb.get_batchbald_batch(lp[:3], 10, 1000).indices) == 3
     assert fb.get_batchbald_batch(lp, 0, 1000).indices == []
     assert len(set(fb.get_batchbald_batch(lp, 20, 100).indices)) == 20  # sampled regime: no duplicate
+
+
+@pytest.mark.slow  # baal's own BatchBALD with 20,000 draws: about a minute
+@pytest.mark.parametrize("seed", [0, 1])
+def test_baal_batchbald_same_batch(bh, fh, seed):
+    """baal's BatchBALD picks its BALD argmax, then num_samples more points, with a Monte-Carlo joint
+    entropy (num_draw draws): with many draws on a small pool it is nearly exact, and fastbald's
+    batch (exact here: 3^3 <= num_draw) is the batch baal chose."""
+    g = np.random.default_rng(seed)
+    p = probs_of((g.standard_normal((40, 3, 10)) * 2).astype(np.float64))
+    torch.manual_seed(seed)
+    _, theirs = bh.BatchBALD(4, num_draw=20000).get_ranks(p)
+    theirs_batch = set(np.nonzero(theirs)[0].tolist())
+    ours_h = fh.BatchBALD(4, num_draw=20000)
+    assert isinstance(ours_h, bh.BatchBALD)
+    ranks, scores = ours_h.get_ranks(p)
+    assert sorted(ranks.tolist()) == list(range(40))
+    batch = ranks[:4].tolist()
+    assert set(batch) <= theirs_batch and len(theirs_batch) == 5
+    assert batch[0] == int(np.argmax(fh.BALD().get_uncertainties(p)))
+    assert (scores[batch] > 0).all() and (np.delete(scores, batch) == 0).all()
+    # logits in, same batch (soft-maxed over classes as baal does)
+    logits = np.log(p) + 1.5
+    assert fh.BatchBALD(4, num_draw=20000).get_ranks(logits)[0][:4].tolist() == batch

@@ -41,6 +41,7 @@ variances) and ``VariationRatio``.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Any
 
@@ -64,6 +65,7 @@ from ..stochastic import stochastic_acquire as _fb_stochastic
 
 __all__ = [
     "BALD",
+    "BatchBALD",
     "Certainty",
     "EPIG",
     "Entropy",
@@ -433,3 +435,70 @@ def PowerBALD(query_size: int, temperature: float = 1.0, reduction="none", *, se
 def PowerEntropy(query_size: int, temperature: float = 1.0, reduction="none", *, seed: int | None = None):
     """baal's ``PowerEntropy``: :class:`PowerSampling` over fastbald's :class:`Entropy`."""
     return PowerSampling(Entropy(reduction=reduction), query_size=query_size, temperature=temperature, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchBALD (baal.active.heuristics.BatchBALD)
+# ------------------------------------------------------------------------------------------------
+class BatchBALD(_FastbaldHeuristic, _bh.BatchBALD):
+    """baal's ``BatchBALD`` computed by :func:`fastbald.batchbald_batch` (native greedy BatchBALD:
+    exact joint entropy while ``C**n <= num_draw``, ``num_draw`` sampled configurations beyond,
+    never re-sampled; no ``N x num_draw x C`` float64 temporary).
+
+    Same constructor (``num_samples``: the batch size, ``num_draw``: Monte-Carlo configurations,
+    raised to K if smaller) and ``get_ranks(predictions)`` on baal's ``[N, C, K]`` (probabilities,
+    or logits to soft-max). Differences: exactly ``num_samples`` items are chosen (baal picks its
+    BALD argmax and then ``num_samples`` more), ``get_ranks`` lists them in the order chosen, then
+    the rest of the pool by BALD; ``compute_score`` gives each chosen item its gain in joint mutual
+    information (0 elsewhere); ``seed=`` (keyword) makes the sampled regime reproducible.
+    """
+
+    def __init__(self, num_samples, num_draw=500, shuffle_prop=_bh.DEPRECATED, reduction="none", *,
+                 input: str = "auto", seed: int = 0):
+        super().__init__(num_samples, num_draw=num_draw, shuffle_prop=shuffle_prop, reduction=reduction)
+        self.input = _check_input(input)
+        self.seed = int(seed)
+        self._order: np.ndarray | None = None
+
+    def _log_probs_N_K_C(self, predictions) -> torch.Tensor:
+        x = _as_tensor(_single(predictions))
+        if x.dim() != 3:
+            raise ValueError(
+                "BatchBALD only works on classification: predictions [N, C, K], got shape "
+                f"{tuple(x.shape)}"
+            )
+        kind = self.input
+        if kind == "auto":
+            kind = "probs" if _looks_like_probs(x) else "logits"
+        x = x.permute(0, 2, 1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if kind == "probs":
+            return x.clamp_min(0).log()
+        return torch.log_softmax(x, -1)
+
+    def compute_score(self, predictions, target_predictions=None):
+        from ..batchbald import batchbald_batch
+
+        lp = self._log_probs_N_K_C(predictions).cpu()
+        N, K = lp.shape[0], lp.shape[1]
+        b = min(int(self.num_samples), N)
+        out = np.zeros(N, dtype=np.float64)
+        if b == 0:
+            self._order = np.zeros(0, dtype=np.int64)
+            return out
+        r = batchbald_batch(lp.contiguous(), b, num_samples=max(int(self.num_draw), K), seed=self.seed,
+                            dtype=torch.float64 if lp.dtype == torch.float64 else torch.float32)
+        idx = r.indices.numpy()
+        gains = np.diff(np.concatenate([[0.0], r.scores.numpy()]))
+        out[idx] = np.maximum(gains, np.finfo(np.float64).tiny)  # chosen items rank above the rest
+        self._order = idx
+        return out
+
+    def get_ranks(self, predictions, target_predictions=None):
+        if isinstance(predictions, types.GeneratorType):
+            raise ValueError("BatchBALD doesn't support generators.")
+        scores = self.get_uncertainties(predictions)
+        order = self._order if self._order is not None else np.zeros(0, dtype=np.int64)
+        rest = np.setdiff1d(np.arange(scores.shape[0]), order)
+        bald = BALD(input=self.input).get_uncertainties(predictions)[rest]
+        rest = rest[np.argsort(-bald, kind="stable")]
+        return np.concatenate([order, rest]).astype(np.int64), scores
