@@ -49,6 +49,15 @@ def acquire(
 
         metric = next(a.metric for a in ACQUISITION_TABLE if a.name == method)
         return stochastic_acquire(x_or_scores, k, rule, 1.0, metric, generator=generator, **score_kwargs)
+    if rule == "batchbald":  # a joint criterion of [N, T, C] predictions (fastbald.batchbald)
+        from .batchbald import batchbald_batch
+        from .scores import _as_tensor, _canonical
+
+        x, was_np = _as_tensor(x_or_scores)
+        lp = torch.log_softmax(_canonical(x, score_kwargs.get("layout", "NTC")).float(), -1)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        idx = batchbald_batch(lp.cpu().contiguous(), k, seed=seed).indices
+        return idx.numpy() if was_np else idx
     if rule not in ("top_k", "uniform"):  # pragma: no cover - a table row without an implementation
         raise NotImplementedError(f"acquire() does not implement the {rule!r} rule of {method!r}")
     was_numpy = isinstance(x_or_scores, np.ndarray)

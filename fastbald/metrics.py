@@ -173,6 +173,9 @@ ACQUISITION_TABLE: tuple[Acquisition, ...] = (
     # Stochastic batch acquisition (Kirsch et al., TMLR 2023; fastbald.stochastic): draw the batch
     # with p ~ BALD^beta, beta = 1, instead of its top-k.
     Acquisition("power_bald", "PowerBALD", "bald", "power", ("powerbald",)),
+    # Greedy BatchBALD (Kirsch et al., NeurIPS 2019; fastbald.batchbald): a joint batch criterion
+    # on the pool's MC log-probabilities, not a per-item score.
+    Acquisition("batchbald", "BatchBALD", None, "batchbald", ("batch_bald",)),
 )
 
 #: Acquisition function names, in table order.

@@ -64,3 +64,33 @@ def test_bench_batch_smoke(tmp_path):
     assert all(r["status"] == "ok" and r["max_abs_err"] < 1e-5 for r in res["epig"]["rows"])
     md = out.with_suffix(".md").read_text()
     assert "### EPIG" in md and "fastbald.epig" in md and "stochastic softrank" in md
+
+
+def test_batchbald_in_acquire_and_the_loop():
+    from fastbald.batchbald import batchbald_batch
+    from fastbald.loop import _SEED_SCORE, _SEED_STOCHASTIC
+    from fastbald.mc import mc_logits
+
+    a = acquisition("BatchBALD")
+    assert (a.name, a.metric, a.rule) == ("batchbald", None, "batchbald")
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(200, 8, 10, generator=g) * 3
+    got = fastbald.acquire(logits, 6, "batchbald", generator=torch.Generator().manual_seed(2))
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(2)))
+    assert got.tolist() == batchbald_batch(torch.log_softmax(logits, -1), 6, seed=seed).indices.tolist()
+
+    data = synthetic_mnist_like(400, seed=0, n_test=100)
+    p = LoopProtocol(acquisition="batchbald", pool_subset=120, **TINY)
+    loop = ActiveLearningLoop(data, p)
+    loop.step()
+    model, pool = loop.model, loop.pool_indices()
+    rec = loop.step()
+    assert rec.acquired == 7 and rec.scored == 120 and len(set(rec.new_indices)) == 7
+    assert set(rec.new_indices) <= set(pool.tolist())
+    # The loop's batch is batchbald_batch on the subset's MC log-probs, in the order chosen.
+    from fastbald.loop import _SEED_SUBSET, _generator
+
+    cand = pool[torch.randperm(pool.numel(), generator=_generator(p.seed, 1, _SEED_SUBSET))[:120]].sort().values
+    lp = torch.log_softmax(mc_logits(model, data.x_train[cand], p.T, seed=loop.round_seed(1, _SEED_SCORE)), -1)
+    want = batchbald_batch(lp, 7, num_samples=10_000, seed=loop.round_seed(1, _SEED_STOCHASTIC) % 2**62)
+    assert rec.new_indices == cand[want.indices].tolist()

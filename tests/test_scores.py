@@ -598,7 +598,7 @@ def test_acquisition_table():
     from fastbald.acquire import METHODS
     from fastbald.metrics import ACQUISITION_TABLE, ACQUISITIONS, acquisition, canonical_acquisition
 
-    assert METHODS == (*METRICS, "random", "power_bald")
+    assert METHODS == (*METRICS, "random", "power_bald", "batchbald")
     assert ACQUISITIONS[:4] == ("bald", "variation_ratio", "entropy", "mean_std")
     for a in ACQUISITION_TABLE:
         assert canonical_acquisition(a.name) == a.name
