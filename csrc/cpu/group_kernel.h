@@ -130,37 +130,29 @@ constexpr size_t kVecRegBytes = 16 * 32;
 template <class V, int CT>
 constexpr bool kInRegs = CT > 0 && 4 * 2 * CT * sizeof(V) <= 3 * kVecRegBytes;
 
-// ClassAcc: an accumulator that lives in registers or in memory.
-template <class V, class A, int CT>
-struct ClassAcc {
+// Per-class values in registers (when kInRegs) or in the [C][L] memory `mem`. kMirror: every set()
+// also writes `mem` (values read again after the class loop, e.g. a row's exps for the second pass),
+// the registers then being a copy.
+template <class V, class A, int CT, bool kMirror>
+struct ClassValues {
   V r[kInRegs<V, CT> ? CT : 1];
   A* mem;
-  explicit ClassAcc(A* m) : mem(m) {}
+  explicit ClassValues(A* m) : mem(m) {}
   V get(int64_t c) const {
     if constexpr (kInRegs<V, CT>) return r[c];
     else return V::loadu(mem + c * V::size());
   }
   void set(int64_t c, const V& v) {
+    if constexpr (kMirror || !kInRegs<V, CT>) v.store(mem + c * V::size());
     if constexpr (kInRegs<V, CT>) r[c] = v;
-    else v.store(mem + c * V::size());
   }
 };
-
-// ClassKeep: values always written to memory (read again later), with a register copy if they fit.
+// An accumulator that lives in registers or in memory.
 template <class V, class A, int CT>
-struct ClassKeep {
-  V r[kInRegs<V, CT> ? CT : 1];
-  A* mem;
-  explicit ClassKeep(A* m) : mem(m) {}
-  V get(int64_t c) const {
-    if constexpr (kInRegs<V, CT>) return r[c];
-    else return V::loadu(mem + c * V::size());
-  }
-  void set(int64_t c, const V& v) {
-    v.store(mem + c * V::size());
-    if constexpr (kInRegs<V, CT>) r[c] = v;
-  }
-};
+using ClassAcc = ClassValues<V, A, CT, false>;
+// Values always written to memory, with a register copy if they fit.
+template <class V, class A, int CT>
+using ClassKeep = ClassValues<V, A, CT, true>;
 
 template <class A>
 struct GroupScratch {
