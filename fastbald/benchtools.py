@@ -41,6 +41,7 @@ RENDERERS: dict[str, str] = {
     "pool_scale": "benchmarks/bench_pool_scale.py:to_markdown",
     "mc_cpu": "benchmarks/bench_mc.py:to_markdown",
     "batch_acquisition": "fastbald.bench_batch:to_markdown",
+    "batchbald": "benchmarks/bench_batchbald.py:to_markdown",
 }
 
 
