@@ -772,7 +772,8 @@ def score_pool(
     Returns:
         :class:`PoolResult`. Raises ValueError for an empty pool, ``k > N``, ``T < 1``, a model
         returning the wrong shape, or NaN/inf logits (naming the pool item and block);
-        warns (RuntimeWarning) when the model has no dropout layer.
+        warns (RuntimeWarning) when the model has no dropout layer. The settings are checked by
+        :class:`PoolScoringConfig` before anything runs.
     """
     t0 = time.perf_counter()
     cfg = PoolScoringConfig(
