@@ -791,10 +791,13 @@ def fuzz_case(seed: int) -> FuzzCase:
         desc.append("expanded")
     metrics = ALL if r() < 0.5 else int(rng.integers(1, ALL + 1))
     plan: dict = {}
-    if r() < 0.15 and N <= 24:  # the stream kernel: a block per item (slow to emulate)
+    u = r()
+    if u < 0.15 and N <= 24:  # the stream kernel: a block per item (slow to emulate)
         plan["force_path"] = 1
         if r() < 0.5:
             plan["force_args"] = 1
+    elif u > 0.85:  # the item kernel (the planner falls back where it does not apply)
+        plan["force_path"] = 2
     for key, p in (("force_generic", 0.15), ("force_one_array", 0.15)):
         if r() < p:
             plan[key] = 1
@@ -884,7 +887,7 @@ def test_fuzz_reaches_plans(emulator: Path) -> None:
         if info["path"] == 0:
             seen.add(("load", info["load_mode"]))
             seen.add(("pad", int(info["Cp"] != x.shape[2])))
-    want = {("path", 0), ("path", 1), ("load", 0), ("load", 1), ("load", 2), ("pad", 1)}
+    want = {("path", 0), ("path", 1), ("path", 2), ("load", 0), ("load", 1), ("load", 2), ("pad", 1)}
     assert want <= seen, f"not reached: {sorted(want - seen)}"
 
 
