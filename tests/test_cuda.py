@@ -1105,6 +1105,9 @@ def test_cuda_bad_inputs_raise_like_cpu(plan: dict) -> None:
             assert str(gpu_err.value).splitlines()[0] == str(cpu_err.value).splitlines()[0]
         out = cuda_op(x.cuda(), kind, check=False, tol=tol, plan=plan)  # no check: no error
         assert out.shape == (7, 40)
+        if _ops.native_available(torch.device("cpu")):  # invalid items: NaN where the CPU has NaN
+            cpu = torch.ops.fastbald.pool_scores(x, kind, ALL, False, tol)
+            assert torch.equal(torch.isnan(out.cpu()), torch.isnan(cpu))
     # Public API: ValueError too, on every layout.
     x = torch.randn(9, 4, 10, generator=g)
     x[5, 2, 3] = math.nan
