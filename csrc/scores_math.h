@@ -280,14 +280,16 @@ struct Base2<float> {
 };
 
 // One-instruction primitives on the device (MUFU ex2 / lg2 / rcp / sqrt, flush-to-zero, ~2 ulp;
-// max.NaN), the libm equivalents on the host.
+// max.NaN), the libm equivalents on the host, with the device's flush of subnormal results and
+// arguments to zero.
 FB_HD float fast_exp2(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return std::exp2(x);
+  const float y = std::exp2(x);
+  return y < 1.17549435e-38f ? 0.0f : y;  // ftz
 #endif
 }
 FB_HD float fast_log2(float x) {
@@ -296,7 +298,7 @@ FB_HD float fast_log2(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return std::log2(x);
+  return std::log2(x < 1.17549435e-38f && x > 0.0f ? 0.0f : x);  // ftz
 #endif
 }
 FB_HD float fast_rcp(float x) {

@@ -582,25 +582,28 @@ def main() -> int:
             funcs = parse_sass(sh([nvdisasm, "-c", "-gi", str(cub)]))
             per_arch[arch] = analyse(funcs, parse_sass.labels, src)  # type: ignore[attr-defined]
 
-    # 1 + 2: resources and totals.
-    print(f"## Kernels: ptxas -v and SASS instruction counts ({', '.join(sorted(per_arch))})\n")
-    hdr = ["kernel", "arch", "regs", "spill st/ld", "stack", "SASS", "MUFU", "FFMA", "SHFL", "LDS", "STS", "LDG",
-           "LDGSTS", "BRA"]
+    # 1 + 2: resources and totals (one row per kernel: registers per architecture, SASS counts of
+    # --arch).
+    archs = sorted(per_arch)
+    print(f"## Kernels: ptxas -v and SASS instruction counts (SASS of {args.arch})\n")
+    hdr = ["kernel", *[f"regs {a}" for a in archs], "spill st/ld", "stack", "SASS", "MUFU", "FFMA", "SHFL", "LDS",
+           "STS", "LDG", "LDGSTS", "BRA"]
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    for arch in sorted(per_arch):
-        for fn in sorted(per_arch[arch], key=short_name):
-            name = short_name(fn)
-            if args.kernel and args.kernel not in name:
-                continue
-            h = hist(per_arch[arch][fn]["ins"])
-            r = ptx.get((name, arch), {})
-            mufu = sum(v for k, v in h.items() if k.startswith("MUFU"))
-            print(f"| {name} | {arch} | {r.get('regs', '?')} | {r.get('spill_st', '?')}/{r.get('spill_ld', '?')} | "
-                  f"{r.get('stack', '?')} | {len(per_arch[arch][fn]['ins'])} | {mufu} | {h['FFMA']} | {h['SHFL']} | "
-                  f"{h['LDS']} | {h['STS']} | {h['LDG']} | {h['LDGSTS']} | {h['BRA']} |")
+    for fn in sorted(per_arch[args.arch], key=short_name):
+        name = short_name(fn)
+        if args.kernel and args.kernel not in name:
+            continue
+        h = hist(per_arch[args.arch][fn]["ins"])
+        rs = [ptx.get((name, a), {}) for a in archs]
+        spill = "/".join(str(max(r.get(k, 0) for r in rs)) for k in ("spill_st", "spill_ld"))
+        stack = max(r.get("stack", 0) for r in rs)
+        mufu = sum(v for k, v in h.items() if k.startswith("MUFU"))
+        regs = " | ".join(str(r.get("regs", "?")) for r in rs)
+        print(f"| {name} | {regs} | {spill} | {stack} | {len(per_arch[args.arch][fn]['ins'])} | {mufu} | "
+              f"{h['FFMA']} | {h['SHFL']} | {h['LDS']} | {h['STS']} | {h['LDG']} | {h['LDGSTS']} | {h['BRA']} |")
     spills = [k for k, r in ptx.items() if r.get("spill_st") or r.get("spill_ld")]
-    print(f"\n{len(ptx)} kernel builds, {len(spills)} with spills\n")
+    print(f"\n{len(ptx)} kernel builds ({', '.join(archs)}), {len(spills)} with spills\n")
 
     a_arch = per_arch[args.arch]
     by_short = {short_name(fn): a for fn, a in a_arch.items()}

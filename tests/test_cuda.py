@@ -987,7 +987,7 @@ def test_plans_at_gpu_sizes(emulator: Path) -> None:
 
 def _plan_env(plan: dict) -> str:
     m = {
-        "force_path": lambda v: f"path={'stream' if v == 1 else 'tile'}",
+        "force_path": lambda v: f"path={ {0: 'tile', 1: 'stream', 2: 'item'}[v] }",
         "force_generic": lambda v: f"generic={v}",
         "force_one_array": lambda v: f"one_array={v}",
         "tile_budget": lambda v: f"budget={v}",

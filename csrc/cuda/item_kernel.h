@@ -35,10 +35,14 @@ namespace item {
 
 // ---- shared-memory and async-copy primitives of this kernel ----
 #if defined(__CUDACC__)
-// 16 bytes global -> shared without a register round trip (sm_80+ cp.async, L2 only: .cg).
-FB_DEV void cp_async16(float* smem_dst, const void* gsrc) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gsrc) : "memory");
+// 16 bytes global -> shared without a register round trip (sm_80+ cp.async, L2 only: .cg), to the
+// shared-window address sbase + 4 * off of a float tile at sbase (smem_base). No memory clobber:
+// the copies are ordered by cp_async_wait_all (which has one) and the barrier after it.
+using SmemBase = unsigned;
+FB_DEV SmemBase smem_base(float* tile) { return static_cast<unsigned>(__cvta_generic_to_shared(tile)); }
+FB_DEV void cp_async16(SmemBase sbase, int off, const void* gsrc) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sbase + 4u * static_cast<unsigned>(off)),
+               "l"(gsrc));
 }
 FB_DEV void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 FB_DEV void store4(float* dst, float a, float b, float c, float d) {
@@ -86,10 +90,12 @@ FB_DEV void store_row(float* p, const float (&z)[C]) {
 inline void check_align(const void* p, uintptr_t a) {
   if (reinterpret_cast<uintptr_t>(p) % a != 0) __builtin_trap();
 }
-inline void cp_async16(float* smem_dst, const void* gsrc) {
-  check_align(smem_dst, 16);
+using SmemBase = float*;
+inline SmemBase smem_base(float* tile) { return tile; }
+inline void cp_async16(SmemBase sbase, int off, const void* gsrc) {
+  check_align(sbase + off, 16);
   check_align(gsrc, 16);
-  std::memcpy(smem_dst, gsrc, 16);
+  std::memcpy(sbase + off, gsrc, 16);
 }
 inline void cp_async_wait_all() {}
 inline void store4(float* dst, float a, float b, float c, float d) {
@@ -127,26 +133,37 @@ struct ItemKernel {
     const S* src = x + n0 * P.sN;
     if (P.it_vec) {
       // Vector w of the chunk: item j = w / nvi (multiply-high), shared offset w * VW + j * pad.
+      // The plan's values are copied to registers first (they are not reloaded per vector).
       const int nvi = P.it_nvi, total = kc * nvi, pad = stride - TC;
-      for (int w0 = tid; w0 < total; w0 += U * B) {
-        if constexpr (sizeof(S) == 4) {
+      const FastDiv dnvi = P.div_nvi;
+      if constexpr (sizeof(S) == 4) {
+        const item::SmemBase sb = item::smem_base(tile);
+        for (int w0 = tid; w0 < total; w0 += U * B) {
+          // Unpredicated: past the end, a thread copies the chunk's last vector again (the same
+          // bytes to the same place), so the address arithmetic is not sunk into branches.
           FB_UNROLL
           for (int u = 0; u < U; ++u) {
-            const int w = w0 + u * B;
-            if (w < total) item::cp_async16(tile + w * VW + P.div_nvi(w) * pad, src + static_cast<int64_t>(w) * VW);
+            const int w = w0 + u * B < total ? w0 + u * B : total - 1;
+            item::cp_async16(sb, w * VW + static_cast<int>(dnvi.div(static_cast<uint32_t>(w))) * pad,
+                             src + static_cast<int64_t>(w) * VW);
           }
-        } else {
+        }
+        item::cp_async_wait_all();
+      } else {
+        const S* sp = src + static_cast<int64_t>(tid) * VW;  // this thread's next vector
+        const int64_t step = static_cast<int64_t>(B) * VW;
+        for (int w0 = tid; w0 < total; w0 += U * B, sp += U * step) {
           S buf[U][VW];
           FB_UNROLL
           for (int u = 0; u < U; ++u) {
-            const int w = w0 + u * B < total ? w0 + u * B : w0;  // out of range: a valid dummy read
-            dev::load16(src + static_cast<int64_t>(w) * VW, buf[u]);
+            const S* g = w0 + u * B < total ? sp + u * step : sp;  // out of range: a valid dummy read
+            dev::load16(g, buf[u]);
           }
           FB_UNROLL
           for (int u = 0; u < U; ++u) {
             const int w = w0 + u * B;
+            float* dst = tile + w * VW + static_cast<int>(dnvi.div(static_cast<uint32_t>(w))) * pad;
             if (w < total) {
-              float* dst = tile + w * VW + P.div_nvi(w) * pad;
               FB_UNROLL
               for (int i = 0; i < VW; i += 4) {
                 item::store4(dst + i, static_cast<float>(buf[u][i]), static_cast<float>(buf[u][i + 1]),
@@ -156,7 +173,6 @@ struct ItemKernel {
           }
         }
       }
-      if constexpr (sizeof(S) == 4) item::cp_async_wait_all();
     } else {
       // Unaligned start or T*C not a multiple of a vector: one element per thread-iteration.
       const int total = kc * TC;
