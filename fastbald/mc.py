@@ -603,13 +603,16 @@ class FusedMLPHead:
         # idx[t]: the selected features of sample t in ascending order, then (padding) others.
         idx = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices[:, :S].contiguous()
         sign = -s1 if self.complement else s1
+        # The weights' gather reads column F (zeros) where idx pads.
         live = torch.arange(S).unsqueeze(0) < counts.unsqueeze(1)  # [T, S]: not padding
-        # [T, S, H]: the selected rows of W1.T, scaled; zero rows for the padding.
-        v = w1.t().contiguous()[idx] * (live.unsqueeze(2) * sign)
+        idx_w = torch.where(live, idx, F)
+        w1z = torch.cat([w1 * sign, torch.zeros(H, 1)], 1).to(dtype)  # [H, F + 1]
+        # [T, H, S]: the selected columns of W1, scaled (one gather, one transposing copy).
+        v = w1z.index_select(1, idx_w.reshape(-1)).view(H, T, S).transpose(0, 1).contiguous()
         self.T, self.F, self.H, self.C, self.S = T, F, H, C, S
         self.dtype = dtype
         self.idx = idx
-        self.v = v.transpose(1, 2).to(dtype).contiguous()  # [T, H, S]
+        self.v = v
         # Base: s * x @ W1.T + b1 (complement) or b1 (kept features gathered).
         self.w1s = (w1 * s1).contiguous() if self.complement and s1 > 0 else None
         self.b1 = b1
