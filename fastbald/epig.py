@@ -15,7 +15,7 @@ and the score is ``(1/N_t) sum_{c,t,c'} p(c) q_t(c') f(R)`` with ``f(R) = R log 
 (the KL integrand; the ``-R + 1`` part sums to 0). Every term is non-negative, so nothing cancels:
 baal's and the epig repository's ``H[p] + E_t H[q_t] - E_t H[P_t]`` subtracts entropies of a few
 nats to get EPIGs that are often 1e-3 or smaller. The ``[chunk, C, N_t, C]`` block is the only
-temporary (``chunk_bytes``, default 8 MB: it stays in cache); ``[N_p, N_t, C, C]`` or
+temporary (``chunk_bytes``, default 8 MB with one thread, 64 MB with more); ``[N_p, N_t, C, C]`` or
 ``[N_p, C, N_t * C]`` is never materialised. Scores are clamped to ``[0, log C]`` (the MI of a
 C-class variable), float32 for float32/half input, float64 for float64.
 """
@@ -104,7 +104,7 @@ def epig(
     target: Any,
     *,
     input: str = "log_probs",
-    chunk_bytes: int = 8 << 20,
+    chunk_bytes: int | None = None,
 ) -> Any:
     """EPIG of every pool item, ``[N_p]``, in nats, clamped to ``[0, log C]``.
 
@@ -114,7 +114,10 @@ def epig(
             (sample k of both must be the same model / dropout mask).
         input: ``"log_probs"`` (default; logits are fine too: each sample is normalised),
             ``"logits"`` or ``"probs"`` (each sample must sum to 1 within 1e-4).
-        chunk_bytes: size of the per-chunk ``[chunk, C, N_t, C]`` block (memory stays flat in N_p).
+        chunk_bytes: size of the per-chunk ``[chunk, C, N_t, C]`` block (memory stays flat in N_p;
+            two such buffers). Default: 8 MB with one torch thread (the block stays in cache),
+            64 MB with more (fewer parallel regions: measured 4x faster with 2 threads on a busy
+            machine, where every region waits for its slowest thread).
     Returns: float32 scores (float64 for float64 input), numpy if ``pool`` was numpy.
     """
     if input not in _INPUTS:
@@ -134,6 +137,8 @@ def epig(
     b = (q_t * inv_q[:, None, :]).permute(1, 0, 2).reshape(K, N_t * C).contiguous()
     w_tc = (qbar / N_t).reshape(N_t * C, 1)  # target weights q_t(c') / N_t
     out = torch.empty(N_p, dtype=dtype, device=x.device)
+    if chunk_bytes is None:
+        chunk_bytes = (8 << 20) if torch.get_num_threads() == 1 else (64 << 20)
     elt = torch.finfo(dtype).bits // 8
     chunk = max(1, min(N_p, int(chunk_bytes) // max(1, C * N_t * C * elt)))
     tiny = torch.finfo(dtype).tiny
