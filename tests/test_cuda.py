@@ -1427,3 +1427,31 @@ def test_item_kernel_plans(emulator: Path) -> None:
     assert _plan(emulator, (1_000, 20, 10), force_generic=1)["path"] == 0
     p = _plan(emulator, (1_000, 20, 10), force_path=ITEM, row_lanes=8)
     assert (p["path"], p["row_lanes"], p["kk"]) == (ITEM, 8, 32)
+
+
+def test_asan_item_kernel_cases(emulator_asan: Path) -> None:
+    """The item kernel's own cases under AddressSanitizer + UndefinedBehaviorSanitizer (exact-size
+    input storage and shared memory: the padded tile, the vector copies and the scalar fallback)."""
+
+    def one(case: Case) -> str | None:
+        x = make_input(case)
+        try:
+            info, out = emu_run(
+                emulator_asan,
+                x,
+                kind=INPUT_KINDS.index(case.kind),
+                metrics=case.metrics,
+                seed=zlib.crc32(case.id.encode()),
+                **_emu_plan(case),
+            )
+            assert (info["status"], info["path"]) == (0, ITEM), info
+            check_against_reference(case, x, out)
+        except (AssertionError, subprocess.TimeoutExpired) as e:
+            return f"{case.id}: {str(e)[-1500:]}"
+        return None
+
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        fails = [f for f in pool.map(one, ITEM_CASES) if f is not None]
+    assert not fails, f"{len(fails)} of {len(ITEM_CASES)} item cases failed under ASan/UBSan:\n" + "\n".join(
+        fails[:10]
+    )
