@@ -39,7 +39,6 @@ RENDERERS: dict[str, str] = {
     "scores_cpu": "benchmarks/bench_scores.py:to_markdown",
     "peers": "fastbald.bench:to_markdown",
     "pool_scale": "benchmarks/bench_pool_scale.py:to_markdown",
-    "batchbald": "benchmarks/bench_batchbald.py:to_markdown",
     "mc_cpu": "benchmarks/bench_mc.py:to_markdown",
     "batch_acquisition": "fastbald.bench_batch:to_markdown",
     "batchbald": "benchmarks/bench_batchbald.py:to_markdown",
