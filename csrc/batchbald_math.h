@@ -57,8 +57,9 @@ FB_HD double extend_row(const double* w, const P* p_c, int64_t sK, int64_t K, do
     s += w_out[k];
   }
   if (s > 0) {
-    const double inv = 1.0 / s;
-    for (int64_t k = 0; k < K; ++k) w_out[k] *= inv;
+    // Divide (not multiply by 1/s): a subnormal s (a class at log-prob ~[-745, -709] in every
+    // sample) has 1/s = inf, which would turn the row, and every later gain, into inf/NaN.
+    for (int64_t k = 0; k < K; ++k) w_out[k] /= s;
   } else {
     for (int64_t k = 0; k < K; ++k) w_out[k] = 1.0 / static_cast<double>(K);
   }

@@ -239,6 +239,30 @@ def test_minus_inf_is_a_masked_class():
     assert torch.isfinite(got.scores).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chosen_point_with_a_subnormal_class_probability(dtype):
+    # A chosen point whose class 2 has log-prob ~-720 in every sample: its mean probability is
+    # subnormal in float64 (1/s = inf). The greedy must go on choosing by the joint MI (review
+    # finding: it fell back to index order with scores [-inf, nan]).
+    lp = make_log_probs(50, 6, 3, 0)
+    x = lp.clone()
+    x[7, :, 0] = torch.tensor([5.0, -5.0] * 3, dtype=torch.float64)
+    x[7, :, 1] = 0.0
+    x[7, :, 2] = -720.0
+    x = torch.log_softmax(x, -1)
+    r = batchbald_batch(x, 3, 1000, dtype=dtype, lazy=False)
+    idx = r.indices.tolist()
+    assert idx[0] == 7
+    assert torch.isfinite(r.scores).all()
+    for i in range(3):
+        assert abs(r.scores[i].item() - joint_mi(x[idx[: i + 1]])) < 1e-5
+    # The same choice as when that class sits at a normal (tiny but not subnormal) probability.
+    y = x.clone()
+    y[7, :, 2] = -700.0
+    y = torch.log_softmax(y, -1)
+    assert batchbald_batch(y, 3, 1000, dtype=dtype, lazy=False).indices.tolist() == idx
+
+
 def test_opcheck():
     lp = make_log_probs(40, 5, 3, 18).float()
     for args in ((lp, 4, 100, 0, False, True, 1e-3), (lp.double(), 3, 10, 1, True, False, 1e-3)):
