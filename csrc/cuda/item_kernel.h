@@ -150,25 +150,23 @@ struct ItemKernel {
         }
         item::cp_async_wait_all();
       } else {
-        const S* sp = src + static_cast<int64_t>(tid) * VW;  // this thread's next vector
-        const int64_t step = static_cast<int64_t>(B) * VW;
-        for (int w0 = tid; w0 < total; w0 += U * B, sp += U * step) {
+        // Unpredicated like the float path: past the end, a thread loads and stores the chunk's
+        // last vector again (the same bytes to the same place).
+        for (int w0 = tid; w0 < total; w0 += U * B) {
           S buf[U][VW];
+          int wc[U];
           FB_UNROLL
           for (int u = 0; u < U; ++u) {
-            const S* g = w0 + u * B < total ? sp + u * step : sp;  // out of range: a valid dummy read
-            dev::load16(g, buf[u]);
+            wc[u] = w0 + u * B < total ? w0 + u * B : total - 1;
+            dev::load16(src + static_cast<int64_t>(wc[u]) * VW, buf[u]);
           }
           FB_UNROLL
           for (int u = 0; u < U; ++u) {
-            const int w = w0 + u * B;
-            float* dst = tile + w * VW + static_cast<int>(dnvi.div(static_cast<uint32_t>(w))) * pad;
-            if (w < total) {
-              FB_UNROLL
-              for (int i = 0; i < VW; i += 4) {
-                item::store4(dst + i, static_cast<float>(buf[u][i]), static_cast<float>(buf[u][i + 1]),
-                             static_cast<float>(buf[u][i + 2]), static_cast<float>(buf[u][i + 3]));
-              }
+            float* dst = tile + wc[u] * VW + static_cast<int>(dnvi.div(static_cast<uint32_t>(wc[u]))) * pad;
+            FB_UNROLL
+            for (int i = 0; i < VW; i += 4) {
+              item::store4(dst + i, static_cast<float>(buf[u][i]), static_cast<float>(buf[u][i + 1]),
+                           static_cast<float>(buf[u][i + 2]), static_cast<float>(buf[u][i + 3]));
             }
           }
         }
