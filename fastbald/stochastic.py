@@ -161,7 +161,7 @@ def _oriented(values: torch.Tensor, mode: str, method: str) -> torch.Tensor:
 def _average_ranks(key: torch.Tensor) -> torch.Tensor:
     """Ranks of ``key`` in descending order, 1 = largest; ties share their average rank."""
     N = key.shape[0]
-    sv, order = torch.sort(key, descending=True, stable=True)
+    sv, order = torch.sort(key, descending=True)  # order within ties is irrelevant
     new = torch.ones(N, dtype=torch.bool, device=key.device)
     new[1:] = sv[1:] != sv[:-1]
     gid = torch.cumsum(new, 0) - 1

@@ -202,3 +202,21 @@ def test_bad_input(path, monkeypatch):
         for mode, beta in itertools.product(st.MODES, (0.0, 1.0, math.inf)):
             with pytest.raises(ValueError, match="pool item 37 "):
                 stochastic_acquire(x, 3, mode, beta, seed=0)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+def test_native_chunks_and_threads_beyond_one_grain(monkeypatch):
+    """Above 2^20 items the native scan splits into parallel chunks: same draw as one thread and as
+    the PyTorch path."""
+    g = torch.Generator().manual_seed(8)
+    s = torch.rand((1 << 21) + 5, generator=g)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stochastic_acquire(s, 50, "power", 2.0, seed=11)
+        torch.set_num_threads(max(2, prev))
+        many = stochastic_acquire(s, 50, "power", 2.0, seed=11)
+    finally:
+        torch.set_num_threads(prev)
+    monkeypatch.setitem(st._NATIVE, "op", None)
+    assert torch.equal(one, many) and torch.equal(one, stochastic_acquire(s, 50, "power", 2.0, seed=11))

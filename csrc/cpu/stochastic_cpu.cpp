@@ -170,7 +170,9 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
   if (k > 0) {
     AT_DISPATCH_FLOATING_TYPES(st, "fastbald_stochastic_topk", [&] {
       const scalar_t* p = x.const_data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1 << 15, 8 * k);
+      // About 1 ns per item: threads only pay off for pools of millions (and a parallel region
+      // on a busy machine costs more than a 1M-item scan).
+      const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         std::vector<Entry> heap;
         const int64_t bad = first_nonfinite(p, b, e);
