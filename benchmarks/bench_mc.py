@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--agreement-pool", type=int, default=10000)
     ap.add_argument("--whole-pool", action="store_true")
     ap.add_argument("--skip-peaks", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--train", action="store_true", help="also time the training step")
     ap.add_argument("--merge", action="store_true",
                     help="keep the parts of an existing --out file that this run does not redo")
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
             res = json.load(f)
     res.update({"benchmark": "mc_cpu", "machine": machine_info(), "items": args.items,
                 "repeats": args.repeats})
-    res["build_cpu_s"] = build_time()
+    if not args.skip_throughput:
+        res["build_cpu_s"] = build_time()
     if not args.skip_peaks:
         res["peaks"] = peaks(args.threads)
     print(res.get("peaks"), flush=True)
@@ -379,9 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     if data is not None:
         torch.set_num_threads(max(args.threads))
         model = _trained_model(data)
-    res["throughput"] = throughput(model, x, args.T, args.threads, args.repeats)
-    for r in res["throughput"]:
-        print(r, flush=True)
+    if not args.skip_throughput:
+        res["throughput"] = throughput(model, x, args.T, args.threads, args.repeats)
+        for r in res["throughput"]:
+            print(r, flush=True)
     if data is not None and args.agreement_pool > 0:
         torch.set_num_threads(max(args.threads))
         res["agreement"] = agreement(model, data.x_train[-args.agreement_pool :])
