@@ -132,8 +132,12 @@ def epig(
     N_t = y.shape[0]
     q_t = _probs(y, input, "target", dtype)  # [N_t, K, C]
     qbar = q_t.mean(1)  # [N_t, C]
-    # Target columns scaled by 1 / (K q): R = (A / p)^T (B / (K q)) = P / (p q).
-    inv_q = torch.where(qbar > 0, 1.0 / (K * qbar), torch.zeros_like(qbar))
+    tiny = torch.finfo(dtype).tiny
+    # Target columns scaled by 1 / (K q): R = (A / p)^T (B / (K q)) = P / (p q). A mean probability
+    # below the smallest normal number (a class at log-prob < ~-87 in every sample in float32,
+    # ~-708 in float64) counts as 0: its 1/q would overflow to inf (EPIG NaN), and its whole
+    # contribution is below 1e-36 nats (1e-306 in float64).
+    inv_q = torch.where(qbar >= tiny, 1.0 / (K * qbar), torch.zeros_like(qbar))
     b = (q_t * inv_q[:, None, :]).permute(1, 0, 2).reshape(K, N_t * C).contiguous()
     w_tc = (qbar / N_t).reshape(N_t * C, 1)  # target weights q_t(c') / N_t
     out = torch.empty(N_p, dtype=dtype, device=x.device)
@@ -141,7 +145,6 @@ def epig(
         chunk_bytes = (8 << 20) if torch.get_num_threads() == 1 else (64 << 20)
     elt = torch.finfo(dtype).bits // 8
     chunk = max(1, min(N_p, int(chunk_bytes) // max(1, C * N_t * C * elt)))
-    tiny = torch.finfo(dtype).tiny
     # Two [chunk * C, N_t * C] buffers reused by every chunk (no allocation, no page faults).
     r_buf = torch.empty(chunk * C, N_t * C, dtype=dtype, device=x.device)
     f_buf = torch.empty_like(r_buf)
@@ -152,7 +155,7 @@ def epig(
         except ValueError as err:  # name the pool item by its index in the whole pool
             raise _shift_item(err, s) from None
         p = a.mean(1)  # [B, C]
-        inv_p = torch.where(p > 0, 1.0 / p, torch.zeros_like(p))
+        inv_p = torch.where(p >= tiny, 1.0 / p, torch.zeros_like(p))  # subnormal p: 0 (see inv_q)
         a_t = (a * inv_p[:, None, :]).transpose(1, 2).reshape((e - s) * C, K)  # [B*C, K]
         r = torch.matmul(a_t, b, out=r_buf[: (e - s) * C])  # [B*C, N_t*C]: P / (p q)
         # f(R) = R log R - R + 1 (>= 0); R = 0 (P = 0) gives its limit 1.

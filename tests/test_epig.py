@@ -127,3 +127,37 @@ def test_bad_input():
     allmasked[5, 3, :] = -math.inf
     with pytest.raises(ValueError, match=r"item 5, sample 3 has every class at -inf"):
         epig(allmasked, lt)
+
+
+def _with_class_at(lp: torch.Tensor, item: int, cls: int, value: float) -> torch.Tensor:
+    """``lp`` with class ``cls`` of ``item`` at log-prob ``value`` in every sample (renormalised)."""
+    out = lp.clone()
+    out[item, :, cls] = value
+    return torch.log_softmax(out, -1)
+
+
+def test_tiny_mean_probability_contributes_zero_not_nan():
+    """A class whose mean probability is below the dtype's smallest normal (float32: every sample
+    at log-prob < ~-87.3, a confident network; float64: < ~-708) is subnormal: 1/p was inf and the
+    EPIG NaN, and one such TARGET item made every pool item NaN. It contributes < 1e-36 nats."""
+    lp, lt = preds(6, 8, 5, 2.0, 10), preds(5, 8, 5, 2.0, 11)
+    for pool, targ in (
+        (_with_class_at(lp, 1, 3, -95.0), lt),  # pool item 1: exp(-95) = 5.5e-42 in float32
+        (lp, _with_class_at(lt, 2, 1, -100.0)),  # target item 2: poisoned every pool item
+        (_with_class_at(lp, 4, 0, -100.0), _with_class_at(lt, 0, 4, -95.0)),
+    ):
+        ours = epig(pool, targ)
+        assert torch.isfinite(ours).all(), ours
+        torch.testing.assert_close(ours.double(), epig_reference(pool, targ), rtol=0, atol=2e-6)
+    # One sample gives probability exactly 0, the others a subnormal one.
+    pool = _with_class_at(lp, 1, 3, -95.0)
+    pool[1, 0, 3] = -math.inf
+    torch.testing.assert_close(epig(pool, lt).double(), epig_reference(pool, lt), rtol=0, atol=2e-6)
+    # float64 below ~-708: the oracle is the same input with that class at probability 0 (the
+    # class's contribution, < 1e-300 nats, is below float64 resolution of the scores).
+    lp64, lt64 = lp.double(), lt.double()
+    pool, targ = _with_class_at(lp64, 1, 3, -720.0), _with_class_at(lt64, 2, 1, -730.0)
+    ours = epig(pool, targ)
+    assert ours.dtype == torch.float64 and torch.isfinite(ours).all(), ours
+    ref = epig_reference(_with_class_at(lp64, 1, 3, -math.inf), _with_class_at(lt64, 2, 1, -math.inf))
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)

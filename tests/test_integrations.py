@@ -511,3 +511,24 @@ def test_baal_batchbald_same_batch(bh, fh, seed):
     # logits in, same batch (soft-maxed over classes as baal does)
     logits = np.log(p) + 1.5
     assert fh.BatchBALD(4, num_draw=20000).get_ranks(logits)[0][:4].tolist() == batch
+
+
+@pytest.mark.parametrize("kind", ["probs", "logits"])
+def test_baal_epig_tiny_probability_is_not_nan(fh, kind):
+    """A class at log-prob -100 in every sample (subnormal mean probability in float32): the
+    drop-in's scores stay finite and equal EPIG by definition in float64 (they were all NaN when
+    such a class was in a target item)."""
+    g = np.random.default_rng(7)
+    z_pool = (g.standard_normal((30, 6, 12)) * 2).astype(np.float32)  # baal's [N, C, K]
+    z_targ = (g.standard_normal((9, 6, 12)) * 2).astype(np.float32)
+    z_pool[4, 2, :] = -100.0
+    z_targ[3, 5, :] = -100.0
+    lp_pool = torch.log_softmax(torch.from_numpy(z_pool).permute(0, 2, 1).double(), -1)
+    lp_targ = torch.log_softmax(torch.from_numpy(z_targ).permute(0, 2, 1).double(), -1)
+    from fastbald.epig import epig_reference
+
+    ref = epig_reference(lp_pool, lp_targ).numpy()
+    pool, targ = (probs_of(z_pool), probs_of(z_targ)) if kind == "probs" else (z_pool, z_targ)
+    ours = fh.EPIG().get_uncertainties(pool, target_predictions=targ)
+    assert np.isfinite(ours).all(), ours
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6)
