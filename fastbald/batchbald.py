@@ -15,8 +15,15 @@ of the batch so far plus the candidate, as ``batchbald_redux.batchbald.get_batch
 * ``lazy=True`` (default) evaluates candidates in decreasing order of an upper bound on their gain
   (their last evaluated gain: BatchBALD is submodular, gains only shrink as the batch grows) and
   stops once the best gain found beats every bound left. In the exact regime this returns the
-  same batch as evaluating every candidate (up to rounding ties); in the sampled regime a bound is
-  the estimate plus three standard errors. ``lazy=False`` evaluates every candidate at every step.
+  same batch as evaluating every candidate (up to rounding ties). In the sampled regime it is a
+  heuristic: at the first sampled step every candidate is evaluated (an exact gain does not bound a
+  Monte-Carlo estimate), later bounds are the estimate plus three standard errors, so a candidate
+  whose estimate rises by more than that between steps may be skipped. ``lazy=False`` evaluates
+  every candidate at every step.
+* sampled-regime scores are biased low by roughly ``0.5 / num_samples`` nats (about 0.04 nats at
+  ``num_samples=12``, 0.01 at 60; negligible at the default 10,000): the greedy order and the
+  estimates of the later steps share one configuration table, so the points chosen are those
+  whose estimate came out favourable on that very table (a selection effect, not MC noise).
 
 The result is deterministic for a ``seed`` (whatever the number of threads); a chosen point is
 never chosen again.

@@ -22,7 +22,9 @@
 // submodular), so each candidate keeps its last gain as an upper bound; candidates are evaluated
 // by decreasing bound, in doubling waves, until the best gain found exceeds every bound left. In
 // the exact regime that is the argmax of a full evaluation (up to rounding); in the sampled regime
-// the bound is min(old bound, estimate + 3 standard errors). lazy=false evaluates every candidate.
+// the bound is min(old bound, estimate + 3 standard errors), and every bound is reset to +inf when
+// the configurations are drawn (the first sampled step evaluates every candidate: an exact gain
+// does not bound a Monte-Carlo estimate). lazy=false evaluates every candidate.
 //
 // The kernel body (batchbald_kernel.inc) is compiled three times, for AVX-512, AVX2+FMA and the
 // x86-64 baseline (or just the baseline elsewhere), and chosen at run time from the CPU
