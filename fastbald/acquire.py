@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .metrics import ACQUISITION_TABLE, METRIC_TABLE, METRICS
+from .scores import _PROB_TOL, INPUT_KINDS, _as_tensor, _canonical, _check_torch_input, _validate
 from .scores import scores as _scores
 
 #: Metrics where a *small* value means an uncertain (informative) item.
@@ -21,6 +22,29 @@ _STOCHASTIC_RULES = ("power", "softmax", "softrank")  # the modes of fastbald.st
 def ranking_key(values: torch.Tensor, method: str) -> torch.Tensor:
     """Key where larger = acquire first (negates metrics where small means uncertain)."""
     return -values if method in ASCENDING else values
+
+
+def _batchbald_log_probs(
+    x: torch.Tensor, input: str = "logits", layout: str = "NTC", prob_tol: float | None = None, **other: Any
+) -> torch.Tensor:
+    """[N, T, C] log-probabilities for ``batchbald_batch`` from predictions that are what ``input``
+    says (as in ``fastbald.scores``); probabilities are checked (finite, >= 0, rows summing to 1)."""
+    if other:
+        raise TypeError(
+            f"acquire(..., 'batchbald') takes only input=, layout= and prob_tol= keyword arguments, got "
+            f"{sorted(other)}"
+        )
+    if input not in INPUT_KINDS:
+        raise ValueError(f"input must be one of {INPUT_KINDS}, got {input!r}")
+    x = _canonical(x, layout)
+    _validate(x, input)
+    tol = float(prob_tol if prob_tol is not None else _PROB_TOL[x.dtype])
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if input == "probs":
+        _check_torch_input(x, "probs", tol)
+        x = x.log()  # 0 -> -inf (a class of probability 0); renormalised below
+    return torch.log_softmax(x, -1)
 
 
 def acquire(
@@ -38,6 +62,9 @@ def acquire(
             tensor/array of scores of ``method``, or a ``PoolScores``.
         k: how many items to pick (0 <= k <= N).
         method: one of ``fastbald.acquire.METHODS``; ``"random"`` picks uniformly (``generator``).
+        score_kwargs: keyword arguments of ``fastbald.scores`` for [N, T, C] predictions
+            (``input``, ``layout``, ...). ``"batchbald"`` takes ``input``, ``layout`` and ``prob_tol``
+            only (TypeError for others) and needs [N, T, C] predictions.
     Ties are broken deterministically: the lowest pool index first. Returns int64 indices (numpy if
     the input was numpy).
     """
@@ -51,10 +78,9 @@ def acquire(
         return stochastic_acquire(x_or_scores, k, rule, 1.0, metric, generator=generator, **score_kwargs)
     if rule == "batchbald":  # a joint criterion of [N, T, C] predictions (fastbald.batchbald)
         from .batchbald import batchbald_batch
-        from .scores import _as_tensor, _canonical
 
         x, was_np = _as_tensor(x_or_scores)
-        lp = torch.log_softmax(_canonical(x, score_kwargs.get("layout", "NTC")).float(), -1)
+        lp = _batchbald_log_probs(x, **score_kwargs)
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         idx = batchbald_batch(lp.cpu().contiguous(), k, seed=seed).indices
         return idx.numpy() if was_np else idx

@@ -94,3 +94,40 @@ def test_batchbald_in_acquire_and_the_loop():
     lp = torch.log_softmax(mc_logits(model, data.x_train[cand], p.T, seed=loop.round_seed(1, _SEED_SCORE)), -1)
     want = batchbald_batch(lp, 7, num_samples=10_000, seed=loop.round_seed(1, _SEED_STOCHASTIC) % 2**62)
     assert rec.new_indices == cand[want.indices].tolist()
+
+
+def test_batchbald_acquire_honours_input_and_layout():
+    """acquire(x, k, 'batchbald', input=...) reads x as what input= says (it used to log_softmax
+    probabilities as if they were logits and pick another batch), and rejects kwargs it cannot use."""
+    import numpy as np
+    import pytest
+
+    from fastbald.batchbald import batchbald_batch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 10, 5, generator=g) * 3
+    lp = torch.log_softmax(logits, -1)
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(1)))
+    want = batchbald_batch(lp, 4, seed=seed).indices.tolist()
+
+    def acq(x, **kw):
+        return fastbald.acquire(x, 4, "batchbald", generator=torch.Generator().manual_seed(1), **kw).tolist()
+
+    assert acq(logits) == want
+    assert acq(logits, input="logits") == want
+    assert acq(lp, input="log_probs") == want
+    assert acq(lp.exp(), input="probs") == want
+    assert acq(lp.exp().numpy(), input="probs") == want  # numpy in, numpy out
+    assert isinstance(fastbald.acquire(lp.exp().numpy(), 4, "batchbald", input="probs"), np.ndarray)
+    assert acq(logits.permute(1, 0, 2), layout="TNC") == want
+    assert acq(lp.exp().permute(0, 2, 1), input="probs", layout="NCT") == want
+    bad = lp.exp()
+    bad[17, 3, 2] = -0.5
+    with pytest.raises(ValueError, match="pool item 17"):
+        acq(bad, input="probs")
+    with pytest.raises(ValueError, match="sum to"):
+        acq(lp.exp() * 1.2, input="probs")
+    with pytest.raises(ValueError, match="input must be one of"):
+        acq(logits, input="prob")
+    with pytest.raises(TypeError, match=r"'batchbald'.*backend"):
+        acq(logits, backend="torch")
