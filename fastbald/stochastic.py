@@ -15,8 +15,13 @@ where ``s`` is any score of :class:`fastbald.PoolScores`, oriented so that large
 The draw is a Gumbel top-k: item i gets the key ``log p_i + G_i`` with G_i a standard Gumbel, and
 the k largest keys, in order, are a sample of k items without replacement (the sequential
 "draw, remove, renormalise" of ``np.random.choice(replace=False, p=...)``). Everything is in
-log-space, so no weight underflows however large beta is. Items of weight 0 (power: a score <= 0)
-come after every item of positive weight, in uniformly random order.
+log-space, shifted before the scaling by beta so that the best item's log-weight is 0 (``beta *
+(s - max s)``, ``beta * (log s - log max s)``, ``-beta * (log rank - log min rank)``): no key is
++inf however large beta is. An item whose weight underflows relative to the best (a ratio below
+exp(-1.8e308)) is drawn after the others in a new round re-shifted to the remaining best (the
+same Plackett-Luce draw); after 64 such rounds, the rest in score order (the beta -> inf limit).
+Items of weight 0 (power: a score <= 0) come after every item of positive weight, in uniformly
+random order.
 
 The noise of item i is a pure function of ``(seed, i)`` (splitmix64), so a seed gives the same
 draw on every backend and for any number of threads. On the CPU, power and softmax run in one fused
@@ -46,6 +51,9 @@ _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 
 _NATIVE: dict[str, Any] = {}
+# Rounds of re-shifted draws for items whose weight underflows relative to the best (huge beta);
+# beyond them the remaining items come in score order (the beta -> inf limit).
+_MAX_LEVELS = 64
 
 
 def _native_op():
@@ -175,16 +183,32 @@ def _average_ranks(key: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def _shift(s: torch.Tensor, mode: str) -> float:
+    """The largest unscaled log-weight (softmax: max s; power: log max s, 0 if no s > 0), which
+    ``_log_weights`` and the native kernel subtract BEFORE scaling by beta: the best item gets
+    log-weight 0 and no log-weight is +inf however large beta is (beta * s overflowed)."""
+    if s.shape[0] == 0:
+        return 0.0
+    m = float(s.max())
+    if not math.isfinite(m):  # NaN / inf scores: the caller's check names the item
+        return 0.0
+    if mode == "power":
+        return math.log(m) if m > 0 else 0.0
+    return m
+
+
 def _log_weights(s: torch.Tensor, mode: str, beta: float) -> torch.Tensor:
-    """log p (unnormalised), float64."""
+    """log p (unnormalised), float64, shifted so that the largest is 0 (never +inf; -inf for a
+    weight 0, or a weight below exp(-1.8e308) times the largest)."""
     s = s.to(torch.float64)
     if beta == 0:
         return torch.zeros_like(s)
     if mode == "power":
-        return beta * torch.log(s.clamp_min(0))
+        return beta * (torch.log(s.clamp_min(0)) - _shift(s, mode))
     if mode == "softmax":
-        return beta * s
-    return -beta * torch.log(_average_ranks(s))
+        return beta * (s - _shift(s, mode))
+    r = torch.log(_average_ranks(s))
+    return -beta * (r - r.min()) if s.shape[0] else r
 
 
 def sampling_probabilities(
@@ -226,8 +250,11 @@ def _gumbel_topk(
     op = _native_op()
     code = "logw" if mode == "softrank" else mode
     if op is not None and s.device.type == "cpu":
-        x = _log_weights(s, mode, beta) if code == "logw" else s
-        return op(x.contiguous(), int(k), _MODE_CODE[code], float(beta), _signed(seed))
+        if code == "logw":
+            x, shift = _log_weights(s, mode, beta), 0.0
+        else:
+            x, shift = s, _shift(s, mode) if beta != 0 else 0.0
+        return op(x.contiguous(), int(k), _MODE_CODE[code], float(beta), _signed(seed), shift)
     _check_finite(s)
     keys = _log_weights(s, mode, beta) + gumbel_noise(s.shape[0], seed, s.device)
     # Order by key, ties (only -inf keys: weight 0) by the lower index, as the native kernel.
@@ -280,9 +307,35 @@ def stochastic_acquire(
         idx, keys = _gumbel_topk(s, k, run_mode, beta, seed_)
         n_pos = int(torch.isfinite(keys).sum())
         if n_pos < k:
-            # Fewer than k items of positive weight: the rest uniformly from the weight-0 items.
+            # Keys of -inf: weight 0 (power, s <= 0), or a weight below exp(-1.8e308) times the
+            # best's (huge beta). The latter are drawn next, each round with the log-weights
+            # re-shifted to the remaining items' best (the same Plackett-Luce draw, by its
+            # memorylessness); then the weight-0 items uniformly.
             taken = torch.zeros(N, dtype=torch.bool, device=values.device)
             taken[idx[:n_pos]] = True
+            parts = [idx[:n_pos]]
+            positive = s > 0 if run_mode == "power" else torch.ones_like(taken)
+            # softrank's weights are the ranks in the WHOLE pool: rank^-beta = exp(beta u).
+            lvl_s, lvl_mode = s, run_mode
+            if run_mode == "softrank":
+                lvl_s, lvl_mode = -torch.log(_average_ranks(s)), "softmax"
+            for level in range(1, _MAX_LEVELS + 1):
+                cand = (~taken & positive).nonzero().squeeze(1)
+                if n_pos == k or cand.shape[0] == 0:
+                    break
+                if level == _MAX_LEVELS:  # beta -> inf limit: the rest of them by score
+                    order = torch.sort(lvl_s[cand], descending=True, stable=True).indices
+                    sub = cand[order[: k - n_pos]]
+                else:
+                    sub, sub_keys = _gumbel_topk(lvl_s[cand], min(k - n_pos, cand.shape[0]), lvl_mode, beta,
+                                                 _mix64_int(seed_ + level * _GAMMA))
+                    sub = cand[sub[: int(torch.isfinite(sub_keys).sum())]]  # >= 1: the best has key G
+                taken[sub] = True
+                parts.append(sub)
+                n_pos += sub.shape[0]
+            idx = torch.cat(parts)
+        if n_pos < k:
+            # Fewer than k items of positive weight: the rest uniformly from the weight-0 items.
             rest = (~taken).nonzero().squeeze(1)
             sub, _ = _gumbel_topk(
                 torch.zeros(rest.shape[0], dtype=torch.float64, device=values.device),

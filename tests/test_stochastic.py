@@ -220,3 +220,39 @@ def test_native_chunks_and_threads_beyond_one_grain(monkeypatch):
         torch.set_num_threads(prev)
     monkeypatch.setitem(st._NATIVE, "op", None)
     assert torch.equal(one, many) and torch.equal(one, stochastic_acquire(s, 50, "power", 2.0, seed=11))
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_huge_finite_beta_is_topk_not_uniform(path, monkeypatch):
+    """beta so large that beta * s (softmax), beta * log s (power) or beta * log rank (softrank,
+    5+ items tied at the top) overflows: the draw is the top-k (it used to become uniform: +inf
+    keys counted as weight 0) and the probabilities are finite (they were NaN). Items whose weight
+    underflows relative to the best (weight ratio < exp(-1.8e308)) still come in score order."""
+    if path == "torch":
+        monkeypatch.setitem(st._NATIVE, "op", None)
+    s = torch.tensor([0.1, 5.0, 3.0, 0.2], dtype=torch.float64)
+    big = torch.tensor([2.0, 1e200, 3e200, 0.5, 1e-300], dtype=torch.float64)
+    for mode, x, beta in [("softmax", s, 1e308), ("softmax", s.float(), 1e308), ("softmax", s * 1e300, 1e8),
+                          ("softmax", -s * 1e306, 1e3), ("power", s, 1.7e308), ("power", big, 1e307),
+                          ("power", big * 1e-200, 1e306)]:
+        top = fastbald.acquire(x, x.shape[0])
+        for seed in range(30):
+            assert stochastic_acquire(x, 2, mode, beta, seed=seed).tolist() == top[:2].tolist(), (mode, beta)
+            assert stochastic_acquire(x, x.shape[0], mode, beta, seed=seed).tolist() == top.tolist()
+        p = sampling_probabilities(x, mode, beta)
+        assert torch.isfinite(p).all(), (mode, beta, p)
+        np.testing.assert_allclose(p.numpy(), np.eye(x.shape[0])[int(top[0])], atol=1e-300)
+    # Past _MAX_LEVELS re-shifted rounds the rest come in score order (here: from the first).
+    monkeypatch.setattr(st, "_MAX_LEVELS", 1)
+    assert stochastic_acquire(s, 4, "softmax", 1e308, seed=0).tolist() == [1, 2, 3, 0]
+    monkeypatch.setattr(st, "_MAX_LEVELS", 64)
+    # softrank: 6 items tied at the top share rank 3.5, beta * log 3.5 overflows.
+    tied = torch.tensor([5.0] * 6 + [3.0, 1.0])
+    firsts = set()
+    for seed in range(60):
+        idx = stochastic_acquire(tied, 8, "softrank", 1.7e308, seed=seed).tolist()
+        assert sorted(idx[:6]) == list(range(6)) and idx[6:] == [6, 7], idx
+        firsts.add(idx[0])
+    assert firsts == set(range(6))  # the tied items in uniformly random order, not by index
+    p = sampling_probabilities(tied, "softrank", 1.7e308)
+    np.testing.assert_allclose(p.numpy(), [1 / 6] * 6 + [0, 0], rtol=1e-12)

@@ -2,7 +2,9 @@
 // as an exact Gumbel top-k over a pool's scores, fused into one pass with no temporary of size N.
 //
 // Item i gets the log-weight l_i (mode 0: l = score, given as is; mode 1 "power":
-// l = beta * log(max(score, 0)); mode 2 "softmax": l = beta * score) and the key
+// l = beta * (log(max(score, 0)) - shift); mode 2 "softmax": l = beta * (score - shift); the caller
+// passes shift = the largest log max(score, 0) resp. score, so the best item's l is 0 and no l
+// overflows to +inf however large beta is) and the key
 //     key_i = l_i - log(E_i),  E_i = -log(1 - v_i) ~ Exp(1),  v_i = (splitmix64(seed, i) >> 11 + 1/2) 2^-53,
 // i.e. l_i plus a standard Gumbel. The k largest keys are a sample of k items without replacement
 // with probabilities proportional to exp(l_i) (Plackett-Luce: Gumbel top-k). The noise of item i is
@@ -74,13 +76,13 @@ int64_t first_nonfinite(const scalar_t* p, int64_t b, int64_t e) {
 
 // The log-weight of score x.
 template <int kMode>
-inline double log_weight(double x, double beta) {
+inline double log_weight(double x, double beta, double shift) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   if (beta == 0.0 && kMode != 0) return 0.0;
   if constexpr (kMode == 1) {
-    return x > 0.0 ? beta * std::log(x) : -kInf;
+    return x > 0.0 ? beta * (std::log(x) - shift) : -kInf;
   } else if constexpr (kMode == 2) {
-    return beta * x;
+    return beta * (x - shift);
   } else {
     return x;
   }
@@ -91,7 +93,7 @@ inline double log_weight(double x, double beta) {
 // (m >= 2^(63 - c)), -54 for c = 63 (m in {0, 1}); key > tau needs log2 v < (l - tau) / ln 2, so
 // l > tau + lb(c) ln 2, solved for x per mode. Rounded down (conservative), with 1e-3 bits slack.
 template <typename scalar_t, int kMode>
-void thresholds(double tau, double beta, scalar_t* thr) {
+void thresholds(double tau, double beta, double shift, scalar_t* thr) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   for (int c = 0; c < 64; ++c) {
     const double lb = (c == 63 ? -54.0 : 10.0 - c) - 1e-3;
@@ -100,10 +102,11 @@ void thresholds(double tau, double beta, scalar_t* thr) {
     if (beta == 0.0 && kMode != 0) {
       t = 0.0 > lmin - 1e-9 * std::fabs(lmin) ? -kInf : kInf;
     } else if constexpr (kMode == 1) {
-      t = std::exp(lmin / beta) * (1.0 - 1e-9);  // x^beta > e^lmin
+      t = std::exp(shift + lmin / beta) * (1.0 - 1e-9);  // (x / e^shift)^beta > e^lmin
     } else if constexpr (kMode == 2) {
-      t = lmin / beta;
-      t -= 1e-9 * std::fabs(t);
+      const double a = lmin / beta;
+      t = shift + a;
+      t -= 1e-9 * (std::fabs(shift) + std::fabs(a));  // covers the rounding of both terms
     } else {
       t = lmin - 1e-9 * std::fabs(lmin);
     }
@@ -115,8 +118,8 @@ void thresholds(double tau, double beta, scalar_t* thr) {
 }
 
 template <typename scalar_t, int kMode>
-void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta, uint64_t s0,
-          std::vector<Entry>& heap) {
+void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta, double shift,
+          uint64_t s0, std::vector<Entry>& heap) {
   heap.clear();
   heap.reserve(static_cast<size_t>(k));
   scalar_t thr[64];
@@ -125,29 +128,32 @@ void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta,
   for (; i < end && static_cast<int64_t>(heap.size()) < k; ++i) {
     const uint64_t m = mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
     const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;
-    heap.push_back({log_weight<kMode>(static_cast<double>(s[i]), beta) - std::log(-std::log1p(-v)), i});
+    heap.push_back(
+        {log_weight<kMode>(static_cast<double>(s[i]), beta, shift) - std::log(-std::log1p(-v)), i});
     std::push_heap(heap.begin(), heap.end(), better);
   }
   if (static_cast<int64_t>(heap.size()) < k) return;
-  thresholds<scalar_t, kMode>(heap.front().key, beta, thr);
+  thresholds<scalar_t, kMode>(heap.front().key, beta, shift, thr);
   for (; i < end; ++i) {
     const scalar_t x = s[i];
     const uint64_t m = mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
     if (!(x > thr[__builtin_clzll(m | 1)])) continue;  // cannot beat the heap's worst key
     // m < 2^53: a signed conversion is exact (and one instruction, unlike uint64 -> double).
     const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;  // in (0, 1)
-    const Entry e{log_weight<kMode>(static_cast<double>(x), beta) - std::log(-std::log1p(-v)), i};
+    const Entry e{log_weight<kMode>(static_cast<double>(x), beta, shift) - std::log(-std::log1p(-v)),
+                  i};
     if (better(e, heap.front())) {
       std::pop_heap(heap.begin(), heap.end(), better);
       heap.back() = e;
       std::push_heap(heap.begin(), heap.end(), better);
-      thresholds<scalar_t, kMode>(heap.front().key, beta, thr);
+      thresholds<scalar_t, kMode>(heap.front().key, beta, shift, thr);
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores, int64_t k,
-                                                       int64_t mode, double beta, int64_t seed) {
+                                                       int64_t mode, double beta, int64_t seed,
+                                                       double shift) {
   TORCH_CHECK_VALUE(scores.dim() == 1, "fastbald::stochastic_topk: scores must be [N], got shape ",
                     scores.sizes());
   const auto st = scores.scalar_type();
@@ -162,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
                     mode);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0,
                     "fastbald::stochastic_topk: beta must be finite and >= 0, got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(shift), "fastbald::stochastic_topk: shift must be finite, got ",
+                    shift);
   const at::Tensor x = scores.contiguous();
   const uint64_t s0 = mix64(static_cast<uint64_t>(seed));
   std::vector<Entry> all;
@@ -178,11 +186,11 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
         const int64_t bad = first_nonfinite(p, b, e);
         if (bad < 0) {
           if (mode == 1) {
-            scan<scalar_t, 1>(p, b, e, k, beta, s0, heap);
+            scan<scalar_t, 1>(p, b, e, k, beta, shift, s0, heap);
           } else if (mode == 2) {
-            scan<scalar_t, 2>(p, b, e, k, beta, s0, heap);
+            scan<scalar_t, 2>(p, b, e, k, beta, shift, s0, heap);
           } else {
-            scan<scalar_t, 0>(p, b, e, k, beta, s0, heap);
+            scan<scalar_t, 0>(p, b, e, k, beta, shift, s0, heap);
           }
         } else {
           int64_t cur = first_bad.load();
@@ -224,10 +232,13 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
 
 TORCH_LIBRARY_FRAGMENT(fastbald, m) {
   // scores: [N] float32/float64 on the CPU. mode 0: scores are log-weights; 1: weights
-  // max(score, 0)^beta; 2: weights exp(beta * score). Returns (indices [k] int64, keys [k] float64):
+  // max(score, 0)^beta / e^(beta shift); 2: weights exp(beta * (score - shift)) (shift: the largest
+  // log max(score, 0) resp. score, so that no log-weight is +inf). Returns (indices [k] int64, keys [k] float64):
   // the k items of largest Gumbel key (log-weight + Gumbel(seed, item)), best first. A key of -inf
   // is an item of weight 0. Error naming the first non-finite score.
-  m.def("stochastic_topk(Tensor scores, int k, int mode, float beta, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "stochastic_topk(Tensor scores, int k, int mode, float beta, int seed, float shift=0.0) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastbald, CPU, m) {
