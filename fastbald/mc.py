@@ -592,9 +592,11 @@ class FusedMLPHead:
         b2 = fc2.bias.detach().to(cpu, torch.float32) if fc2.bias is not None else None
         H, C = w1.shape[0], w2.shape[0]
         p1, p2 = float(d1.p), float(d2.p)
-        # The masks the generic path draws for these layers (same keys: layer ordinal, call 0).
+        # The masks the generic path draws for these layers (same keys: layer ordinal and call:
+        # 0, or 1 for a head that uses ONE dropout module twice, its second call in a forward).
         keep1 = mc.mask(d1, 0, feat, torch.float32, cpu)[0].reshape(T, F) != 0  # [T, F]
-        m2 = mc.mask(d2, 0, (H,), torch.float32, cpu)[0] if p2 > 0 else torch.ones(T, H)
+        call2 = 1 if d2 is d1 else 0
+        m2 = mc.mask(d2, call2, (H,), torch.float32, cpu)[0] if p2 > 0 else torch.ones(T, H)
         s1 = 0.0 if p1 >= 1.0 else 1.0 / (1.0 - p1)
         self.complement = p1 <= 0.5  # gather the dropped features (fewer) instead of the kept
         sel = ~keep1 if self.complement else keep1

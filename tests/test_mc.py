@@ -348,3 +348,25 @@ def test_resolve_split_module_or_explicit_pair_only() -> None:
         resolve_split("model")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="trunk_head must be"):
         resolve_split(m, 3)  # type: ignore[arg-type]
+
+
+def _mlp_trunk_head(shared: bool) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+    d = nn.Dropout(0.3)
+    head = nn.Sequential(d, nn.Linear(32, 32), nn.ReLU(), d if shared else nn.Dropout(0.3), nn.Linear(32, 5))
+    return trunk, head
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_fused_head_with_one_dropout_module_used_twice(shared: bool) -> None:
+    """nn.Sequential(d, fc1, ReLU(), d, fc2): the second use of ``d`` is its call 1 on the generic
+    path, so the fused head must draw that mask (it drew call 0's again: max diff 0.75)."""
+    trunk, head = _mlp_trunk_head(shared)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    fused = mc_logits((trunk, head), x, 20, seed=3, fused=True)
+    generic = mc_logits((trunk, head), x, 20, seed=3, fused=False)
+    torch.testing.assert_close(fused, generic, rtol=0, atol=2e-6)
+    with MCDropout((trunk, head), 20, seed=3) as mc:
+        assert mc._fused_dtype(x) == torch.float32  # the fused path ran above
+
