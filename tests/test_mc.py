@@ -370,3 +370,18 @@ def test_fused_head_with_one_dropout_module_used_twice(shared: bool) -> None:
     with MCDropout((trunk, head), 20, seed=3) as mc:
         assert mc._fused_dtype(x) == torch.float32  # the fused path ran above
 
+
+def test_fused_head_sees_weight_updates_through_data() -> None:
+    """``p.data.mul_()`` (EMA / legacy code) does not bump the parameter's version: a live
+    MCDropout's fused head still has to use the new weights."""
+    trunk, head = _mlp_trunk_head(False)
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(2))
+    with MCDropout((trunk, head), 8, seed=0) as mc:
+        a = mc(x)
+        head[1].weight.data.mul_(2.0)
+        b = mc(x)
+        head[4].bias.data.add_(1.0)
+        c = mc(x)
+    assert not torch.equal(a, b) and not torch.equal(b, c)
+    torch.testing.assert_close(c, mc_logits((trunk, head), x, 8, seed=0, fused=False), rtol=0, atol=2e-6)
+
