@@ -60,7 +60,9 @@ GENERIC_ITEMS = 16
 #: per item; the values do not depend on it).
 FUSED_MAX_ITEMS = 1024
 #: Items per trunk call on the fused path (small blocks keep the convolutions' temporaries in
-#: cache: 1.2-1.8x faster than one call on 256 images on this project's CPU).
+#: cache: 1.2-1.8x faster than one call on 256 images on this project's CPU). The last call is
+#: padded to this size with copies of its last item, so that a trunk whose rounding depends on
+#: the number of rows (BLAS) gives each item the same features whatever the batch.
 TRUNK_ITEMS = 64
 
 
@@ -407,12 +409,28 @@ class MCDropout:
         return self._fused(feats)
 
     def _trunk(self, x: torch.Tensor, chunked: bool) -> Any:
-        """The trunk's features of ``x``; ``chunked``: :data:`TRUNK_ITEMS` items per call (the
-        convolutions' temporaries stay in cache; per-item results do not change)."""
+        """The trunk's features of ``x``; ``chunked``: calls of exactly :data:`TRUNK_ITEMS` items,
+        the last padded with copies of its last item (the convolutions' temporaries stay in
+        cache, and a BLAS trunk, whose rounding of a row may depend on the number of rows, gives
+        every item the same result whatever the batch, as the generic path's padding does)."""
         assert self.trunk is not None
-        if not chunked or x.shape[0] <= TRUNK_ITEMS:
+        if not chunked or x.shape[0] == 0:
             return self.trunk(x)
-        return torch.cat([self.trunk(x[s : s + TRUNK_ITEMS]) for s in range(0, x.shape[0], TRUNK_ITEMS)])
+        outs = []
+        for s in range(0, x.shape[0], TRUNK_ITEMS):
+            xs = x[s : s + TRUNK_ITEMS]
+            real = xs.shape[0]
+            if real < TRUNK_ITEMS:
+                xs = torch.cat([xs, xs[-1:].expand(TRUNK_ITEMS - real, *xs.shape[1:])])
+            f = self.trunk(xs)
+            if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[0] != TRUNK_ITEMS:
+                got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                raise ValueError(
+                    f"the trunk returned {got} for a batch of {TRUNK_ITEMS} items; expected a "
+                    "batch-first feature tensor"
+                )
+            outs.append(f[:real])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _stochastic(self, feats: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """T passes of ``head`` over ``feats`` [b, ...] -> [b, T, C] (hooks sample the masks)."""

@@ -385,3 +385,15 @@ def test_fused_head_sees_weight_updates_through_data() -> None:
     assert not torch.equal(a, b) and not torch.equal(b, c)
     torch.testing.assert_close(c, mc_logits((trunk, head), x, 8, seed=0, fused=False), rtol=0, atol=2e-6)
 
+
+def test_fused_path_batch_size_invariant_with_a_linear_trunk() -> None:
+    """The fused path runs the trunk on TRUNK_ITEMS-item calls (the last padded), as the generic
+    path pads to GENERIC_ITEMS: a BLAS trunk rounds each item alike whatever the batch."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(64, 256), nn.ReLU())
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+    x = torch.randn(600, 64, generator=torch.Generator().manual_seed(5))
+    full = mc_logits((trunk, head), x, 30, seed=1)
+    for b in (1, 2, 3, 7, 129):
+        for s in (0, 5, 100):
+            assert torch.equal(mc_logits((trunk, head), x[s : s + b], 30, seed=1), full[s : s + b]), (b, s)
