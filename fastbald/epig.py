@@ -15,9 +15,10 @@ and the score is ``(1/N_t) sum_{c,t,c'} p(c) q_t(c') f(R)`` with ``f(R) = R log 
 (the KL integrand; the ``-R + 1`` part sums to 0). Every term is non-negative, so nothing cancels:
 baal's and the epig repository's ``H[p] + E_t H[q_t] - E_t H[P_t]`` subtracts entropies of a few
 nats to get EPIGs that are often 1e-3 or smaller. The ``[chunk, C, N_t, C]`` block is the only
-temporary (``chunk_bytes``, default 8 MB with one thread, 64 MB with more); ``[N_p, N_t, C, C]`` or
-``[N_p, C, N_t * C]`` is never materialised. Scores are clamped to ``[0, log C]`` (the MI of a
-C-class variable), float32 for float32/half input, float64 for float64.
+temporary of that size (at most ``chunk_bytes``, default 8 MB with one thread, 64 MB with more;
+the targets are split into blocks too when one pool item's ``[C, N_t, C]`` exceeds it);
+``[N_p, N_t, C, C]`` or ``[N_p, C, N_t * C]`` is never materialised. Scores are clamped to
+``[0, log C]`` (the MI of a C-class variable), float32 for float32/half input, float64 for float64.
 """
 
 from __future__ import annotations
@@ -67,12 +68,23 @@ def _probs(x: torch.Tensor, input: str, name: str, dtype: torch.dtype) -> torch.
                 f"{s[n, k].item():.6g} (pass input='log_probs' or 'logits' for log-space input)"
             )
         return p / s.unsqueeze(-1)
-    # log_probs or logits: normalise per sample (a no-op for log-probs up to rounding).
-    lp = torch.log_softmax(x.to(dtype), -1)
-    if bool(torch.isnan(lp).any()):  # a sample with every class at -inf
-        n, k = (int(v) for v in torch.isnan(lp).any(-1).nonzero()[0])
+    # log_probs or logits: normalise per sample (for log-probs only rounding is removed).
+    xd = x.to(dtype)
+    lse = torch.logsumexp(xd, -1, keepdim=True)
+    if bool(torch.isneginf(lse).any()):  # a sample with every class at -inf
+        n, k = (int(v) for v in torch.isneginf(lse).squeeze(-1).nonzero()[0])
         raise ValueError(f"{name}: item {n}, sample {k} has every class at -inf (no probability mass)")
-    return lp.exp_()
+    if input == "log_probs":
+        tol = 5e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        off = lse.squeeze(-1).abs() > tol
+        if bool(off.any()):
+            n, k = (int(v) for v in off.nonzero()[0])
+            raise ValueError(
+                f"{name}: input='log_probs' but item {n}, sample {k} has logsumexp "
+                f"{lse[n, k, 0].item():.6g}, not 0 (tolerance {tol:g}): pass input='probs' for "
+                "probabilities, input='logits' for unnormalised scores"
+            )
+    return xd.sub_(lse).exp_() if xd is not x else (xd - lse).exp_()
 
 
 def _check_shapes(pool: torch.Tensor, targ: torch.Tensor) -> None:
@@ -112,12 +124,17 @@ def epig(
         pool: ``[N_p, K, C]`` predictions on the pool (tensor or numpy array).
         target: ``[N_t, K, C]`` predictions on target inputs, from the same K posterior samples
             (sample k of both must be the same model / dropout mask).
-        input: ``"log_probs"`` (default; logits are fine too: each sample is normalised),
-            ``"logits"`` or ``"probs"`` (each sample must sum to 1 within 1e-4).
-        chunk_bytes: size of the per-chunk ``[chunk, C, N_t, C]`` block (memory stays flat in N_p;
-            two such buffers). Default: 8 MB with one torch thread (the block stays in cache),
-            64 MB with more (fewer parallel regions: measured 4x faster with 2 threads on a busy
-            machine, where every region waits for its slowest thread).
+        input: ``"log_probs"`` (default; each sample's logsumexp must be 0 within 1e-3, 5e-2
+            for float16/bfloat16, else ValueError naming the item), ``"logits"`` (each sample is
+            normalised) or ``"probs"`` (each sample must sum to 1 within 1e-4).
+        chunk_bytes: bound on the ``[chunk, C, t, C]`` block of ``chunk`` pool items by ``t``
+            target items (two such buffers; the targets are split into blocks of ``t`` items only
+            when one pool item's ``[C, N_t, C]`` exceeds it; at least one item by one target
+            item, ``C^2`` elements). Default: 8 MB with one torch thread (the block stays in
+            cache), 64 MB with more (fewer parallel regions: measured 4x faster with 2 threads on
+            a busy machine, where every region waits for its slowest thread). The other memory:
+            the targets' probabilities (``[N_t, K, C]``, twice) and one pool chunk's
+            (``[chunk, K, C]``, three times); nothing grows with ``N_p``.
     Returns: float32 scores (float64 for float64 input), numpy if ``pool`` was numpy.
     """
     if input not in _INPUTS:
@@ -138,15 +155,22 @@ def epig(
     # ~-708 in float64) counts as 0: its 1/q would overflow to inf (EPIG NaN), and its whole
     # contribution is below 1e-36 nats (1e-306 in float64).
     inv_q = torch.where(qbar >= tiny, 1.0 / (K * qbar), torch.zeros_like(qbar))
-    b = (q_t * inv_q[:, None, :]).permute(1, 0, 2).reshape(K, N_t * C).contiguous()
-    w_tc = (qbar / N_t).reshape(N_t * C, 1)  # target weights q_t(c') / N_t
-    out = torch.empty(N_p, dtype=dtype, device=x.device)
     if chunk_bytes is None:
         chunk_bytes = (8 << 20) if torch.get_num_threads() == 1 else (64 << 20)
     elt = torch.finfo(dtype).bits // 8
-    chunk = max(1, min(N_p, int(chunk_bytes) // max(1, C * N_t * C * elt)))
-    # Two [chunk * C, N_t * C] buffers reused by every chunk (no allocation, no page faults).
-    r_buf = torch.empty(chunk * C, N_t * C, dtype=dtype, device=x.device)
+    pair = C * C * elt  # bytes of one pool item by one target item
+    t_blk = max(1, min(N_t, int(chunk_bytes) // pair))  # target items per block (N_t: one block)
+    chunk = max(1, min(N_p, int(chunk_bytes) // (pair * t_blk)))
+    # [K, t * C] target columns per block (contiguous), and the target weights q_t(c') / N_t.
+    b_all = (q_t * inv_q[:, None, :]).permute(1, 0, 2)  # [K, N_t, C]
+    blocks = [
+        (b_all[:, j : j + t_blk].reshape(K, -1).contiguous(), (qbar[j : j + t_blk] / N_t).reshape(-1, 1))
+        for j in range(0, N_t, t_blk)
+    ]
+    del b_all
+    out = torch.empty(N_p, dtype=dtype, device=x.device)
+    # Two [chunk * C, t * C] buffers reused by every chunk (no allocation, no page faults).
+    r_buf = torch.empty(chunk * C * t_blk * C, dtype=dtype, device=x.device)
     f_buf = torch.empty_like(r_buf)
     for s in range(0, N_p, chunk):
         e = min(N_p, s + chunk)
@@ -157,12 +181,17 @@ def epig(
         p = a.mean(1)  # [B, C]
         inv_p = torch.where(p >= tiny, 1.0 / p, torch.zeros_like(p))  # subnormal p: 0 (see inv_q)
         a_t = (a * inv_p[:, None, :]).transpose(1, 2).reshape((e - s) * C, K)  # [B*C, K]
-        r = torch.matmul(a_t, b, out=r_buf[: (e - s) * C])  # [B*C, N_t*C]: P / (p q)
-        # f(R) = R log R - R + 1 (>= 0); R = 0 (P = 0) gives its limit 1.
-        f = torch.log(r.clamp_min_(tiny), out=f_buf[: (e - s) * C])
-        f.mul_(r).sub_(r).add_(1.0)
-        s_bc = (f @ w_tc).view(e - s, C)  # sum over (t, c') of q_t(c') f / N_t
-        out[s:e] = (s_bc * p).sum(1)
+        s_bc = None
+        for b, w_tc in blocks:
+            rows, cols = (e - s) * C, b.shape[1]
+            r = torch.matmul(a_t, b, out=r_buf[: rows * cols].view(rows, cols))  # P / (p q)
+            # f(R) = R log R - R + 1 (>= 0); R = 0 (P = 0) gives its limit 1.
+            f = torch.log(r.clamp_min_(tiny), out=f_buf[: rows * cols].view(rows, cols))
+            f.mul_(r).sub_(r).add_(1.0)
+            part = f @ w_tc  # [B*C, 1]: sum over the block's (t, c') of q_t(c') f / N_t
+            s_bc = part if s_bc is None else s_bc.add_(part)
+        assert s_bc is not None
+        out[s:e] = (s_bc.view(e - s, C) * p).sum(1)
     out.clamp_(0.0, math.log(C))
     return out.cpu().numpy() if was_numpy else out
 

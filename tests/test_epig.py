@@ -161,3 +161,40 @@ def test_tiny_mean_probability_contributes_zero_not_nan():
     assert ours.dtype == torch.float64 and torch.isfinite(ours).all(), ours
     ref = epig_reference(_with_class_at(lp64, 1, 3, -math.inf), _with_class_at(lt64, 2, 1, -math.inf))
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_log_probs_input_must_logsumexp_to_zero():
+    """The default input='log_probs' rejects rows that are not normalised in log space (it used to
+    read probabilities, or logits, silently as log-probs), naming the item."""
+    lp, lt = preds(30, 6, 5, 2.0, 12), preds(9, 6, 5, 2.0, 13)
+    with pytest.raises(ValueError, match=r"pool: input='log_probs' but item 0, sample 0 has logsumexp"):
+        epig(lp.exp(), lt)  # probabilities
+    bad = lp.clone()
+    bad[17, 4] += 0.5  # logits, or a log-prob row that does not sum to 1
+    with pytest.raises(ValueError, match=r"item 17, sample 4 has logsumexp 0.5.*input='logits'"):
+        epig(bad, lt, chunk_bytes=1)  # chunked: the index in the whole pool
+    badt = lt.clone()
+    badt[5] = badt[5].exp()
+    with pytest.raises(ValueError, match=r"target: input='log_probs' but item 5, sample 0"):
+        epig(lp, badt)
+    torch.testing.assert_close(epig(bad, lt, input="logits").double(), epig_reference(bad, lt, "logits"),
+                               rtol=0, atol=2e-6)
+    # Rounding of lower-precision log-probs is tolerated.
+    for dt in (torch.float16, torch.bfloat16):
+        got = epig(lp.to(dt), lt.to(dt))
+        assert torch.isfinite(got).all()
+
+
+def test_chunk_bytes_bounds_the_block_also_for_many_targets():
+    """When one pool item's [C, N_t, C] block is larger than chunk_bytes the targets are split too:
+    no allocation above chunk_bytes (it was C^2 N_t elements, twice), same scores."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lp, lt = preds(20, 2, 10, 2.0, 14), preds(400, 2, 10, 2.0, 15)  # one item's block: 160 kB
+    ref = epig_reference(lp, lt)
+    for cb in (100_000, 1, 10_000):
+        torch.testing.assert_close(epig(lp, lt, chunk_bytes=cb).double(), ref, rtol=0, atol=2e-6)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        epig(lp, lt, chunk_bytes=100_000)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert biggest <= 100_000, f"an allocation of {biggest} bytes with chunk_bytes=100,000"
