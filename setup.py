@@ -126,6 +126,10 @@ def extensions():
             extra_link_args=LINK,
         )
     )
+    # EPIG's inner loop (fastbald/epig.py): AVX-512 code behind target attributes, chosen at run time.
+    exts.append(
+        CppExtension("fastbald._epig_cpu", ["csrc/cpu/epig_cpu.cpp"], extra_compile_args=list(CXX), extra_link_args=LINK)
+    )
     return exts
 
 

@@ -1,8 +1,12 @@
 """fastbald.epig against EPIG by its definition in float64 (the full [N_p, N_t, C, C] joint), and
-against the epig repository's matmul form (reproduced in fastbald.bench_peers_batch); bad input."""
+against the epig repository's matmul form (reproduced in fastbald.bench_peers_batch); bad input.
+Each runs on the native CPU path (torch.ops.fastbald.epig_block) and on the PyTorch path (the
+fallback on other devices / without the extension); the two are also compared directly."""
 
 from __future__ import annotations
 
+import decimal
+import importlib
 import math
 
 import numpy as np
@@ -11,6 +15,19 @@ import torch
 
 from fastbald.bench_peers_batch import epig_repo_from_logprobs_using_matmul, epig_repo_minibatched
 from fastbald.epig import epig, epig_reference
+
+fe = importlib.import_module("fastbald.epig")  # the module (fastbald.epig is the function)
+NATIVE = fe._native_op() is not None
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Run on the native CPU kernel and on the pure-PyTorch path."""
+    if request.param == "native" and not NATIVE:
+        pytest.skip("native EPIG kernel not built")
+    if request.param == "torch":
+        monkeypatch.setitem(fe._NATIVE, "op", None)
+    return request.param
 
 
 def preds(N, K, C, scale, seed):
@@ -36,7 +53,7 @@ def mi_by_definition(lp_pool: torch.Tensor, lp_targ: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("K,C,scale", [(8, 3, 1.0), (20, 10, 3.0), (50, 10, 0.3), (5, 100, 2.0), (1, 4, 2.0)])
-def test_matches_float64_definition(K, C, scale):
+def test_matches_float64_definition(K, C, scale, path):
     lp, lt = preds(40, K, C, scale, 0), preds(7, K, C, scale, 1)
     ref = mi_by_definition(lp, lt)
     torch.testing.assert_close(epig_reference(lp, lt), ref, rtol=1e-10, atol=1e-12)
@@ -48,7 +65,7 @@ def test_matches_float64_definition(K, C, scale):
         assert float(epig(lp, lt).abs().max()) <= 1e-6
 
 
-def test_inputs_chunking_and_numpy():
+def test_inputs_chunking_and_numpy(path):
     lp, lt = preds(333, 16, 10, 2.0, 2), preds(25, 16, 10, 2.0, 3)
     ref = epig_reference(lp, lt)
     for kw in ({}, {"chunk_bytes": 1}, {"chunk_bytes": 10_000}, {"chunk_bytes": 1 << 40}):
@@ -68,7 +85,7 @@ def test_inputs_chunking_and_numpy():
     torch.testing.assert_close(m.double(), epig_reference(lpm, ltm), rtol=0, atol=2e-6)
 
 
-def test_range_and_agreement_with_epig_repository():
+def test_range_and_agreement_with_epig_repository(path):
     lp, lt = preds(500, 30, 10, 3.0, 4), preds(50, 30, 10, 3.0, 5)
     ours = epig(lp, lt)
     assert float(ours.min()) >= 0 and float(ours.max()) <= math.log(10)
@@ -81,19 +98,19 @@ def test_range_and_agreement_with_epig_repository():
     assert float(epig(same_p, same_t).abs().max()) <= 1e-6
 
 
-def test_memory_stays_flat():
+def test_memory_stays_flat(path):
     """No [N_p, N_t, C, C]-sized temporary: the big buffers are the chunk's."""
     lp, lt = preds(4000, 20, 10, 2.0, 6), preds(100, 20, 10, 2.0, 7)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         epig(lp, lt, chunk_bytes=1 << 20)
-    peak_alloc = max(e.cpu_memory_usage for e in prof.key_averages())
+    peak_alloc = max(e.cpu_memory_usage for e in prof.events())  # per call (key_averages sums)
     full = 4000 * 100 * 10 * 10 * 4  # 160 MB
     assert peak_alloc < full / 20, f"an allocation of {peak_alloc} bytes (the full joint is {full})"
 
 
-def test_bad_input():
+def test_bad_input(path):
     lp, lt = preds(10, 8, 5, 1.0, 0), preds(4, 8, 5, 1.0, 1)
     with pytest.raises(ValueError, match=r"same K posterior samples: pool has K=8, target K=6"):
         epig(lp, lt[:, :6])
@@ -136,7 +153,7 @@ def _with_class_at(lp: torch.Tensor, item: int, cls: int, value: float) -> torch
     return torch.log_softmax(out, -1)
 
 
-def test_tiny_mean_probability_contributes_zero_not_nan():
+def test_tiny_mean_probability_contributes_zero_not_nan(path):
     """A class whose mean probability is below the dtype's smallest normal (float32: every sample
     at log-prob < ~-87.3, a confident network; float64: < ~-708) is subnormal: 1/p was inf and the
     EPIG NaN, and one such TARGET item made every pool item NaN. It contributes < 1e-36 nats."""
@@ -163,7 +180,7 @@ def test_tiny_mean_probability_contributes_zero_not_nan():
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
 
 
-def test_log_probs_input_must_logsumexp_to_zero():
+def test_log_probs_input_must_logsumexp_to_zero(path):
     """The default input='log_probs' rejects rows that are not normalised in log space (it used to
     read probabilities, or logits, silently as log-probs), naming the item."""
     lp, lt = preds(30, 6, 5, 2.0, 12), preds(9, 6, 5, 2.0, 13)
@@ -185,7 +202,7 @@ def test_log_probs_input_must_logsumexp_to_zero():
         assert torch.isfinite(got).all()
 
 
-def test_chunk_bytes_bounds_the_block_also_for_many_targets():
+def test_chunk_bytes_bounds_the_block_also_for_many_targets(path):
     """When one pool item's [C, N_t, C] block is larger than chunk_bytes the targets are split too:
     no allocation above chunk_bytes (it was C^2 N_t elements, twice), same scores."""
     from torch.profiler import ProfilerActivity, profile
@@ -198,3 +215,94 @@ def test_chunk_bytes_bounds_the_block_also_for_many_targets():
         epig(lp, lt, chunk_bytes=100_000)
     biggest = max(e.cpu_memory_usage for e in prof.events())
     assert biggest <= 100_000, f"an allocation of {biggest} bytes with chunk_bytes=100,000"
+
+
+@pytest.mark.skipif(not NATIVE, reason="native EPIG kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_equals_torch_path_scalar_code_and_threads(dtype, monkeypatch):
+    """The native kernel (AVX-512 where the CPU has it, and its scalar code forced) against the
+    PyTorch path and the float64 definition; odd sizes (vector tails, several tasks and target
+    blocks); bit-identical for 1 and 2 threads (each item's sum does not depend on the split)."""
+    cpu = importlib.import_module("fastbald._epig_cpu")
+    lp, lt = preds(301, 13, 7, 2.5, 20).to(dtype), preds(37, 13, 7, 2.5, 21).to(dtype)
+    ref = epig_reference(lp, lt)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-14)
+    with monkeypatch.context() as mp:
+        mp.setitem(fe._NATIVE, "op", None)
+        torch_path = epig(lp, lt)
+    prev = torch.get_num_threads()
+    try:
+        runs = {}
+        for kernel in (-1, 0):  # automatic (AVX-512 here), scalar
+            cpu._force_kernel(kernel)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for cb in (None, 3000):  # default blocks; 1 item x 8 targets per product
+                    runs[(kernel, threads, cb)] = epig(lp, lt, chunk_bytes=cb)
+    finally:
+        cpu._force_kernel(-1)
+        torch.set_num_threads(prev)
+    for key, out in runs.items():
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, **tol, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(out, torch_path, **tol)
+    for kernel in (-1, 0):
+        for cb in (None, 3000):
+            assert torch.equal(runs[(kernel, 1, cb)], runs[(kernel, 2, cb)])
+
+
+def _f_exact(r: float) -> float:
+    """f(r) = r log r - r + 1 in 40-digit decimal arithmetic (f(0) = 1)."""
+    if r == 0:
+        return 1.0
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        d = decimal.Decimal(r)
+        return float(d * d.ln() - d + 1)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native EPIG kernel not built")
+def test_native_f_is_accurate_near_one_and_at_extremes():
+    """The kernel's f(r) = r log r - r + 1 (through the op: one pool item of probability 1, K = C =
+    1, one target column holding r, w = 1, so out = f(r)) for ratios 0 .. 1e3 including 1 +- 1e-7,
+    where r log r and r - 1 cancel: relative error against 40-digit arithmetic, both dtypes, the
+    AVX-512 code and the scalar code. Below the smallest normal number r counts as 0 (f = 1)."""
+    op = torch.ops.fastbald.epig_block
+    cpu = importlib.import_module("fastbald._epig_cpu")
+    rs = [0.0, 1e-30, 1e-3, 0.5, 0.70710678, 0.99999, 1 - 1e-7, 1.0, 1 + 1e-7, 1.00001, 1.41421357,
+          2.0, 37.0, 1e3]
+    for dt, rtol in ((torch.float64, 1e-14), (torch.float32, 1e-6)):
+        for kernel in (-1, 0):
+            cpu._force_kernel(kernel)
+            try:
+                for r in rs:
+                    rt = torch.tensor([[r]], dtype=dt)
+                    out, bad = op(torch.zeros(1, 1, 1, dtype=dt), rt, torch.ones(1, dtype=dt), 1, 1, math.inf, 1)
+                    assert int(bad[0]) == -1
+                    rr = float(rt)
+                    want = _f_exact(rr) if rr >= torch.finfo(dt).tiny else 1.0
+                    err = abs(float(out[0]) - want)
+                    assert err <= rtol * want, (dt, kernel, r, float(out[0]), want)
+            finally:
+                cpu._force_kernel(-1)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native EPIG kernel not built")
+def test_native_op_arguments():
+    op = torch.ops.fastbald.epig_block
+    x = torch.log_softmax(torch.randn(5, 4, 3), -1)
+    bt, w = torch.rand(6, 4), torch.rand(6)
+    a, bad = op(x, bt, w, 2, 4, 1e-3, 1)
+    b, _ = op(x, bt, w, 5, 6, 1e-3, 0)  # at::mm instead of oneDNN, other blocking
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert a.shape == (5,) and int(bad[0]) == -1
+    x2 = x.clone()
+    x2[3, 1, 2] = float("nan")
+    x2[4, 0, 0] = float("inf")
+    assert int(op(x2, bt, w, 1, 6, 1e-3, 1)[1][0]) == 3
+    with pytest.raises(TypeError, match="all be float32 or all float64"):
+        op(x.double(), bt, w, 2, 4, 1e-3, 1)
+    with pytest.raises(ValueError, match=r"bt \[M, K=4\]"):
+        op(x, bt[:, :3], w, 2, 4, 1e-3, 1)
+    with pytest.raises(ValueError, match="items and cols must be >= 1"):
+        op(x, bt, w, 0, 4, 1e-3, 1)
