@@ -24,6 +24,37 @@ def ranking_key(values: torch.Tensor, method: str) -> torch.Tensor:
     return -values if method in ASCENDING else values
 
 
+def top_k(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the ``k`` largest (``largest=False``: smallest) of ``values`` [N], best first,
+    ties broken by the lowest index: exactly ``torch.sort(v, descending=largest,
+    stable=True).indices[:k]``, without sorting the pool.
+
+    ``torch.topk`` of k+1 items (O(N)) gives the answer when the (k+1)-th value differs from the
+    k-th; else (ties at the k-th value ``v``) the items strictly better than ``v`` and the
+    lowest-indexed items equal to ``v`` (two more passes). The k are ordered by a stable sort of
+    those k alone. NaN must be rejected by the caller (it sorts as the largest value in
+    ``torch.sort`` but has no consistent place in a top-k); -0.0 and 0.0 are equal, as in the sort.
+    """
+    N = values.shape[0]
+    k = int(k)
+    if k == 0 or N == 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    if values.dtype == torch.bool:
+        values = values.to(torch.uint8)
+    # The k+1 best, sorted: when the (k+1)-th value differs from the k-th, no item outside the
+    # first k is tied with it and those k are the answer (one O(N) pass, the common case).
+    top_v, top_i = torch.topk(values, min(k + 1, N), largest=largest, sorted=True)
+    kth = top_v[k - 1]
+    if k == N or bool(top_v[k] != kth):
+        cand = top_i[:k].sort().values  # ascending index
+    else:  # ties cut at the k-th value: the better ones and the lowest-indexed tied ones
+        better = (values > kth if largest else values < kth).nonzero().squeeze(1)
+        tied = (values == kth).nonzero().squeeze(1)[: k - better.shape[0]]
+        cand = torch.cat([better, tied]).sort().values
+    order = torch.sort(values[cand], descending=largest, stable=True).indices
+    return cand[order]
+
+
 def _batchbald_log_probs(
     x: torch.Tensor, input: str = "logits", layout: str = "NTC", prob_tol: float | None = None, **other: Any
 ) -> torch.Tensor:
@@ -110,8 +141,8 @@ def acquire(
     if rule == "uniform":
         idx = torch.randperm(N, generator=generator)[: int(k)]
     else:
-        if obj.is_floating_point() and bool(torch.isnan(obj).any()):
+        # A NaN makes the sum NaN (so may infinities or an overflow: then the exact check).
+        if obj.is_floating_point() and not bool(torch.isfinite(obj.sum())) and bool(torch.isnan(obj).any()):
             raise ValueError(f"scores contain NaN (first at pool item {int(torch.isnan(obj).nonzero()[0, 0])})")
-        key = ranking_key(obj, method)
-        idx = torch.sort(key, descending=True, stable=True).indices[: int(k)]
+        idx = top_k(obj, int(k), largest=method not in ASCENDING)
     return idx.cpu().numpy() if was_numpy else idx

@@ -1,0 +1,69 @@
+"""fastbald.acquire's top-k (fastbald.acquire.top_k): the same indices, in the same order, as the
+stable sort of the whole pool it replaced (ties broken by the lowest index), with many ties at the
+k-th value, infinities, signed zeros, ascending metrics and NaN input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastbald
+from fastbald.acquire import ASCENDING, ranking_key, top_k
+
+
+def stable_sort_topk(values: torch.Tensor, k: int, method: str) -> torch.Tensor:
+    """What fastbald.acquire did before: a stable sort of the whole pool by the ranking key."""
+    return torch.sort(ranking_key(values, method), descending=True, stable=True).indices[:k]
+
+
+def tied_pools(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = 5000
+    few = torch.randint(0, 4, (n,), generator=g).float() / 4  # 4 values: huge ties everywhere
+    boundary = torch.rand(n, generator=g)
+    boundary[torch.randperm(n, generator=g)[:700]] = float(boundary.sort(descending=True).values[40])
+    inf = torch.rand(n, generator=g)
+    inf[::97] = float("inf")
+    inf[5::89] = -float("inf")
+    zeros = torch.zeros(n)
+    zeros[::3] = -0.0
+    zeros[::7] = 1e-30
+    return [few, boundary, inf, zeros, torch.full((n,), 0.5), few.double(), boundary.half()]
+
+
+@pytest.mark.parametrize("method", ["bald", "margin"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_indices_as_the_stable_sort(method, seed):
+    for pool in tied_pools(seed):
+        for k in (0, 1, 2, 39, 40, 41, 100, 699, 1000, 4999, 5000):
+            want = stable_sort_topk(pool, k, method)
+            got = fastbald.acquire(pool, k, method)
+            assert torch.equal(got, want), (method, pool.dtype, k)
+            assert torch.equal(top_k(pool, k, largest=method not in ASCENDING), want)
+
+
+def test_numpy_pool_scores_and_integer_scores():
+    s = np.repeat(np.arange(50, dtype=np.float32), 20)[::-1].copy()  # 20-way ties
+    out = fastbald.acquire(s, 30, "bald")
+    assert isinstance(out, np.ndarray)
+    assert out.tolist() == stable_sort_topk(torch.from_numpy(s), 30, "bald").tolist()
+    ints = torch.tensor([3, 1, 3, 2, 3, 1])
+    assert top_k(ints, 4).tolist() == [0, 2, 4, 3]
+    assert top_k(torch.tensor([True, False, True]), 2).tolist() == [0, 2]
+
+
+def test_nan_scores_are_rejected():
+    s = torch.rand(100)
+    s[[17, 60]] = float("nan")
+    with pytest.raises(ValueError, match="first at pool item 17"):
+        fastbald.acquire(s, 5, "bald")
+    with pytest.raises(ValueError, match="first at pool item 17"):
+        fastbald.acquire(s, 5, "margin")
+
+
+def test_one_million_scores_with_ties():
+    g = torch.Generator().manual_seed(3)
+    s = (torch.rand(1_000_000, generator=g) * 1000).floor() / 1000  # ~1000 copies of each value
+    for k in (10, 1500):
+        assert torch.equal(fastbald.acquire(s, k, "bald"), stable_sort_topk(s, k, "bald"))
