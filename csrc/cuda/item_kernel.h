@@ -25,7 +25,7 @@
 
 #include "../scores_math.h"
 #include "device_compat.h"
-#include "kernels.h"  // mark_bad
+#include "kernels.h"  // mark_bad_warp
 #include "plan.h"
 
 namespace fastbald {
@@ -250,8 +250,9 @@ struct ItemKernel {
     }
     // An invalid row made its item's sums NaN: flag the item; its softmax-based outputs are NaN
     // (the CPU op's result with check_finite=False; the variation ratio still counts its vote).
+    // One atomic per warp with a bad item (warp-aggregated; every lane of the warp is here).
     const bool item_bad = pb[0] != pb[0];
-    if (item_bad && active && l == 0 && P.check) mark_bad(P, n0 + j);
+    if (P.check) mark_bad_warp(P, item_bad && active && l == 0, n0 + j);
     FB_UNROLL
     for (int c = 0; c < C; ++c) pb[c] *= inv_T;
     float lpb[C];
