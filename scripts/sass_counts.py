@@ -115,10 +115,15 @@ def short_name(fn: str) -> str:
                 break
         else:
             mi = re.match(r"Li(\d+)E", rest)
-            if not mi:
+            mb = re.match(r"Lb([01])E", rest)
+            if mi:
+                args.append(mi.group(1))
+                rest = rest[mi.end():]
+            elif mb:
+                args.append("true" if mb.group(1) == "1" else "false")
+                rest = rest[mb.end():]
+            else:
                 return fn
-            args.append(mi.group(1))
-            rest = rest[mi.end():]
     return f"{m.group(1)}<{', '.join(args)}>"
 
 
@@ -220,6 +225,19 @@ def innermost_loops(ins: list[Ins], labels: dict[str, int]) -> list[Loop]:
                     loops.append((j, i))
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     return [Loop(a, b) for a, b in sorted(set(inner))]
+
+
+def all_loops(ins: list[Ins], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """Every backward branch as (first instruction, branch) index ranges, nested ones included."""
+    loops = set()
+    for i, x in enumerate(ins):
+        if x.op.startswith("BRA"):
+            t = re.search(r"\(\.L_x_\d+\)", x.operands)
+            if t:
+                j = labels.get(t.group(0)[1:-1])
+                if j is not None and j <= i:
+                    loops.add((j, i))
+    return sorted(loops)
 
 
 def cls(op: str) -> str:
@@ -385,7 +403,7 @@ def analyse(funcs: dict[str, list[Ins]], labels: dict[str, dict[str, int]], src:
             votes = collections.Counter(src.loop_of(x.chain) for x in ins[lp.start:lp.end + 1])
             votes.pop(None, None)
             lp.src = votes.most_common(1)[0][0] if votes else None
-        res[fn] = {"ins": ins, "loops": loops}
+        res[fn] = {"ins": ins, "loops": loops, "all_loops": all_loops(ins, labels[fn])}
     return res
 
 
@@ -412,8 +430,8 @@ def plan_of(exe: Path, shape: tuple, dtype_code: int, **ov) -> dict:
         subprocess.run([str(exe), str(fi), str(fo)], check=True)
         b = fo.read_bytes()
     names = ("status", "bad", "path", "kk", "load_mode", "row_lanes", "two_arrays", "col_lanes", "smem", "grid",
-             "cnt_mode", "Cp", "gen_order", "tnc_rows")
-    return dict(zip(names, struct.unpack("<14q", b[:112]), strict=True))
+             "cnt_mode", "Cp", "gen_order", "tnc_rows", "block", "st_nv", "st_block")
+    return dict(zip(names, struct.unpack(f"<{len(names)}q", b[:8 * len(names)]), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +555,67 @@ def stream_cost(a: dict, T: int, C: int, elem: int) -> tuple[float, dict]:
     return sum(best.values()), best
 
 
+def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, block: bool, B: int) -> tuple[float, float, dict]:
+    """Instructions and MUFU operations per logit of the strip kernel (strip_kernel.h: G lanes per
+    item, NV 4-class vectors per lane, rows streamed through registers). The row loop is the
+    smallest SASS loop holding the 2 K ex2 of a row (K = 4 NV classes per lane); its instructions
+    are split by their inline chain: the NaN-vote path (nan_vote(), taken only for a warp with a
+    NaN row) is not counted, the first-sample shifts (set_refs()) once per item, everything else
+    once per row; a loop nested in it (the shuffle levels of fold(), log2 min(G, 32) iterations;
+    kBlock: the fold over the warps' partials, B / 32 - 1) counts its iterations. The per-item code
+    (the item loop outside the row loop) is counted once per item the same way. Per lane-class,
+    times G K / C (the lanes' classes past C issue like the others)."""
+    ins, loops = a["ins"], a["all_loops"]
+    K = 4 * nv
+    lgw = max(0, min(G, 32).bit_length() - 1)
+    nw = B // 32
+
+    def ex2(lp):
+        return sum(1 for x in ins[lp[0]:lp[1] + 1] if x.op == "MUFU.EX2")
+
+    def fn_of(x):
+        return [src.func_of(f, ln) for f, ln in x.chain if f == "strip_kernel.h"]
+
+    row = min((lp for lp in loops if ex2(lp) >= 2 * K), key=lambda q: q[1] - q[0])
+    outer = [lp for lp in loops if lp[0] <= row[0] and row[1] <= lp[1] and lp != row]
+    item = min(outer, key=lambda q: q[1] - q[0]) if outer else row
+
+    def count(lo, hi, skip):
+        """(per-pass instructions, set_refs instructions, MUFU) of ins[lo:hi+1] minus the ranges
+        in skip, nested loops weighted by their iteration counts."""
+        mult = [1.0] * (hi - lo + 1)
+        for lp in loops:
+            if lo <= lp[0] and lp[1] <= hi and lp != (lo, hi) and not any(s0 <= lp[0] and lp[1] <= s1 for s0, s1 in skip):
+                body = ins[lp[0]:lp[1] + 1]
+                it = lgw if any(x.op.startswith("SHFL") for x in body) else max(0, nw - 1)
+                for i in range(lp[0], lp[1] + 1):
+                    mult[i - lo] *= it
+        per, refs, mufu = 0.0, 0.0, 0.0
+        for i in range(lo, hi + 1):
+            if any(s0 <= i <= s1 for s0, s1 in skip):
+                continue
+            x, w = ins[i], mult[i - lo]
+            f = fn_of(x)
+            if "nan_vote" in f:
+                continue
+            if "set_refs" in f:
+                refs += w
+            else:
+                per += w
+                mufu += w * x.op.startswith("MUFU")
+        return per, refs, mufu
+
+    rp, rr, rm = count(row[0], row[1], [])
+    ip, ir, im = count(item[0], item[1], [row]) if item != row else (0.0, 0.0, 0.0)
+    waste = G * K / C
+    parts = {
+        "row": rp / K * waste,
+        "per item": (ip + ir + rr) / (T * K) * waste,
+    }
+    mufu = (rm + im / T) / K * waste
+    return sum(parts.values()), mufu, parts
+
+
 def fraction(instr_per_logit: float, mufu_per_logit: float, elem: int, out_bytes_per_logit: float,
              smem_bytes_per_logit: float = 0.0) -> tuple[float, str]:
     m = MACHINE
@@ -653,6 +732,13 @@ def main() -> int:
                 tot, mufu, parts = item_cost(a, src, T, C, G, elem)
                 smem_b = 16.0  # float tile: load write, pass-1 read, lp2 write, pass-2 read (conflict-free plan)
                 desc = f"item G={G} kk={p['kk']} smem={p['smem'] // 1024} KB"
+            elif p["path"] == 3:
+                G = p["row_lanes"]
+                nv, blk = p["st_nv"], bool(p["st_block"])
+                kname = f"strip_kernel<{tname}, {nv}, {'true' if blk else 'false'}>"
+                tot, mufu, parts = strip_cost(by_short[kname], src, T, C, G, nv, blk, p["block"])
+                smem_b = 8.0 / 4 + 4.0 / T  # lane-private K and p0 reads (16 bytes per 4 classes, twice); row 0 writes
+                desc = f"strip NV={nv} G={G}{' (block)' if blk else ''} B={p['block']} smem={p['smem'] // 1024} KB"
             elif p["path"] == 0:
                 G = p["row_lanes"]
                 kname = f"tile_kernel<{tname}, float>"

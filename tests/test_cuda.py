@@ -233,6 +233,9 @@ _INFO = (
     "Cp",
     "gen_order",
     "tnc_rows",
+    "block",
+    "st_nv",
+    "st_block",
 )
 _PLAN_KEYS = (
     "force_path",
@@ -381,9 +384,9 @@ def emu_run(
         )
         assert r.returncode == 0, f"emulator exit {r.returncode}: {r.stderr[-2000:]}"
         b = fo.read_bytes()
-    info = dict(zip(_INFO, struct.unpack("<14q", b[:112]), strict=True))
+    info = dict(zip(_INFO, struct.unpack(f"<{len(_INFO)}q", b[: 8 * len(_INFO)]), strict=True))
     acc = np.float64 if dtype == torch.float64 else np.float32
-    out = torch.from_numpy(np.frombuffer(b[112:], dtype=acc).copy())
+    out = torch.from_numpy(np.frombuffer(b[8 * len(_INFO) :], dtype=acc).copy())
     return info, (out.view(7, N) if out.numel() else out)
 
 
@@ -512,7 +515,9 @@ def test_emulated_kernels_agree_with_cpu_kernel(emulator: Path, case: Case) -> N
 BAD_PLANS = [{}, {"force_path": 1}, {"force_generic": 1}, {"force_path": 1, "force_args": 1}]
 BAD_EMU = [
     ({}, 10),
-    ({}, 50),
+    ({}, 52),
+    ({"force_path": 3, "row_lanes": 2}, 12),
+    ({}, 1200),  # a whole block of 64 per row
     ({"force_path": 1}, 10),
     ({"force_generic": 1}, 12),
     ({"force_path": 1, "force_args": 1}, 40),
@@ -569,6 +574,9 @@ def nan_rule_variation_ratio(x: torch.Tensor) -> torch.Tensor:
 NAN_PLANS = [
     ({}, 10),
     ({}, 40),
+    ({"force_path": 3}, 12),
+    ({"force_path": 3, "row_lanes": 8}, 100),
+    ({"force_path": 3, "row_lanes": 64}, 300),  # a whole block of 64 per row (cross-warp reductions)
     ({"row_lanes": 4}, 37),
     ({"row_lanes": 32}, 70),
     ({"force_generic": 1}, 12),
@@ -802,6 +810,8 @@ def fuzz_case(seed: int) -> FuzzCase:
             plan["force_args"] = 1
     elif u > 0.85:  # the item kernel (the planner falls back where it does not apply)
         plan["force_path"] = 2
+    elif u > 0.75:  # the strip kernel (likewise)
+        plan["force_path"] = 3
     for key, p in (("force_generic", 0.15), ("force_one_array", 0.15)):
         if r() < p:
             plan[key] = 1
@@ -891,7 +901,7 @@ def test_fuzz_reaches_plans(emulator: Path) -> None:
         if info["path"] == 0:
             seen.add(("load", info["load_mode"]))
             seen.add(("pad", int(info["Cp"] != x.shape[2])))
-    want = {("path", 0), ("path", 1), ("path", 2), ("load", 0), ("load", 1), ("load", 2), ("pad", 1)}
+    want = {("path", p) for p in range(4)} | {("load", m) for m in range(3)} | {("pad", 1)}
     assert want <= seen, f"not reached: {sorted(want - seen)}"
 
 
@@ -963,11 +973,14 @@ def test_plans_at_gpu_sizes(emulator: Path) -> None:
     assert (p["path"], p["load_mode"]) == (0, 1)
     p = _plan(emulator, (1_000_000, 20, 10), layout="NCT")
     assert (p["load_mode"], p["gen_order"]) == (2, 1)
-    p = _plan(emulator, (1_000_000, 20, 100))
+    # C = 100 and 1000 take the strip kernel (issue 10 part 3); the tile kernel's plans, forced:
+    assert _plan(emulator, (1_000_000, 20, 100))["path"] == STRIP
+    p = _plan(emulator, (1_000_000, 20, 100), force_path=0)
     assert (p["path"], p["two_arrays"]) == (0, 1) and p["row_lanes"] in (4, 8)
-    p = _plan(emulator, (100_000, 20, 1000))
+    assert _plan(emulator, (100_000, 20, 1000))["path"] == STRIP
+    p = _plan(emulator, (100_000, 20, 1000), force_path=0)
     assert (p["path"], p["kk"]) == (0, 1) and p["smem"] <= 113 * 1024  # two blocks per H100 SM
-    p = _plan(emulator, (100_000, 20, 1000), limits=A100)
+    p = _plan(emulator, (100_000, 20, 1000), limits=A100, force_path=0)
     assert p["path"] == 0 and p["smem"] <= 163 * 1024
     p = _plan(emulator, (100_000, 100, 10))
     assert p["path"] == 2
@@ -980,6 +993,8 @@ def test_plans_at_gpu_sizes(emulator: Path) -> None:
     p = _plan(emulator, (4, 20_000, 2))
     assert (p["status"], p["path"], p["cnt_mode"]) == (0, 1, 1)
     p = _plan(emulator, (2, 100_000, 1000))
+    assert (p["status"], p["path"]) == (0, STRIP)  # the strip kernel keeps no per-sample state
+    p = _plan(emulator, (2, 100_000, 1000), torch.float64)
     assert p["status"] == 1  # per-sample stats exceed shared memory: a clear error, not a crash
     p = _plan(emulator, (1_000_000, 20, 10), torch.float64)
     assert (p["path"], p["two_arrays"]) == (0, 1)
@@ -991,7 +1006,7 @@ def test_plans_at_gpu_sizes(emulator: Path) -> None:
 
 def _plan_env(plan: dict) -> str:
     m = {
-        "force_path": lambda v: f"path={ {0: 'tile', 1: 'stream', 2: 'item'}[v] }",
+        "force_path": lambda v: f"path={ {0: 'tile', 1: 'stream', 2: 'item', 3: 'strip'}[v] }",
         "force_generic": lambda v: f"generic={v}",
         "force_one_array": lambda v: f"one_array={v}",
         "tile_budget": lambda v: f"budget={v}",
@@ -1455,3 +1470,130 @@ def test_asan_item_kernel_cases(emulator_asan: Path) -> None:
     assert not fails, f"{len(fails)} of {len(ITEM_CASES)} item cases failed under ASan/UBSan:\n" + "\n".join(
         fails[:10]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Strip kernel (issue 10 part 3; csrc/cuda/strip_kernel.h): mid and large C (a multiple of 4), a
+# lane group (or the whole block) per pool item streaming its rows through registers, online
+# per-class accumulators. Default plans for contiguous float/half/bf16 logits and log-probs with
+# C % 4 == 0 beyond the item kernel's C; these cases expect path 3.
+
+STRIP = 3
+
+
+def _strip_cases() -> list[Case]:
+    cs: list[Case] = []
+    for block in (64, 256):
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            cs.append(Case(f"strip-b{block}-{str(dt)[6:]}-20x100", (70, 20, 100), dt, block=block))
+        for C in (12, 20, 36, 64, 132, 1000):
+            cs.append(Case(f"strip-b{block}-C{C}", (9 if C > 500 else 30, 7, C), block=block))
+    # A whole block per row (C > 32 lanes x 32 classes): cross-warp reductions in shared memory.
+    for block, C in ((64, 2000), (128, 4000), (256, 2000)):
+        for dt in (torch.float32, torch.bfloat16):
+            cs.append(Case(f"strip-block{block}-C{C}-{str(dt)[6:]}", (3, 6, C), dt, block=block))
+    cs.append(Case("strip-block256-C10000", (2, 3, 10_000), torch.bfloat16, block=256))
+    for G in (1, 2, 4, 8, 16, 32):
+        cs.append(Case(f"strip-G{G}-C28", (21, 9, 28), plan={"force_path": STRIP, "row_lanes": G}))
+    for T in (1, 2, 45):
+        cs.append(Case(f"strip-T{T}", (17, T, 100)))
+    cs += [
+        Case("strip-grid1", (61, 5, 48), plan={"max_grid": 1}),  # one block walks every item
+        Case("strip-grid2-block", (5, 4, 1500), plan={"max_grid": 2}),
+        Case("strip-N1", (1, 20, 100)),
+        Case("strip-N2-b256", (2, 5, 200), block=256),  # fewer items than groups
+        Case("strip-masks-extreme", (17, 8, 100), special="masks"),
+        Case("strip-masks-extreme-block", (9, 8, 1200), special="masks"),
+        Case("strip-identical", (12, 9, 100), special="identical"),
+        Case("strip-identical-block", (3, 9, 1200), special="identical"),
+        Case("strip-scale50", (21, 6, 100), scale=50.0),
+        Case("strip-scale0.01", (21, 6, 100), scale=0.01),
+        Case("strip-log_probs", (40, 6, 100), kind="log_probs"),
+        Case("strip-log_probs-bf16", (40, 6, 100), torch.bfloat16, kind="log_probs"),
+    ]
+    for m in range(7):
+        cs.append(Case(f"strip-only-{METRICS[m]}", (30, 6, 60), metrics=1 << m))
+    for m in (0b0000111, 0b1010101, (1 << 2) | (1 << 4)):
+        cs.append(Case(f"strip-metrics{m}-block", (3, 5, 1600), metrics=m))
+    return cs
+
+
+STRIP_CASES = _strip_cases()
+
+
+@pytest.mark.parametrize("case", STRIP_CASES, ids=[c.id for c in STRIP_CASES])
+def test_emulated_strip_kernel_matches_reference(emulator: Path, case: Case) -> None:
+    x = make_input(case)
+    info, out = emu_run(
+        emulator,
+        x,
+        kind=INPUT_KINDS.index(case.kind),
+        metrics=case.metrics,
+        seed=zlib.crc32(case.id.encode()),
+        **_emu_plan(case),
+    )
+    assert info["status"] == 0, info
+    assert info["path"] == STRIP, f"expected the strip kernel, got plan {info}"
+    if case.plan.get("row_lanes"):
+        assert info["row_lanes"] == case.plan["row_lanes"]
+    if "block" in case.id.split("-")[1]:
+        assert info["st_block"] == 1 and info["row_lanes"] == info["block"], info
+    check_against_reference(case, x, out)
+
+
+def test_strip_kernel_plans(emulator: Path) -> None:
+    """Which problems take the strip kernel, and its plans for the issue's shapes (H100/H200)."""
+
+    def cfg(p: dict) -> tuple:
+        return (p["path"], p["st_nv"], p["st_block"], p["row_lanes"], p["block"])
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        # 4 lanes x 7 vectors of 4 classes per item; a warp per item (32 classes per lane); a block
+        # per item (40 classes per lane).
+        assert cfg(_plan(emulator, (100_000, 20, 100), dt)) == (STRIP, 7, 0, 4, 256)
+        assert cfg(_plan(emulator, (10_000, 50, 1000), dt)) == (STRIP, 8, 0, 32, 256)
+        p = _plan(emulator, (1_000, 100, 10_000), dt)
+        assert cfg(p) == (STRIP, 10, 1, 256, 256)
+        assert p["smem"] <= 163 * 1024  # fits an A100 too
+    assert _plan(emulator, (1_000, 20, 102))["path"] == 0  # C % 4 != 0
+    assert _plan(emulator, (1_000, 20, 10_244))["path"] == 1  # C > 10,240: the stream kernel
+    assert _plan(emulator, (1_000, 20, 100), torch.float64)["path"] == 0
+    assert _plan(emulator, (1_000, 20, 100), kind=2)["path"] == 0  # probs
+    assert _plan(emulator, (1_000, 20, 100), layout="TNC")["path"] == 0
+    assert _plan(emulator, (1_000, 20, 100), force_path=0)["path"] == 0
+    assert _plan(emulator, (1_000, 20, 100), force_generic=1)["path"] == 0
+    p = _plan(emulator, (3, 20, 100))  # few items: no more groups per block than needed
+    assert (p["path"], p["block"], p["kk"]) == (STRIP, 32, 8)
+    x = make_input(Case("strip-offset", (9, 4, 100), offset=1))  # not 16-byte aligned rows
+    info, _ = emu_run(
+        emulator, None, shape=tuple(x.shape), strides=x.stride(), dtype=x.dtype, offset=1
+    )
+    assert info["path"] == 0
+
+
+def test_asan_strip_kernel_cases(emulator_asan: Path) -> None:
+    """The strip kernel's cases under AddressSanitizer + UndefinedBehaviorSanitizer (exact-size
+    input storage and shared memory: the row prefetch past the last item, lane-private arrays)."""
+
+    def one(case: Case) -> str | None:
+        x = make_input(case)
+        try:
+            info, out = emu_run(
+                emulator_asan,
+                x,
+                kind=INPUT_KINDS.index(case.kind),
+                metrics=case.metrics,
+                seed=zlib.crc32(case.id.encode()),
+                **_emu_plan(case),
+            )
+            assert (info["status"], info["path"]) == (0, STRIP), info
+            check_against_reference(case, x, out)
+        except (AssertionError, subprocess.TimeoutExpired) as e:
+            return f"{case.id}: {str(e)[-1500:]}"
+        return None
+
+    cases = [c for c in STRIP_CASES if "10000" not in c.id]
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        fails = [f for f in pool.map(one, cases) if f is not None]
+    msg = f"{len(fails)} of {len(cases)} strip cases failed under ASan/UBSan:\n"
+    assert not fails, msg + "\n".join(fails[:10])

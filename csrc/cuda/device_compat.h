@@ -68,6 +68,11 @@ FB_DEV void load16(const void* p, void* dst) {
   const uint4 r = __ldcs(reinterpret_cast<const uint4*>(p));
   memcpy(dst, &r, 16);
 }
+// 8 bytes from an 8-byte aligned address.
+FB_DEV void load8(const void* p, void* dst) {
+  const uint2 r = __ldcs(reinterpret_cast<const uint2*>(p));
+  memcpy(dst, &r, 8);
+}
 
 }  // namespace dev
 }  // namespace cuda
@@ -172,6 +177,10 @@ inline S load_elem(const S* p) {
 inline void load16(const void* p, void* dst) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) __builtin_trap();  // the kernels must align
   std::memcpy(dst, p, 16);
+}
+inline void load8(const void* p, void* dst) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) __builtin_trap();
+  std::memcpy(dst, p, 8);
 }
 
 }  // namespace dev

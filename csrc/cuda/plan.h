@@ -41,7 +41,7 @@ inline FastDiv make_fastdiv(int64_t d) {
   return f;
 }
 
-enum Path : int { kTilePath = 0, kStreamPath = 1, kItemPath = 2 };
+enum Path : int { kTilePath = 0, kStreamPath = 1, kItemPath = 2, kStripPath = 3 };
 
 // Item kernel (item_kernel.h): the class counts it is instantiated for (each costs ~7 s of nvcc
 // time per architecture and input type); other C take the tile kernel.
@@ -57,6 +57,13 @@ inline bool item_has_classes(int64_t C) {
       return false;
   }
 }
+
+// Strip kernel (strip_kernel.h): (NV, kBlock) configurations, NV 4-class vectors per lane (the
+// lane's classes and accumulators in registers), kBlock: a whole block per row (C > 1024). Each
+// costs ~10-20 s of nvcc time per architecture and input type.
+#define FB_STRIP_CONFIGS(X) X(4, false) X(7, false) X(8, false) X(10, true)
+constexpr int kStripMaxC = 4 * 10 * 256;
+constexpr int kStripStride = 256;  // thread stride of its lane-private shared arrays (>= block)
 
 // How the tile kernel copies a chunk of items from global to shared memory.
 enum LoadMode : int {
@@ -110,6 +117,10 @@ struct Params {
   int it_glog2;         // log2 G
   int it_conflict;      // planned shared-memory conflict degree of the row reads (1: none)
   FastDiv div_nvi, div_tc;
+  // Strip kernel (row_lanes = G lanes per item, it_glog2 = log2 G, kk = B / G groups per block).
+  int st_nv;            // 4-class vectors per lane
+  int st_block;         // 1: G = the block (cross-warp reductions in shared memory)
+  int st_off_ref, st_off_cnt, st_off_red;
 };
 
 struct DeviceLimits {
@@ -120,7 +131,7 @@ struct DeviceLimits {
 
 // Test hooks (the emulator and the GPU tests use them to reach every path with small inputs).
 struct PlanOverrides {
-  int force_path = -1;          // kTilePath / kStreamPath
+  int force_path = -1;          // kTilePath / kStreamPath / kItemPath / kStripPath
   int force_generic = 0;        // tile kernel: element-wise load whatever the strides
   int force_one_array = 0;      // tile kernel: never store e
   int64_t tile_budget = 0;      // tile kernel: shared-memory budget (bytes) instead of the defaults
@@ -312,6 +323,104 @@ inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const Devi
   return true;
 }
 
+// The strip kernel when it applies: float/half/bf16 logits or log-probs, contiguous NTC, C a
+// multiple of 4 up to kStripMaxC, rows 4-element aligned, and no tile-kernel test override. For
+// each configuration of FB_STRIP_CONFIGS the smallest G (a power of 2; kBlock: the block size, 64
+// to 256) whose G * 4 * NV lanes' classes cover C; the least modelled cost per logit wins (issue
+// slots per lane-class from the SASS of the row loop, NOTES.md 2.5, times the fraction of the
+// lanes' classes past C).
+inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const DeviceLimits& lim,
+                       const PlanOverrides& ov) {
+  using namespace plan_detail;
+  const int64_t N = P.N, T = P.T, C = P.C;
+  const bool forced = ov.force_path == kStripPath;
+  if (!forced && (ov.force_path >= 0 || ov.force_generic || ov.force_one_array || ov.tile_budget > 0 ||
+                  ov.force_kk > 0 || ov.row_lanes > 0))
+    return false;
+  if (acc_size != 4 || elem_size == 8 || P.kind == math::kProbs) return false;
+  if (C % 4 != 0 || C > kStripMaxC || T > (int64_t(1) << 30)) return false;
+  const bool contiguous = P.sC == 1 && (T == 1 || P.sT == C) && (N == 1 || P.sN == T * C);
+  if (!contiguous || reinterpret_cast<uintptr_t>(P.x) % (4 * elem_size) != 0) return false;
+  struct Cfg {
+    int nv;
+    bool blk;
+  };
+  const Cfg cfgs[] = {
+#define FB_STRIP_CFG(nv, blk) {nv, blk},
+      FB_STRIP_CONFIGS(FB_STRIP_CFG)
+#undef FB_STRIP_CFG
+  };
+  double best = 1e300;
+  int best_nv = 0, best_G = 0, best_B = 0;
+  bool best_blk = false;
+  for (const Cfg& cf : cfgs) {
+    const int K = 4 * cf.nv;
+    int G = 0, B = 0;
+    if (!cf.blk) {
+      B = P.block;
+      for (int g = 1; g <= 32 && g <= B; g *= 2) {
+        if (ov.row_lanes > 0 && g != ov.row_lanes) continue;
+        if (int64_t(g) * K >= C) {
+          G = g;
+          break;
+        }
+      }
+    } else {
+      for (int b = 64; b <= 256; b *= 2) {
+        if (ov.block > 0 && b != ov.block) continue;
+        if (ov.row_lanes > 0 && b != ov.row_lanes) continue;
+        if (int64_t(b) * K >= C) {
+          G = B = b;
+          break;
+        }
+      }
+    }
+    if (G == 0) continue;
+    const int64_t smem = a16(2 * int64_t(K) * kStripStride * 4) + a16(int64_t(K) * kStripStride * 4) + (cf.blk ? 2048 : 0);
+    if (smem > lim.smem_optin) continue;
+    int lgw = 0;
+    while ((1 << lgw) < std::min(G, 32)) ++lgw;
+    // Per lane-class: ~18 issue slots (load, conversion, max/argmax, exp sweep, accumulators);
+    // per row: ~9 per shuffle level and ~30 of row statistics (+ ~60 across warps for kBlock);
+    // per item: ~30 per class. Times the lanes' classes over C.
+    const double row = 30.0 + 9.0 * lgw + (cf.blk ? 60.0 + 6.0 * (B / 32) : 0.0);
+    const double cost = (18.0 + row / K + 30.0 / double(T)) * double(int64_t(G) * K) / double(C);
+    if (cost < best * (1 - 1e-9)) {
+      best = cost;
+      best_nv = cf.nv;
+      best_G = G;
+      best_B = B;
+      best_blk = cf.blk;
+    }
+  }
+  if (best_nv == 0) return false;
+  const int K = 4 * best_nv, G = best_G;
+  int B = best_B;
+  if (!best_blk && ov.block <= 0) {
+    // Few items: no more groups per block than items (at least one warp).
+    const int64_t want = std::max<int64_t>(32, (N * G + 31) / 32 * 32);
+    B = static_cast<int>(std::min<int64_t>(B, want));
+  }
+  P.path = kStripPath;
+  P.block = B;
+  P.row_lanes = G;
+  P.it_glog2 = 0;
+  while ((1 << P.it_glog2) < G) ++P.it_glog2;
+  P.kk = B / G;
+  P.Cp = static_cast<int>(C);
+  P.st_nv = best_nv;
+  P.st_block = best_blk ? 1 : 0;
+  P.st_off_ref = 0;
+  P.st_off_cnt = static_cast<int>(a16(2 * int64_t(K) * kStripStride * 4));
+  P.st_off_red = P.st_off_cnt + static_cast<int>(a16(int64_t(K) * kStripStride * 4));
+  P.smem = P.st_off_red + (best_blk ? 2048 : 0);
+  P.nchunks = cdiv(N, P.kk);
+  const int64_t max_grid = ov.max_grid > 0 ? ov.max_grid : (int64_t(1) << 30);
+  P.grid = std::max<int64_t>(1, std::min(P.nchunks, max_grid));
+  P.cnt_mode = -1;
+  return true;
+}
+
 // Chooses the kernel and its configuration (P.x must be set: the TNC vector load depends on its
 // alignment). Returns false with *err set when the problem cannot be run on the device (only: T
 // too large for the stream kernel's per-row stats).
@@ -329,6 +438,8 @@ inline bool make_plan(Params& P, int64_t elem_size, int64_t acc_size, const Devi
 
   // ---- item kernel (small C, contiguous NTC float/half/bf16 logits or log-probs) ----
   if (plan_item(P, elem_size, acc_size, lim, ov)) return true;
+  // ---- strip kernel (mid / large C, the same inputs) ----
+  if (plan_strip(P, elem_size, acc_size, lim, ov)) return true;
 
   // ---- tile kernel ----
   bool tile_ok = false;

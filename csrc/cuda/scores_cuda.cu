@@ -21,9 +21,16 @@
 #include "item_kernel.h"
 #include "kernels.h"
 #include "plan.h"
+#include "strip_kernel.h"
 
 namespace fastbald {
 namespace cuda {
+
+// bfloat16 rows of the strip kernel convert by a shift / mask per element.
+template <>
+struct StripIsBf16<c10::BFloat16> {
+  static constexpr bool value = true;
+};
 
 constexpr int kMaxBlock = 256;
 
@@ -43,6 +50,12 @@ template <class S, int C>
 __global__ void __launch_bounds__(kMaxBlock) item_kernel(const Params P) {
   extern __shared__ __align__(16) unsigned char fb_smem[];
   item_body<S, C>(P, fb_smem);
+}
+
+template <class S, int NV, bool kBlock>
+__global__ void __launch_bounds__(kMaxBlock) strip_kernel(const Params P) {
+  extern __shared__ __align__(16) unsigned char fb_smem[];
+  strip_body<S, NV, kBlock>(P, fb_smem);
 }
 
 namespace {
@@ -77,7 +90,11 @@ PlanOverrides overrides_from_env() {
     const std::string k = item.substr(0, eq), v = item.substr(eq + 1);
     const long long n = std::atoll(v.c_str());
     if (k == "path") {
-      ov.force_path = v == "stream" ? kStreamPath : (v == "tile" ? kTilePath : (v == "item" ? kItemPath : -1));
+      ov.force_path = v == "stream"  ? kStreamPath
+                      : v == "tile"  ? kTilePath
+                      : v == "item"  ? kItemPath
+                      : v == "strip" ? kStripPath
+                                     : -1;
     } else if (k == "generic") {
       ov.force_generic = static_cast<int>(n);
     } else if (k == "one_array") {
@@ -132,12 +149,41 @@ void launch_item(const Params& P, cudaStream_t stream) {
   TORCH_CHECK(false, "fastbald::pool_scores: no item kernel for C = ", P.C);
 }
 
+template <class S, int NV, bool kBlock>
+void launch_strip_cfg(const Params& P, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
+  const size_t smem = static_cast<size_t>(P.smem);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(strip_kernel<S, NV, kBlock>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  strip_kernel<S, NV, kBlock><<<grid, block, smem, stream>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The strip kernel of the planned configuration (plan.h plans it for float/half/bf16 only).
+template <class S>
+void launch_strip(const Params& P, cudaStream_t stream) {
+  if constexpr (sizeof(S) != 8) {
+#define FB_STRIP_LAUNCH(nv, blk)                      \
+  if (P.st_nv == nv && (P.st_block != 0) == blk) {   \
+    launch_strip_cfg<S, nv, blk>(P, stream);          \
+    return;                                           \
+  }
+    FB_STRIP_CONFIGS(FB_STRIP_LAUNCH)
+#undef FB_STRIP_LAUNCH
+  }
+  TORCH_CHECK(false, "fastbald::pool_scores: no strip kernel for NV = ", P.st_nv, ", block = ", P.st_block);
+}
+
 template <class S, class A>
 void launch(const Params& P, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
   const size_t smem = static_cast<size_t>(P.smem);
   if (P.path == kItemPath) {
     launch_item<S>(P, stream);
+  } else if (P.path == kStripPath) {
+    launch_strip<S>(P, stream);
   } else if (P.path == kTilePath) {
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(tile_kernel<S, A>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -29,6 +29,7 @@
 #include "../item_kernel.h"
 #include "../kernels.h"
 #include "../plan.h"
+#include "../strip_kernel.h"
 
 namespace {
 
@@ -70,6 +71,15 @@ struct BF16 {
     return r;
   }
 };
+
+}  // namespace
+
+template <>
+struct fastbald::cuda::StripIsBf16<BF16> {
+  static constexpr bool value = true;
+};
+
+namespace {
 
 struct Header {
   char magic[8];
@@ -132,6 +142,8 @@ void emulate(fastbald::cuda::Params& P, uint64_t seed) {
       tile_body<S, A>(P, smem);
     } else if (P.path == kItemPath) {
       item_dispatch<S>(P, smem);
+    } else if (P.path == kStripPath) {
+      strip_dispatch<S>(P, smem);
     } else {
       stream_body<S, A>(P, smem);
     }
@@ -262,9 +274,9 @@ int run(const Header& h, const unsigned char* data, FILE* out) {
       bad = static_cast<int64_t>(~0ull - flag);
     }
   }
-  const int64_t info[14] = {status,       bad,         P.path,       P.kk,        P.load_mode,
-                            P.row_lanes,  P.two_arrays, P.col_lanes, P.smem,       P.grid,
-                            P.cnt_mode,   P.Cp,        P.gen_order,  P.tnc_rows};
+  const int64_t info[17] = {status,      bad,          P.path,      P.kk,     P.load_mode, P.row_lanes,
+                            P.two_arrays, P.col_lanes,  P.smem,      P.grid,   P.cnt_mode,  P.Cp,
+                            P.gen_order,  P.tnc_rows,   P.block,     P.st_nv,  P.st_block};
   std::fwrite(info, sizeof(info), 1, out);
   std::fwrite(o.data(), sizeof(A), o.size(), out);
   return 0;
