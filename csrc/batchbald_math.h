@@ -33,6 +33,11 @@ FB_HD T xlogx(T x) {
   return x > T(0) ? x * static_cast<T>(::log(static_cast<double>(x))) : T(0);
 }
 
+// x log x in T (float or double) with 0 below the smallest normal T (0 log 0 = 0; there x log x is
+// below 1e-36): the per-row term of a candidate's evaluation, as the CPU's vectorised vxlogx<T>.
+FB_HD float xlogx_normal(float x) { return x >= 1.17549435e-38f ? x * ::logf(x) : 0.0f; }
+FB_HD double xlogx_normal(double x) { return x >= 2.2250738585072014e-308 ? x * ::log(x) : 0.0; }
+
 // Entropy of the mixture row m(c) = sum_k w[k] p_k(c), with p_k(c) = p[k * sK + c * sC].
 // The scalar reference of what the CPU kernel computes vectorised (across candidates).
 template <class T, class P>
@@ -64,6 +69,17 @@ FB_HD double extend_row(const double* w, const P* p_c, int64_t sK, int64_t K, do
     for (int64_t k = 0; k < K; ++k) w_out[k] = 1.0 / static_cast<double>(K);
   }
   return s;
+}
+
+// Sampled-table extension of one configuration row by class c of a new point with probabilities
+// p[k * C + c'] (row-major [K, C]): w[k] <- w[k] p_k(c) / s in place, returns log s, where
+// s = sum_k w[k] p_k(c) > 0 (c was drawn from p_{k_r} with w[k_r] > 0) is the factor of q_r.
+FB_HD double append_row(double* w, const double* p, int64_t K, int64_t C, int64_t c) {
+  double s = 0;
+  for (int64_t k = 0; k < K; ++k) s += w[k] * p[k * C + c];
+  const double inv = 1.0 / s;
+  for (int64_t k = 0; k < K; ++k) w[k] *= p[k * C + c] * inv;
+  return ::log(s);
 }
 
 // Counter-based uniform in [0, 1): splitmix64 of (seed, step, row). The sampled configurations

@@ -63,6 +63,13 @@ class BatchResult:
         return int(self.indices.numel())
 
 
+def _has_cuda_kernel() -> bool:
+    """Whether fastbald::batchbald has a CUDA kernel (csrc/cuda/batchbald_cuda.cu was built)."""
+    if not _ops.load()["native"]:
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fastbald::batchbald", "CUDA"))
+
+
 def batchbald_batch(
     log_probs_N_K_C: torch.Tensor,
     batch_size: int,
@@ -76,8 +83,11 @@ def batchbald_batch(
 
     Args:
         log_probs_N_K_C: log-probabilities ``[N, K, C]`` (N pool items, K MC samples, C classes),
-            float32/float64 (float16/bfloat16 are converted to float32), any strides, on the CPU
-            (a CUDA tensor is copied to the CPU). ``-inf`` is a class of probability 0.
+            float32/float64 (float16/bfloat16 are converted to float32), any strides, on the CPU,
+            or on a CUDA device when fastbald was built with CUDA: the op then runs there (every
+            candidate evaluated at every step, ``lazy`` ignored: the batch of ``lazy=False``) and
+            the result stays on that device; other devices are copied to the CPU. ``-inf`` is a
+            class of probability 0.
         batch_size: number of items to acquire, ``0 <= batch_size <= N``.
         num_samples: the M of the paper: exact joint entropies while ``C**n <= num_samples``,
             ``K * (num_samples // K)`` sampled configurations beyond. Must be ``>= K``.
@@ -112,7 +122,7 @@ def batchbald_batch(
     if not _ops.load()["native"]:
         raise RuntimeError(f"fastbald.batchbald_batch needs the native extension: {_ops.why_not('cpu')}")
     x = log_probs_N_K_C
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" and not (x.device.type == "cuda" and _has_cuda_kernel()):
         x = x.cpu()
     idx, scores, nev = torch.ops.fastbald.batchbald(
         x, batch_size, num_samples, int(seed), dtype == torch.float64, bool(lazy), float(prob_tol)

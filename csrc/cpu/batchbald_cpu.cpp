@@ -47,6 +47,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../batchbald_checks.h"
 #include "../batchbald_math.h"
 
 namespace fastbald {
@@ -120,12 +121,7 @@ struct Table {
         const int64_t c = sample_class(p.data() + k_r * C, C, 1,
                                        uniform01(seed, static_cast<uint64_t>(step),
                                                  static_cast<uint64_t>(r)));
-        double* wr = w.data() + r * K;
-        double s = 0;
-        for (int64_t k = 0; k < K; ++k) s += wr[k] * p[k * C + c];
-        const double inv = 1.0 / s;  // s >= w[k_r] p_{k_r}(c) > 0
-        for (int64_t k = 0; k < K; ++k) wr[k] *= p[k * C + c] * inv;
-        q[r] += std::log(s);
+        q[r] += append_row(w.data() + r * K, p.data(), K, C, c);  // s >= w[k_r] p_{k_r}(c) > 0
       }
     });
   }
@@ -250,26 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batchbald_cpu(const at::Tensor& l
                                                              int64_t num_samples, int64_t seed,
                                                              bool use_double, bool lazy,
                                                              double prob_tol) {
-  TORCH_CHECK_VALUE(log_probs.dim() == 3, "fastbald.batchbald: log_probs must be [N, K, C], got ",
-                    log_probs.dim(), " dimensions (shape ", log_probs.sizes(), ")");
+  check_batchbald_args(log_probs, batch_size, num_samples, prob_tol);
   const auto st = log_probs.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                   "fastbald.batchbald: log_probs must be float32, float64, float16 or bfloat16, "
-                   "got ",
-                   st);
   const int64_t N = log_probs.size(0), K = log_probs.size(1), C = log_probs.size(2);
-  TORCH_CHECK_VALUE(K >= 1 && C >= 1, "fastbald.batchbald: log_probs needs K >= 1 MC samples and "
-                    "C >= 1 classes, got shape ", log_probs.sizes());
-  TORCH_CHECK_VALUE(batch_size >= 0, "fastbald.batchbald: batch_size must be >= 0, got ",
-                    batch_size);
-  TORCH_CHECK_VALUE(batch_size <= N, "fastbald.batchbald: batch_size (", batch_size,
-                    ") is larger than the pool (N = ", N, " items)");
-  TORCH_CHECK_VALUE(num_samples >= K, "fastbald.batchbald: num_samples (", num_samples,
-                    ") must be >= K (", K,
-                    " MC samples): the sampled regime draws num_samples // K configurations per "
-                    "MC sample");
-  TORCH_CHECK_VALUE(prob_tol >= 0, "fastbald.batchbald: prob_tol must be >= 0 (inf skips the "
-                    "check), got ", prob_tol);
   at::Tensor x = log_probs;
   if (st == at::kHalf || st == at::kBFloat16) x = x.to(at::kFloat);
   Result r;

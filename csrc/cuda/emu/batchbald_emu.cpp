@@ -1,0 +1,219 @@
+// Host emulation of the CUDA BatchBALD kernels (../batchbald_kernels.h; device primitives:
+// ../device_compat.h). Built and driven by tests/test_cuda_batchbald.py with plain g++ (no torch, no
+// CUDA):
+//   g++ -std=c++20 -O1 -I csrc csrc/cuda/emu/batchbald_emu.cpp -o <exe>
+// Usage: <exe> IN OUT. IN: a header (struct Header) and the pool's raw storage (float32 or
+// float64); OUT: info[6] = {status (0 ok, 1 invalid item), first invalid item or -1, class chunk CB,
+// probabilities in shared memory (1) or the global scratch (0), largest table, kernel launches},
+// then indices[b] (int64), scores[b] (float64), num_evaluated[b] (int64).
+// The host loop is the very driver the CUDA op runs (bb::drive); each launch runs every block of its
+// grid one after the other, each block's threads as fibers (ucontext) that yield at __syncthreads
+// (and warp shuffles), in an order shuffled by a seeded RNG. Shared memory is poisoned (all bits
+// set: NaN) before every block, the workspace before the run (but the flag and the two state
+// scalars, which the CUDA op zeroes too), so a read of anything not written first shows as NaN.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "../batchbald_kernels.h"
+#include "../device_compat.h"
+
+namespace {
+
+using namespace fastbald::cuda;
+
+struct Header {
+  char magic[8];
+  int64_t dtype, N, K, C, sN, sK, sC, numel, offset, b, M, seed, use_double, max_block, max_grid,
+      force_scratch, sched_seed;
+  double tol;
+};
+
+struct Fiber {
+  static void entry() {
+    (*body)();
+    dev::g_blk->threads[dev::g_blk->cur].state = dev::kDone;
+  }
+  static inline std::function<void()>* body = nullptr;
+};
+
+[[gnu::noinline]] void init_fiber(dev::EmuThread& t, ucontext_t* link, size_t stack) {
+  t.stack.resize(stack);
+  getcontext(&t.ctx);
+  t.ctx.uc_stack.ss_sp = t.stack.data();
+  t.ctx.uc_stack.ss_size = stack;
+  t.ctx.uc_link = link;
+  makecontext(&t.ctx, &Fiber::entry, 0);
+  t.state = dev::kRunning;
+}
+
+unsigned char* exact_alloc(size_t bytes, size_t align) {
+  void* p = nullptr;
+  if (posix_memalign(&p, align, bytes > 0 ? bytes : 1) != 0) {
+    std::fprintf(stderr, "emulator: out of memory (%zu bytes)\n", bytes);
+    std::exit(4);
+  }
+  return static_cast<unsigned char*>(p);
+}
+
+std::mt19937_64 g_rng;
+int64_t g_launches = 0;
+
+// One kernel launch: `grid` blocks of `block` threads, `smem` bytes of shared memory each.
+void emulate(int64_t grid, int block, int64_t smem_bytes, const std::function<void(unsigned char*)>& kernel) {
+  ++g_launches;
+  if (block < 32 || block % 32 != 0 || block > bb::kMaxBlock || grid < 1 || smem_bytes > bb::kSmemBudget) {
+    std::fprintf(stderr, "emulator: bad launch (grid %lld, block %d, smem %lld)\n", static_cast<long long>(grid),
+                 block, static_cast<long long>(smem_bytes));
+    std::exit(5);
+  }
+  dev::EmuBlock blk;
+  blk.bdim = block;
+  blk.gdim = grid;
+  blk.threads.resize(static_cast<size_t>(block));
+  blk.shfl_buf.assign(static_cast<size_t>(block), 0);
+  dev::g_blk = &blk;
+  unsigned char* smem = exact_alloc(static_cast<size_t>(smem_bytes), 128);
+  std::function<void()> body = [&] { kernel(smem); };
+  Fiber::body = &body;
+  std::vector<int> order(static_cast<size_t>(block));
+  for (int i = 0; i < block; ++i) order[i] = i;
+  constexpr size_t kStack = 128 * 1024;
+  for (int64_t b = 0; b < grid; ++b) {
+    std::memset(smem, 0xff, static_cast<size_t>(smem_bytes));
+    blk.bid = b;
+    for (int i = 0; i < block; ++i) init_fiber(blk.threads[i], &blk.sched, kStack);
+    for (;;) {
+      std::shuffle(order.begin(), order.end(), g_rng);
+      bool ran = false;
+      for (int i : order) {
+        if (blk.threads[i].state != dev::kRunning) continue;
+        blk.cur = i;
+        swapcontext(&blk.sched, &blk.threads[i].ctx);
+        ran = true;
+      }
+      int done = 0, at_block = 0;
+      for (const auto& t : blk.threads) {
+        done += t.state == dev::kDone;
+        at_block += t.state == dev::kWaitBlock;
+      }
+      if (done == block) break;
+      bool released = false;
+      if (at_block == block) {
+        for (auto& t : blk.threads) t.state = dev::kRunning;
+        released = true;
+      }
+      for (int w = 0; w < block / 32; ++w) {
+        int n = 0;
+        for (int l = 0; l < 32; ++l) n += blk.threads[w * 32 + l].state == dev::kWaitWarp;
+        if (n == 32) {
+          for (int l = 0; l < 32; ++l) blk.threads[w * 32 + l].state = dev::kRunning;
+          released = true;
+        }
+      }
+      if (!released && !ran) {
+        std::fprintf(stderr, "emulator: deadlock in block %lld (a barrier not reached by all threads):",
+                     static_cast<long long>(b));
+        for (int i = 0; i < block; ++i) std::fprintf(stderr, " %d:%d", i, blk.threads[i].state);
+        std::fprintf(stderr, "\n");
+        std::exit(3);
+      }
+    }
+  }
+  std::free(smem);
+  dev::g_blk = nullptr;
+}
+
+template <class T>
+void launch_one(int id, int64_t grid, int block, int64_t smem, const bb::Params& P) {
+  emulate(grid, block, smem, [&](unsigned char* s) {
+    if (id == bb::kEval) {
+      bb::eval_dispatch<T>(P, s);
+    } else {
+      bb::body<T>(id, P, s);
+    }
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+    return 2;
+  }
+  FILE* in = std::fopen(argv[1], "rb");
+  if (!in) return 2;
+  Header h;
+  if (std::fread(&h, sizeof(h), 1, in) != 1 || std::memcmp(h.magic, "FBBBEM1\0", 8) != 0) return 2;
+  if (h.dtype < 0 || h.dtype > 1 || h.numel < 0 || h.b < 0 || h.b > h.N) return 2;
+  const size_t esize = h.dtype == 1 ? 8 : 4;
+  unsigned char* data = exact_alloc(static_cast<size_t>(h.numel) * esize, 16);
+  if (h.numel > 0 && std::fread(data, esize, static_cast<size_t>(h.numel), in) != static_cast<size_t>(h.numel)) return 2;
+  std::fclose(in);
+  g_rng.seed(static_cast<uint64_t>(h.sched_seed));
+
+  bb::Config cfg;
+  if (h.max_block > 0) cfg.max_block = static_cast<int>(h.max_block);
+  if (h.max_grid > 0) cfg.max_grid = h.max_grid;
+  cfg.force_scratch = static_cast<int>(h.force_scratch);
+  const int64_t tsize = h.use_double ? 8 : 4;
+  const bb::Workspace ws = bb::layout(h.N, h.K, h.C, h.M, h.b, tsize, cfg);
+  unsigned char* work = exact_alloc(static_cast<size_t>(ws.total), 256);
+  std::memset(work, 0xff, static_cast<size_t>(ws.total));  // NaN / -1: nothing may be read unwritten
+  std::memset(work + ws.flag, 0, 8);
+  std::memset(work + ws.state, 0, 16);
+
+  const int64_t b = h.b;
+  std::vector<int64_t> idx(static_cast<size_t>(b), -777);
+  std::vector<double> scores(static_cast<size_t>(b), -777.0);
+  std::vector<int64_t> nev(static_cast<size_t>(b), -777);
+  bb::Params P;
+  std::memset(&P, 0, sizeof(P));
+  P.x = data + h.offset * static_cast<int64_t>(esize);
+  P.x_double = static_cast<int>(h.dtype);
+  P.N = h.N;
+  P.K = h.K;
+  P.C = h.C;
+  P.sN = h.sN;
+  P.sK = h.sK;
+  P.sC = h.sC;
+  P.tol = h.tol;
+  P.seed = static_cast<uint64_t>(h.seed);
+  P.use_double = static_cast<int>(h.use_double);
+  P.idx_out = idx.data();
+  P.score_out = scores.data();
+  P.nev_out = nev.data();
+  bb::bind(P, work, ws);
+  auto launch = [&](int id, int64_t grid, int block, int64_t smem, const bb::Params& Q) {
+    if (h.use_double) {
+      launch_one<double>(id, grid, block, smem, Q);
+    } else {
+      launch_one<float>(id, grid, block, smem, Q);
+    }
+  };
+  auto read_flag = [&] {
+    unsigned long long f;
+    std::memcpy(&f, work + ws.flag, 8);
+    return f;
+  };
+  const int64_t bad = bb::drive(P, b, h.M, cfg, launch, read_flag);
+  const int CB = bb::class_chunk(h.C);
+  const int64_t info[6] = {bad >= 0 ? 1 : 0, bad, CB, bb::eval_in_smem(h.K, h.C, tsize, cfg) ? 1 : 0,
+                           bb::max_rows(h.K, h.C, h.M, b), g_launches};
+  FILE* out = std::fopen(argv[2], "wb");
+  if (!out) return 2;
+  std::fwrite(info, sizeof(info), 1, out);
+  std::fwrite(idx.data(), 8, idx.size(), out);
+  std::fwrite(scores.data(), 8, scores.size(), out);
+  std::fwrite(nev.data(), 8, nev.size(), out);
+  std::fclose(out);
+  std::free(work);
+  std::free(data);
+  return 0;
+}
