@@ -45,27 +45,39 @@ SOURCES = [
     CSRC / "batchbald_math.h",
 ]
 SCORE_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
+# The plain build, and one with AddressSanitizer + UndefinedBehaviorSanitizer (the pool, the
+# workspace and every block's shared memory are allocated at their exact sizes: an out-of-bounds
+# access aborts).
+FLAGS = {
+    "plain": ["-O1"],
+    "asan": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+}
+ENV = {
+    **os.environ,
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:detect_stack_use_after_return=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
 
 
-def build_emulator() -> Path:
+def build_emulator(flavour: str = "plain") -> Path:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         if os.environ.get("FASTBALD_REQUIRE_NATIVE") == "1":
             pytest.fail(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
         pytest.skip(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
-    h = hashlib.sha256()
+    h = hashlib.sha256(" ".join(FLAGS[flavour]).encode())
     for p in SOURCES:
         h.update(p.read_bytes())
-    exe = ROOT / "build" / "cuda-emu" / f"bbemu-{h.hexdigest()[:16]}"
+    exe = ROOT / "build" / "cuda-emu" / f"bbemu-{flavour}-{h.hexdigest()[:16]}"
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
         tmp = exe.with_suffix(f".tmp{os.getpid()}")
-        cmd = [cxx, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+        cmd = [cxx, "-std=c++20", *FLAGS[flavour], "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
                f"-I{CSRC}", str(SOURCES[0]), "-o", str(tmp)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"emulator build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
         os.replace(tmp, exe)
-        for old in exe.parent.glob("bbemu-*"):
+        for old in exe.parent.glob(f"bbemu-{flavour}-*"):
             with contextlib.suppress(OSError):
                 if old != exe and time.time() - old.stat().st_mtime > 3600:
                     old.unlink()
@@ -110,7 +122,7 @@ def emu_batchbald(
     with tempfile.TemporaryDirectory() as d:
         fi, fo = Path(d) / "in", Path(d) / "out"
         fi.write_bytes(hdr + raw)
-        r = subprocess.run([str(exe), str(fi), str(fo)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([str(exe), str(fi), str(fo)], capture_output=True, text=True, timeout=300, env=ENV)
         assert r.returncode == 0, f"emulator exit {r.returncode}: {r.stderr[-2000:]}"
         out = fo.read_bytes()
     info = dict(zip(("status", "bad", "CB", "smem_p", "rows", "launches"), struct.unpack("<6q", out[:48]), strict=True))
@@ -250,6 +262,15 @@ def test_emulated_first_step_is_bald_and_invalid_items(emulator):
     assert info["status"] == 1 and info["bad"] == 0
     info, idx, _, _ = emu_batchbald(emulator, lp + 0.5, 3, 100, prob_tol=math.inf)
     assert info["status"] == 0 and len(set(idx.tolist())) == 3
+
+
+def test_emulated_under_address_sanitizer():
+    # One exact, one sampled (rows > threads) and one global-scratch case on the sanitizer build.
+    exe = build_emulator("asan")
+    for case, seed0 in ((EXACT_CASES[2], 100), (SAMPLED_CASES[-1], 200), (SAMPLED_CASES[3], 200)):
+        N, K, C, b, M, seed, tin, tc, extra = case
+        lp = with_duplicates(make_log_probs(N, K, C, seed0 + seed, spread=2.5), seed).to(tin)
+        check_same_as_cpu(exe, lp, b, M, seed=7 + seed if seed0 == 200 else seed, dtype=tc, **extra)
 
 
 @pytest.mark.cuda
