@@ -289,3 +289,9 @@ def test_cuda_op_matches_cpu():
 
         r = batchbald_batch(lp.cuda(), b, M, seed=3, dtype=tc)
         assert r.indices.is_cuda and r.indices.cpu().tolist() == ci.tolist()
+    lp = make_log_probs(40, 5, 3, 18).float().cuda()
+    torch.library.opcheck(torch.ops.fastbald.batchbald.default, (lp, 4, 100, 0, False, False, 1e-3))
+    bad = lp.clone()
+    bad[13, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"log_probs\[13, 2, 1\] is NaN"):
+        torch.ops.fastbald.batchbald(bad, 3, 100, 0, False, False, 1e-3)
