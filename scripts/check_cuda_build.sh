@@ -135,7 +135,7 @@ echo "$PTX"
 grep -q "sm_${ARCHS[-1]}\|compute_${ARCHS[-1]}" <<<"$PTX" || fail "$SO carries no compute_${ARCHS[-1]} PTX"
 # The library loads (all symbols resolve against the installed torch; no GPU needed) and registers
 # the CUDA implementation of the op.
-"$PY" - "$SO" <<'EOF' || fail "$SO does not load or does not register fastbald::pool_scores for CUDA"
+"$PY" - "$SO" <<'EOF' || fail "$SO does not load or does not register fastbald::pool_scores / batchbald for CUDA"
 import importlib.util, sys
 import torch
 spec = importlib.util.spec_from_file_location("fastbald._C", sys.argv[1])
@@ -143,7 +143,8 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 assert mod.built_with_cuda(), "built_with_cuda() is False"
 assert torch._C._dispatch_has_kernel_for_dispatch_key("fastbald::pool_scores", "CUDA"), "no CUDA kernel"
-print("check_cuda_build: library loads; fastbald::pool_scores has a CUDA kernel")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("fastbald::batchbald", "CUDA"), "no CUDA batchbald kernel"
+print("check_cuda_build: library loads; fastbald::pool_scores and fastbald::batchbald have CUDA kernels")
 EOF
 
 echo "check_cuda_build: OK ($(basename "$SO"): sm_${ARCHS[0]} and sm_${ARCHS[1]} ELF, compute_${ARCHS[1]} PTX, no spills, $(du -k "$SO" | cut -f1) KB)"
