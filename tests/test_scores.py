@@ -198,6 +198,28 @@ def test_unchecked_nan_rows_vote_by_one_rule(shape):
         assert torch.allclose(alone, want, atol=1e-6), (force_row, alone, want)
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 300), (4, 5, 1000), (4, 3, 5000), (4, 40, 10)], ids=str)
+def test_unchecked_invalid_items_are_nan_but_vr(shape):
+    """check_finite=False: an item with a NaN row or an all -inf row scores NaN for every metric
+    but the variation ratio, in both kernels (the row kernel gave entropy 0, margin 0 and least
+    confidence 1 for such items once T * C > 2048), and the other items are unaffected."""
+    N, T, C = shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 3
+    x[0, 1, 5] = math.nan
+    x[1, 2, :] = -math.inf
+    x[2, 0, 0] = math.inf
+    k_vr = METRICS.index("variation_ratio")
+    for force_row in (False, True):
+        with cpu_kernel_forced_to_rows(force_row):
+            out = pool_scores_op(x, check_finite=False).double()
+        for k in range(len(METRICS)):
+            if k != k_vr:
+                assert torch.isnan(out[k, :3]).all(), (force_row, METRICS[k], out[k, :3])
+        assert not torch.isnan(out[k_vr, :3]).any(), (force_row, out[k_vr, :3])
+        torch.testing.assert_close(out[:, 3:], ref(x[3:]), atol=5e-5, rtol=0)
+
+
 def test_extreme_logits_and_masks():
     g = torch.Generator().manual_seed(11)
     x = torch.randn(50, 12, 9, generator=g) * 1e4

@@ -129,6 +129,7 @@ struct ItemKernel : Problem<scalar_t, A> {
     V hacc(A(0));
     int64_t modal = 0;
     bool ok = true;
+    bool invalid = false;  // a row with a NaN or infinite max (check off: NaN scores but for VR)
     int64_t t_done = 0;
     for (int64_t b = 0; b < nb && ok; ++b) {
       const int64_t t0 = b * L;
@@ -141,10 +142,13 @@ struct ItemKernel : Problem<scalar_t, A> {
       m.store(marr);
       arg.store(aarr);
       for (int64_t l = 0; l < nvalid; ++l) {
-        if (check && !(marr[l] > -std::numeric_limits<A>::infinity() &&
-                       marr[l] < std::numeric_limits<A>::infinity())) {
-          ok = false;
-          break;
+        if (!(marr[l] > -std::numeric_limits<A>::infinity() &&
+              marr[l] < std::numeric_limits<A>::infinity())) {
+          if (check) {
+            ok = false;
+            break;
+          }
+          invalid = true;
         }
         int64_t a = static_cast<int64_t>(aarr[l]);
         a = std::min<int64_t>(std::max<int64_t>(a, 0), C - 1);
@@ -204,6 +208,12 @@ struct ItemKernel : Problem<scalar_t, A> {
     };
     if (metrics & (1 << math::kVariationRatio)) {
       put(math::kVariationRatio, math::variation_ratio<double>(modal, T));
+    }
+    if (invalid) {  // as the group kernel and the CUDA kernels: every score but VR is NaN
+      for (int k = 0; k < math::kNumMetrics; ++k) {
+        if (k != math::kVariationRatio) put(k, std::numeric_limits<double>::quiet_NaN());
+      }
+      return true;
     }
     if (needs.entropy_t) put(math::kExpectedEntropy, hsum<A>(hacc) * inv_T);
     if (!needs.pbar) return true;
