@@ -27,7 +27,9 @@ The noise of item i is a pure function of ``(seed, i)`` (splitmix64), so a seed 
 draw on every backend and for any number of threads. On the CPU, power and softmax run in one fused
 native pass (``torch.ops.fastbald.stochastic_topk``: a running top-k that skips, with integer
 arithmetic only, every item that cannot enter it; no temporary of size N): about the time of
-``torch.topk`` itself (``fastbald bench --stochastic``). Softrank needs the ranks, i.e. a sort.
+``torch.topk`` itself (``fastbald bench batch``). Softrank (mode 3 of the same op) gets the ranks
+without sorting the pool: a histogram of the scores bounds every item's rank, the scan keeps the
+items whose bound can reach the top k, and only those get their exact average rank (one more pass).
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .acquire import ASCENDING, ranking_key
+from .acquire import ASCENDING, ranking_key, top_k
 
 __all__ = ["MODES", "sampling_probabilities", "stochastic_acquire"]
 
 MODES: tuple[str, ...] = ("power", "softmax", "softrank")
-_MODE_CODE = {"logw": 0, "power": 1, "softmax": 2}
+_MODE_CODE = {"logw": 0, "power": 1, "softmax": 2, "softrank": 3}
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
@@ -136,6 +138,10 @@ def _values(x_or_scores: Any, method: str, score_kwargs: dict) -> torch.Tensor:
 
 
 def _check_finite(values: torch.Tensor) -> None:
+    # A NaN or inf makes the sum non-finite (so may an overflow): only then the exact search, which
+    # costs a [N] bool temporary (5 ms per 1M scores on a busy machine, more than the draw).
+    if values.shape[0] == 0 or bool(torch.isfinite(values.sum())):
+        return
     ok = torch.isfinite(values)
     if not bool(ok.all()):
         i = int((~ok).nonzero()[0, 0])
@@ -224,7 +230,7 @@ def sampling_probabilities(
     if math.isinf(beta):
         p = torch.zeros(s.shape[0], dtype=torch.float64, device=s.device)
         if s.shape[0]:
-            p[int(torch.sort(s, descending=True, stable=True).indices[0])] = 1.0
+            p[int(top_k(s, 1)[0])] = 1.0
         return p
     lw = _log_weights(s, mode, beta)
     if s.shape[0] and bool(torch.isneginf(lw).all()):
@@ -250,6 +256,8 @@ def _gumbel_topk(
     op = _native_op()
     code = "logw" if mode == "softrank" else mode
     if op is not None and s.device.type == "cpu":
+        if mode == "softrank":  # ranks in the kernel, O(N): no sort of the pool
+            return op(s.contiguous(), int(k), _MODE_CODE["softrank"], float(beta), _signed(seed), 0.0)
         if code == "logw":
             x, shift = _log_weights(s, mode, beta), 0.0
         else:
@@ -297,7 +305,7 @@ def stochastic_acquire(
     k = int(k)
     if math.isinf(beta):  # top-k (also validates finiteness)
         _check_finite(values)
-        idx = torch.sort(ranking_key(values, method), descending=True, stable=True).indices[:k]
+        idx = top_k(values, k, largest=method not in ASCENDING)
     else:
         seed_ = _resolve_seed(seed, generator)
         s = _oriented(values, mode, method)

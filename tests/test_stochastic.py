@@ -256,3 +256,50 @@ def test_huge_finite_beta_is_topk_not_uniform(path, monkeypatch):
     assert firsts == set(range(6))  # the tied items in uniformly random order, not by index
     p = sampling_probabilities(tied, "softrank", 1.7e308)
     np.testing.assert_allclose(p.numpy(), [1 / 6] * 6 + [0, 0], rtol=1e-12)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+def test_native_softrank_equals_mode0_on_sorted_ranks():
+    """Softrank's native ranks (mode 3: histogram bounds, candidates, exact ranks of candidates;
+    no sort) give the same draw and keys as mode 0 fed the log-weights from the sort-based
+    _average_ranks, on pools made to stress the buckets: heavy ties, a narrow range, a range of
+    many decades, signed zeros, a constant pool, float64 with ties."""
+    op = st._native_op()
+    g = torch.Generator().manual_seed(0)
+    n = 200_001
+    pools = {
+        "uniform": torch.rand(n, generator=g),
+        "ties4": torch.randint(0, 4, (n,), generator=g).float(),
+        "narrow": 0.5 + torch.rand(n, generator=g) * 1e-4,
+        "decades": torch.exp(torch.randn(n, generator=g) * 20),
+        "signed": torch.randn(n, generator=g) * (torch.rand(n, generator=g) > 0.1),
+        "f64": torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1,
+        "f64ties": (torch.rand(n, generator=g, dtype=torch.float64) * 100).floor(),
+        "const": torch.full((n,), 0.3),
+    }
+    pools["signed"][::5] = -0.0
+    for name, s in pools.items():
+        for k, beta, seed in [(1, 1.0, 0), (10, 1.0, 7), (257, 2.0, 2**40 + 3), (1000, 0.1, 9), (10, 30.0, 1)]:
+            lw = st._log_weights(s, "softrank", beta).contiguous()
+            want_i, want_k = op(lw, k, 0, beta, st._signed(seed), 0.0)
+            got_i, got_k = op(s, k, 3, beta, st._signed(seed), 0.0)
+            assert torch.equal(got_i, want_i), (name, k, beta, seed)
+            torch.testing.assert_close(got_k, want_k, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+def test_native_softrank_chunks_and_threads(monkeypatch):
+    """Softrank above 2^20 items: the histogram, scan and rank passes split into thread chunks;
+    same draw as one thread and as the PyTorch path (sort-based ranks)."""
+    g = torch.Generator().manual_seed(12)
+    s = (torch.rand((1 << 21) + 7, generator=g) * 5000).floor()  # ~420-way ties
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stochastic_acquire(s, 40, "softrank", 1.0, seed=3)
+        torch.set_num_threads(max(2, prev))
+        many = stochastic_acquire(s, 40, "softrank", 1.0, seed=3)
+    finally:
+        torch.set_num_threads(prev)
+    monkeypatch.setitem(st._NATIVE, "op", None)
+    assert torch.equal(one, many) and torch.equal(one, stochastic_acquire(s, 40, "softrank", 1.0, seed=3))

@@ -22,6 +22,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -151,6 +152,235 @@ void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Mode 3, softrank: log-weight l_i = -beta (log rank_i - log rank_min), rank_i the average rank of
+// item i in descending order (ties share their average rank, as scipy's rankdata), without sorting
+// the pool. O(N):
+//   0. min / max (at::aminmax; also the finiteness check: NaN propagates).
+//   1. buckets: the order-preserving 32-bit key of (float) x, offset by the smallest and shifted so
+//      that at most 2^14 buckets cover [min, max] (adaptive: a narrow pool gets narrow buckets). A
+//      histogram gives, per bucket, rank_lo = 1 + the number of items in higher buckets: every
+//      item's average rank lies in [rank_lo, rank_lo + count - 1] (the bucket map is monotone, also
+//      for float64 scores rounded to float). Also the largest score's multiplicity (rank_min).
+//   2. the Gumbel scan of the other modes with those bounds: the heap keeps the k largest LOWER
+//      bound keys (tau = its worst); an item is skipped by one integer compare (its key against the
+//      first bucket whose rank_lo can still reach tau, per leading-zero class of its noise, as the
+//      other modes' table); an item whose UPPER bound key reaches tau is a candidate. Every item of
+//      the true top k is one: k items have true keys >= their lower bounds >= tau, so the k-th
+//      true key is >= tau.
+//   3. exact average ranks of the candidates only: one pass, the items of the candidates' buckets
+//      (a bitmap) binary-searched among the candidates' distinct values, counted by difference
+//      arrays.
+// The candidates' exact keys (the same double arithmetic as mode 0 on -beta (log r - log r_min),
+// so the same draw as mode 0 given those log-weights) then give the top k.
+inline uint32_t order_key(float f) {
+  f += 0.0f;  // -0.0 -> +0.0: equal scores, equal keys
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// 2^14 buckets: the per-bucket tables stay in L1/L2 (the bounds are looser than with 2^16, but the
+// extra candidates cost less than the cache misses of bigger tables).
+constexpr int kBucketBits = 14;
+
+struct Buckets {
+  uint32_t umin = 0;
+  int sh = 0;
+  int64_t nb = 1;
+  std::vector<double> rank_lo;  // above + 1 per bucket
+  std::vector<int64_t> count;
+  template <typename scalar_t>
+  int64_t of(scalar_t x) const {
+    return static_cast<int64_t>((order_key(static_cast<float>(x)) - umin) >> sh);
+  }
+};
+
+struct Cand {
+  int64_t idx;
+  double g;  // Gumbel noise -log(E_i)
+};
+
+// Pass 2 over [begin, end): lo-heap of the k largest lower-bound keys, and the candidates.
+template <typename scalar_t>
+void rank_scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta, double shift,
+               uint64_t s0, const Buckets& bk, std::vector<Entry>& heap, std::vector<Cand>& cands) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  heap.clear();
+  heap.reserve(static_cast<size_t>(k));
+  // An item can reach tau only if its bucket's rank_lo < R_c (clz class c); rank_lo decreases with
+  // the bucket, so that is bucket >= b_c, i.e. order_key(x) >= uthr[c]: one integer compare.
+  uint64_t uthr[64];
+  std::fill(uthr, uthr + 64, uint64_t{0});  // heap not full: every item
+  double tau = -kInf;
+  const double* rlo = bk.rank_lo.data();
+  const int64_t* cnt = bk.count.data();
+  auto refresh = [&]() {
+    tau = heap.front().key;
+    for (int c = 0; c < 64; ++c) {
+      const double lb = (c == 63 ? -54.0 : 10.0 - c) - 1e-3;
+      // needs l_hi = -beta (log rank_lo - shift) > T = tau + lb ln2
+      double r = std::exp(shift - (tau + lb * kLn2) / beta);
+      r = std::isnan(r) ? kInf : r * (1.0 + 1e-9) + 1e-9;
+      // smallest bucket with rank_lo < r (rank_lo is non-increasing in the bucket)
+      int64_t lo = 0, hi = bk.nb;  // answer in [lo, hi]; hi = nb: none
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (rlo[mid] < r) hi = mid; else lo = mid + 1;
+      }
+      uthr[c] = lo >= bk.nb ? (uint64_t{1} << 40) : static_cast<uint64_t>(bk.umin) + (static_cast<uint64_t>(lo) << bk.sh);
+    }
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    const uint64_t u = order_key(static_cast<float>(s[i]));
+    const uint64_t m = mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
+    if (u < uthr[__builtin_clzll(m | 1)]) continue;  // cannot reach tau
+    const int64_t b = static_cast<int64_t>((u - bk.umin) >> bk.sh);
+    const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;
+    const double g = -std::log(-std::log1p(-v));
+    const double key_hi = -beta * (std::log(rlo[b]) - shift) + g;
+    const double key_lo = -beta * (std::log(rlo[b] + static_cast<double>(cnt[b] - 1)) - shift) + g;
+    const bool full = static_cast<int64_t>(heap.size()) == k;
+    if (!full || key_hi >= tau - 1e-9 * (1.0 + std::fabs(tau))) cands.push_back({i, g});
+    const Entry e{key_lo, i};
+    if (!full) {
+      heap.push_back(e);
+      std::push_heap(heap.begin(), heap.end(), better);
+      if (static_cast<int64_t>(heap.size()) == k) refresh();
+    } else if (better(e, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = e;
+      std::push_heap(heap.begin(), heap.end(), better);
+      refresh();
+    }
+  }
+}
+
+template <typename scalar_t>
+std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, int64_t N, int64_t k,
+                                 double beta, uint64_t s0, int64_t grain) {
+  Buckets bk;
+  bk.umin = order_key(static_cast<float>(lo));
+  const uint32_t range = order_key(static_cast<float>(hi)) - bk.umin;
+  while ((range >> bk.sh) >= (1u << kBucketBits)) ++bk.sh;
+  bk.nb = static_cast<int64_t>(range >> bk.sh) + 1;
+  // Pass 1: histogram (per thread chunk) and the multiplicity of the largest score.
+  bk.count.assign(static_cast<size_t>(bk.nb), 0);
+  std::atomic<int64_t> n_max{0};
+  std::mutex mu;
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    // Four interleaved histograms: consecutive items in one bucket do not wait on each other's
+    // increment. uint32: a chunk has < 2^32 items per sub-histogram.
+    const size_t nb = static_cast<size_t>(bk.nb);
+    std::vector<uint32_t> h(4 * nb, 0);
+    int64_t nm = 0;
+    int64_t i = b;
+    for (; i + 4 <= e; i += 4) {
+      ++h[static_cast<size_t>(bk.of(s[i]))];
+      ++h[nb + static_cast<size_t>(bk.of(s[i + 1]))];
+      ++h[2 * nb + static_cast<size_t>(bk.of(s[i + 2]))];
+      ++h[3 * nb + static_cast<size_t>(bk.of(s[i + 3]))];
+      nm += (s[i] == hi) + (s[i + 1] == hi) + (s[i + 2] == hi) + (s[i + 3] == hi);
+    }
+    for (; i < e; ++i) {
+      ++h[static_cast<size_t>(bk.of(s[i]))];
+      nm += s[i] == hi;
+    }
+    n_max += nm;
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t j = 0; j < nb; ++j) bk.count[j] += int64_t{h[j]} + h[nb + j] + h[2 * nb + j] + h[3 * nb + j];
+  });
+  bk.rank_lo.resize(static_cast<size_t>(bk.nb));
+  int64_t above = 0;
+  for (int64_t j = bk.nb - 1; j >= 0; --j) {
+    bk.rank_lo[static_cast<size_t>(j)] = static_cast<double>(above + 1);
+    above += bk.count[static_cast<size_t>(j)];
+  }
+  const double shift = std::log((1.0 + static_cast<double>(n_max.load())) / 2.0);  // log rank_min
+  // Pass 2: bounds scan.
+  std::vector<Entry> lo_all;
+  std::vector<Cand> cands;
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    std::vector<Entry> heap;
+    std::vector<Cand> c;
+    rank_scan<scalar_t>(s, b, e, k, beta, shift, s0, bk, heap, c);
+    std::lock_guard<std::mutex> lock(mu);
+    lo_all.insert(lo_all.end(), heap.begin(), heap.end());
+    cands.insert(cands.end(), c.begin(), c.end());
+  });
+  std::partial_sort(lo_all.begin(), lo_all.begin() + k, lo_all.end(), better);
+  const double tau = lo_all[static_cast<size_t>(k - 1)].key;
+  // Keep the candidates whose upper bound reaches the global tau (recomputed as in the scan).
+  std::vector<Cand> keep;
+  for (const Cand& c : cands) {
+    const double rl = bk.rank_lo[static_cast<size_t>(bk.of(s[c.idx]))];
+    if (-beta * (std::log(rl) - shift) + c.g >= tau - 1e-9 * (1.0 + std::fabs(tau))) keep.push_back(c);
+  }
+  // Pass 3: exact ranks. Groups = distinct (bucket, value) of the candidates, sorted.
+  std::sort(keep.begin(), keep.end(), [&](const Cand& a, const Cand& b) {
+    const int64_t ba = bk.of(s[a.idx]), bb = bk.of(s[b.idx]);
+    return ba != bb ? ba < bb : s[a.idx] < s[b.idx];
+  });
+  std::vector<scalar_t> gval;
+  std::vector<int64_t> gbucket, cand_group(keep.size());
+  for (size_t j = 0; j < keep.size(); ++j) {
+    const scalar_t v = s[keep[j].idx];
+    const int64_t b = bk.of(v);
+    if (gval.empty() || gbucket.back() != b || gval.back() != v) {
+      gval.push_back(v);
+      gbucket.push_back(b);
+    }
+    cand_group[j] = static_cast<int64_t>(gval.size()) - 1;
+  }
+  const int64_t G = static_cast<int64_t>(gval.size());
+  std::vector<int32_t> gfirst(static_cast<size_t>(bk.nb), -1), gnum(static_cast<size_t>(bk.nb), 0);
+  for (int64_t g = 0; g < G; ++g) {
+    const size_t b = static_cast<size_t>(gbucket[static_cast<size_t>(g)]);
+    if (gfirst[b] < 0) gfirst[b] = static_cast<int32_t>(g);
+    ++gnum[b];
+  }
+  std::vector<uint64_t> has(static_cast<size_t>((bk.nb + 63) / 64), 0);  // buckets with candidates
+  for (int64_t g = 0; g < G; ++g) {
+    const uint64_t b = static_cast<uint64_t>(gbucket[static_cast<size_t>(g)]);
+    has[b >> 6] |= uint64_t{1} << (b & 63);
+  }
+  std::vector<int64_t> diff(static_cast<size_t>(G) + 1, 0), eq(static_cast<size_t>(G), 0);
+  at::parallel_for(0, N, grain, [&](int64_t b0, int64_t e0) {
+    std::vector<int64_t> d(static_cast<size_t>(G) + 1, 0), q(static_cast<size_t>(G), 0);
+    for (int64_t i = b0; i < e0; ++i) {
+      const scalar_t v = s[i];
+      const size_t b = static_cast<size_t>(bk.of(v));
+      if (!((has[b >> 6] >> (b & 63)) & 1)) continue;
+      const int32_t f = gfirst[b];
+      const scalar_t* first = gval.data() + f;
+      const int64_t pos = std::lower_bound(first, first + gnum[b], v) - first;
+      // item i is greater than the groups [f, f + pos) of its bucket
+      ++d[static_cast<size_t>(f)];
+      --d[static_cast<size_t>(f + pos)];
+      if (pos < gnum[b] && first[pos] == v) ++q[static_cast<size_t>(f + pos)];
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t g = 0; g <= G; ++g) diff[static_cast<size_t>(g)] += d[static_cast<size_t>(g)];
+    for (int64_t g = 0; g < G; ++g) eq[static_cast<size_t>(g)] += q[static_cast<size_t>(g)];
+  });
+  std::vector<double> log_rank(static_cast<size_t>(G));
+  int64_t run = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    run += diff[static_cast<size_t>(g)];
+    const double greater = bk.rank_lo[static_cast<size_t>(gbucket[static_cast<size_t>(g)])] - 1.0 + static_cast<double>(run);
+    log_rank[static_cast<size_t>(g)] = std::log(greater + (static_cast<double>(eq[static_cast<size_t>(g)]) + 1.0) / 2.0);
+  }
+  std::vector<Entry> out;
+  out.reserve(keep.size());
+  for (size_t j = 0; j < keep.size(); ++j) {
+    const double l = -beta * (log_rank[static_cast<size_t>(cand_group[j])] - shift);
+    out.push_back({l + keep[j].g, keep[j].idx});
+  }
+  TORCH_CHECK(static_cast<int64_t>(out.size()) >= k, "fastbald::stochastic_topk (softrank): ",
+              out.size(), " candidates for k = ", k, " (internal error)");
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores, int64_t k,
                                                        int64_t mode, double beta, int64_t seed,
                                                        double shift) {
@@ -162,9 +392,9 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
   const int64_t N = scores.size(0);
   TORCH_CHECK_VALUE(k >= 0 && k <= N, "fastbald::stochastic_topk: k must be in [0, N=", N,
                     "], got ", k);
-  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2,
-                    "fastbald::stochastic_topk: mode must be 0 (log-weights), 1 (power) or 2 "
-                    "(softmax), got ",
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 3,
+                    "fastbald::stochastic_topk: mode must be 0 (log-weights), 1 (power), 2 "
+                    "(softmax) or 3 (softrank), got ",
                     mode);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0,
                     "fastbald::stochastic_topk: beta must be finite and >= 0, got ", beta);
@@ -175,7 +405,22 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
   std::vector<Entry> all;
   std::mutex mu;
   std::atomic<int64_t> first_bad{N};
-  if (k > 0) {
+  if (k > 0 && mode == 3) {
+    AT_DISPATCH_FLOATING_TYPES(st, "fastbald_softrank_topk", [&] {
+      const scalar_t* p = x.const_data_ptr<scalar_t>();
+      // min and max are finite iff every score is (NaN propagates through aminmax): the exact
+      // search for the first bad item only when they are not.
+      const auto mm = at::aminmax(x);
+      const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
+      const int64_t bad = std::isfinite(lo) && std::isfinite(hi) ? -1 : first_nonfinite(p, 0, N);
+      if (bad >= 0) {
+        first_bad = bad;
+      } else {
+        all = softrank_topk<scalar_t>(static_cast<scalar_t>(lo), static_cast<scalar_t>(hi), p, N, k, beta,
+                                      s0, std::max<int64_t>(1 << 20, 8 * k));
+      }
+    });
+  } else if (k > 0) {
     AT_DISPATCH_FLOATING_TYPES(st, "fastbald_stochastic_topk", [&] {
       const scalar_t* p = x.const_data_ptr<scalar_t>();
       // About 1 ns per item: threads only pay off for pools of millions (and a parallel region
@@ -233,7 +478,8 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
 TORCH_LIBRARY_FRAGMENT(fastbald, m) {
   // scores: [N] float32/float64 on the CPU. mode 0: scores are log-weights; 1: weights
   // max(score, 0)^beta / e^(beta shift); 2: weights exp(beta * (score - shift)) (shift: the largest
-  // log max(score, 0) resp. score, so that no log-weight is +inf). Returns (indices [k] int64, keys [k] float64):
+  // log max(score, 0) resp. score, so that no log-weight is +inf); 3: weights (average rank in
+  // descending order / the best item's)^-beta (ties share their average rank; shift unused). Returns (indices [k] int64, keys [k] float64):
   // the k items of largest Gumbel key (log-weight + Gumbel(seed, item)), best first. A key of -inf
   // is an item of weight 0. Error naming the first non-finite score.
   m.def(
