@@ -84,10 +84,10 @@ def batchbald_batch(
     Args:
         log_probs_N_K_C: log-probabilities ``[N, K, C]`` (N pool items, K MC samples, C classes),
             float32/float64 (float16/bfloat16 are converted to float32), any strides, on the CPU,
-            or on a CUDA device when fastbald was built with CUDA: the op then runs there (every
-            candidate evaluated at every step, ``lazy`` ignored: the batch of ``lazy=False``) and
-            the result stays on that device; other devices are copied to the CPU. ``-inf`` is a
-            class of probability 0.
+            or on a CUDA device when fastbald was built with CUDA: the op then runs there and the
+            result stays on that device (lazy greedy in the exact regime only; the sampled regime
+            evaluates every candidate, the batch of ``lazy=False``); other devices are copied to
+            the CPU. ``-inf`` is a class of probability 0.
         batch_size: number of items to acquire, ``0 <= batch_size <= N``.
         num_samples: the M of the paper: exact joint entropies while ``C**n <= num_samples``,
             ``K * (num_samples // K)`` sampled configurations beyond. Must be ``>= K``.

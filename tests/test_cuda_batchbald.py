@@ -102,6 +102,7 @@ def emu_batchbald(
     max_grid: int = 0,
     force_scratch: bool = False,
     sched_seed: int = 1,
+    lazy: bool = False,
 ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Runs the emulated CUDA BatchBALD on lp ([N, K, C] float32/float64 view of any strides)."""
     assert lp.dtype in (torch.float32, torch.float64)
@@ -112,11 +113,11 @@ def emu_batchbald(
     base = torch.empty(0, dtype=lp.dtype).set_(st, 0, (numel,), (1,))
     raw = base.numpy().tobytes()
     hdr = struct.pack(
-        "<8s17qd",
+        "<8s18qd",
         b"FBBBEM1\0",
         1 if lp.dtype == torch.float64 else 0,
         N, K, C, *lp.stride(), numel, lp.storage_offset(), b, M, seed,
-        int(dtype == torch.float64), max_block, max_grid, int(force_scratch), sched_seed,
+        int(dtype == torch.float64), max_block, max_grid, int(force_scratch), sched_seed, int(lazy),
         prob_tol,
     )
     with tempfile.TemporaryDirectory() as d:
@@ -220,6 +221,39 @@ def test_emulated_sampled_regime_same_batch_as_cpu(emulator, case):
     _, _, s2, _ = emu_batchbald(emulator, lp, b, M, seed=8 + seed, dtype=tc, **extra)
     last = b - 1
     assert s2[last].item() != scores[last].item()
+
+
+@pytest.mark.parametrize("which", ["exact", "sampled"])
+def test_emulated_lazy_greedy_same_batch(emulator, which):
+    # Lazy greedy on the device (exact regime: probe the largest bound, then every candidate whose
+    # bound reaches the probe's gain): the batch of the full evaluation and of the CPU's lazy greedy,
+    # with fewer candidates evaluated; in the sampled regime every candidate is evaluated.
+    cases = EXACT_CASES[:4] if which == "exact" else SAMPLED_CASES[:3]
+    for N, K, C, b, M, seed, tin, tc, extra in cases:
+        lp = with_duplicates(make_log_probs(N, K, C, (100 if which == "exact" else 200) + seed, spread=2.5), seed).to(tin)
+        info, idx, scores, nev = emu_batchbald(emulator, lp, b, M, seed=seed, dtype=tc, lazy=True, **extra)
+        ci, cs, cn = cpu_op(lp, b, M, seed, tc)
+        assert idx.tolist() == ci.tolist()
+        torch.testing.assert_close(scores, cs, rtol=0, atol=SCORE_TOL[tc])
+        rows, n_exact = 1, 1  # steps 0 .. n_exact - 1 use the exact table (step 0: BALD)
+        while n_exact < b and rows * C <= M:
+            rows *= C
+            n_exact += 1
+        assert nev[0].item() == N
+        for s in range(1, b):
+            if s < n_exact:
+                assert 1 <= nev[s].item() <= N - s
+            else:
+                assert nev[s].item() == N - s
+        if which == "exact":
+            li, _, _ = cpu_op(lp, b, M, seed, tc, lazy=True)
+            assert idx.tolist() == li.tolist()
+    # a larger pool: most candidates are never re-evaluated
+    lp = make_log_probs(400, 6, 4, 77, spread=2.5)
+    _, idx, _, nev = emu_batchbald(emulator, lp, 4, 100, dtype=torch.float64, lazy=True)
+    assert idx.tolist() == cpu_op(lp, 4, 100, 0, torch.float64)[0].tolist()
+    if which == "exact":
+        assert nev[1:].sum().item() < 0.5 * sum(400 - s for s in range(1, 4)), nev.tolist()
 
 
 def test_emulated_duplicates_never_chosen_twice_whole_pool(emulator):

@@ -3,9 +3,10 @@
 // per-row math is csrc/batchbald_math.h (shared with the CPU op). Registered with
 // TORCH_LIBRARY_IMPL(fastbald, CUDA, m).
 //
-// Differences from the CPU op: every candidate is evaluated at every step (the CPU's lazy=False;
-// `lazy` is accepted and ignored, num_evaluated is N - step), and the log-probabilities, exp and log
-// are the device's (the indices equal the CPU's but for candidates whose gains tie to rounding).
+// Differences from the CPU op: lazy greedy only in the exact regime (probe the candidate of the
+// largest bound, then evaluate every candidate whose bound reaches its gain: the same batch as a
+// full evaluation); in the sampled regime every candidate is evaluated (the CPU's lazy=False).
+// exp and log are the device's (the indices equal the CPU's but for gains tied to rounding).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -49,6 +50,7 @@ void launch(int id, int64_t grid, int block, int64_t smem, const Params& P, cuda
     case kArgmax: bb_kernel<double, kArgmax><<<g, b, sm, s>>>(P); break;
     case kChosenProbs: bb_kernel<double, kChosenProbs><<<g, b, sm, s>>>(P); break;
     case kFinishTable: bb_kernel<double, kFinishTable><<<g, b, sm, s>>>(P); break;
+    case kProbe: bb_kernel<double, kProbe><<<g, b, sm, s>>>(P); break;
     case kInitTable: bb_kernel<T, kInitTable><<<g, b, sm, s>>>(P); break;
     case kExtendExact: bb_kernel<T, kExtendExact><<<g, b, sm, s>>>(P); break;
     case kAppend: bb_kernel<T, kAppend><<<g, b, sm, s>>>(P); break;
@@ -67,7 +69,6 @@ using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Result batchbald_cuda(const at::Tensor& log_probs, int64_t batch_size, int64_t num_samples, int64_t seed,
                       bool use_double, bool lazy, double prob_tol) {
-  (void)lazy;  // every candidate is evaluated at every step
   check_batchbald_args(log_probs, batch_size, num_samples, prob_tol);
   TORCH_CHECK_VALUE(log_probs.is_cuda(), "fastbald.batchbald (CUDA kernel): log_probs is on ", log_probs.device());
   const c10::cuda::CUDAGuard guard(log_probs.device());
@@ -128,7 +129,7 @@ Result batchbald_cuda(const at::Tensor& log_probs, int64_t batch_size, int64_t n
     C10_CUDA_CHECK(cudaStreamSynchronize(stream));
     return v;
   };
-  const int64_t bad = drive(P, b, num_samples, cfg, do_launch, read_flag);
+  const int64_t bad = drive(P, b, num_samples, lazy, cfg, do_launch, read_flag);
   if (bad >= 0) {
     // The CPU op names what is wrong with the first invalid item (same message on both devices).
     static const auto op = c10::Dispatcher::singleton()

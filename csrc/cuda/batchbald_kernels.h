@@ -24,8 +24,10 @@
 //      so far) and the count of evaluated candidates of the step into the outputs, marks the item.
 // Memory: the pool is read in place; O(M K) for the table (two float64 copies while exact, one
 // compute copy) and O(N) per-item arrays (conditional entropy, gain, chosen flag): no N x M x C
-// temporary. Every candidate is evaluated at every step (the CPU's lazy=False; lazy greedy needs a
-// data-dependent candidate order, not done on the device).
+// temporary. Lazy greedy (lazy=true) in the exact regime: the candidate of the largest bound (its
+// last gain + slack) is evaluated first, then every candidate whose bound reaches that gain (no
+// other can win): the batch of a full evaluation. The sampled regime evaluates every candidate
+// (the CPU's lazy=false; its sampled-regime lazy bounds need standard errors, not done here).
 #pragma once
 
 #include <cmath>
@@ -53,6 +55,7 @@ enum Kernel : int {
   kAppend = 5,
   kFinishTable = 6,
   kEval = 7,
+  kProbe = 8,
 };
 
 // Everything a kernel needs (passed by value to every launch; the per-launch fields are set by the
@@ -68,7 +71,10 @@ struct Params {
   int use_double;  // compute type T of the table copy and the inner products
   // per-item arrays [N]
   double* cond;     // E_k H[p_k(.|x_n)]
-  double* gain;     // the current gain of every candidate
+  double* gain;     // the current gain of every candidate (-inf: not evaluated at this step)
+  double* ub;       // lazy greedy: upper bound of every candidate's next gain (last gain + slack)
+  int64_t* probe;   // lazy greedy: the candidate of the largest bound (evaluated first)
+  double slack;     // rounding allowance of the bounds (float: 2e-5, double: 1e-11, as the CPU)
   uint8_t* chosen;  // 1 once chosen
   unsigned long long* flag;  // ~0 - (first invalid item), 0 if none
   // outputs [b]
@@ -92,6 +98,8 @@ struct Params {
   int CB;         // eval: class chunk (2, 4, 5 or 8), Cp = C padded to a multiple of it
   int64_t Cp;
   int smem_p;     // eval: candidates' probabilities in shared memory (1) or in the global scratch
+  int lazy_phase; // eval: 0 every candidate, 1 the probe only, 2 those whose bound reaches the probe's gain
+  int lazy_step;  // argmax: this step was lazy (num_evaluated = the candidates evaluated)
   void* pscratch; // eval, smem_p == 0: [grid][kG][K][Cp] in T
 };
 
@@ -162,30 +170,37 @@ FB_DEV void first_pass_body(const Params& P, unsigned char*) {
     const double cd = -condacc * invK;
     P.cond[n] = cd;
     P.gain[n] = h - cd;
+    P.ub[n] = h - cd + P.slack;
     P.chosen[n] = 0;
     if (bad) dev::atomic_max_global(P.flag, ~0ull - static_cast<unsigned long long>(n));
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. Argmax over the candidates not chosen yet (one block): the largest gain, the lowest index on
-// ties (NaN gains lose). Writes the step's outputs and marks the item.
-FB_DEV void argmax_body(const Params& P, unsigned char* smem) {
+// 2. Argmax over the candidates not chosen yet (one block): the largest value, the lowest index on
+// ties (NaN as -inf), and the number of finite values. Every thread gets them.
+FB_DEV void block_argmax(const double* v, const Params& P, unsigned char* smem, double& best_v, int64_t& best_i,
+                         int64_t& count) {
   double* bv = reinterpret_cast<double*>(smem);
   int64_t* bi = reinterpret_cast<int64_t*>(bv + dev::bdim());
+  int64_t* bc = bi + dev::bdim();
   const int t = dev::tid(), B = dev::bdim();
-  double v = -std::numeric_limits<double>::infinity();
-  int64_t id = -1;
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  double m = -kInf;
+  int64_t id = -1, cnt = 0;
   for (int64_t n = t; n < P.N; n += B) {
     if (P.chosen[n]) continue;
-    const double g = P.gain[n];
-    if (id < 0 || g > v) {  // n increases: an equal gain keeps the lower index
-      v = g == g ? g : -std::numeric_limits<double>::infinity();
+    const double g = v[n];
+    cnt += (g > -kInf && g < kInf) ? 1 : 0;
+    if (id < 0 || g > m) {  // n increases: an equal value keeps the lower index
+      m = g == g ? g : -kInf;
       id = n;
     }
   }
-  bv[t] = v;
+  dev::sync();
+  bv[t] = m;
   bi[t] = id;
+  bc[t] = cnt;
   dev::sync();
   for (int o = B >> 1; o > 0; o >>= 1) {
     if (t < o) {
@@ -196,14 +211,24 @@ FB_DEV void argmax_body(const Params& P, unsigned char* smem) {
         bv[t] = v2;
         bi[t] = i2;
       }
+      bc[t] += bc[t + o];
     }
     dev::sync();
   }
-  if (t == 0) {
-    const int64_t best = bi[0];
+  best_v = bv[0];
+  best_i = bi[0];
+  count = bc[0];
+}
+
+// The step's choice: writes its outputs and marks the item.
+FB_DEV void argmax_body(const Params& P, unsigned char* smem) {
+  double v;
+  int64_t best, count;
+  block_argmax(P.gain, P, smem, v, best, count);
+  if (dev::tid() == 0) {
     const int64_t s = P.step;
     P.idx_out[s] = best;
-    P.nev_out[s] = s == 0 ? P.N : P.N - s;
+    P.nev_out[s] = P.lazy_step ? count : (s == 0 ? P.N : P.N - s);
     if (best >= 0) {
       P.score_out[s] = P.state[0] + P.gain[best] - P.state[1];
       P.chosen[best] = 1;
@@ -212,6 +237,14 @@ FB_DEV void argmax_body(const Params& P, unsigned char* smem) {
       P.score_out[s] = std::numeric_limits<double>::quiet_NaN();
     }
   }
+}
+
+// Lazy greedy, first: the candidate of the largest bound (one block).
+FB_DEV void probe_body(const Params& P, unsigned char* smem) {
+  double v;
+  int64_t best, count;
+  block_argmax(P.ub, P, smem, v, best, count);
+  if (dev::tid() == 0) P.probe[0] = best;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -308,10 +341,26 @@ FB_DEV void eval_body(const Params& P, unsigned char* smem) {
                    : static_cast<T*>(P.pscratch) + dev::bid() * kG * kcp;
   const T* Wt = static_cast<const T*>(P.Wt);
   const int64_t ngroups = (P.N + kG - 1) / kG;
-  for (int64_t grp = dev::bid(); grp < ngroups; grp += dev::gdim()) {
+  // Lazy greedy (exact regime): phase 1 evaluates the probe (the largest bound) alone, phase 2 the
+  // candidates whose bound reaches the probe's gain (no other can be the argmax); the others get
+  // gain -inf (not evaluated). Phase 0: every candidate.
+  const int phase = P.lazy_phase;
+  const int64_t probe = phase ? P.probe[0] : -1;
+  const double tau = phase == 2 ? P.gain[probe] : 0.0;
+  auto eligible = [&](int64_t n) {
+    if (n >= P.N || P.chosen[n]) return false;
+    return phase == 0 || (phase == 1 ? n == probe : (n != probe && P.ub[n] >= tau));
+  };
+  const int64_t start = phase == 1 ? probe / kG : dev::bid();
+  const int64_t stride = phase == 1 ? ngroups : dev::gdim();
+  for (int64_t grp = start; grp < ngroups; grp += stride) {
     const int64_t n0 = grp * kG;
     bool live = false;
-    for (int g = 0; g < kG; ++g) live = live || (n0 + g < P.N && !P.chosen[n0 + g]);
+    for (int g = 0; g < kG; ++g) live = live || eligible(n0 + g);
+    if (phase == 2 && t < kG) {
+      const int64_t n = n0 + t;
+      if (n < P.N && !P.chosen[n] && n != probe && !eligible(n)) P.gain[n] = -std::numeric_limits<double>::infinity();
+    }
     if (!live) continue;  // uniform over the block
     dev::sync();          // the previous group's readers of Ps are done
     // 32-bit index arithmetic (the host checks K * Cp < 2^28): a 64-bit division is a call.
@@ -396,7 +445,11 @@ FB_DEV void eval_body(const Params& P, unsigned char* smem) {
     }
     if (t < kG) {
       const int64_t n = n0 + t;
-      if (n < P.N && !P.chosen[n]) P.gain[n] = red[t * B] - P.cond[n];
+      if (eligible(n)) {
+        const double g = red[t * B] - P.cond[n];
+        P.gain[n] = g;
+        P.ub[n] = g + P.slack;
+      }
     }
   }
 }
@@ -407,6 +460,7 @@ FB_DEV void body(int id, const Params& P, unsigned char* smem) {
   switch (id) {
     case kFirstPass: first_pass_body(P, smem); break;
     case kArgmax: argmax_body(P, smem); break;
+    case kProbe: probe_body(P, smem); break;
     case kChosenProbs: chosen_probs_body(P, smem); break;
     case kInitTable: init_table_body<T>(P, smem); break;
     case kExtendExact: extend_exact_body<T>(P, smem); break;
@@ -475,7 +529,7 @@ inline int64_t max_rows(int64_t K, int64_t C, int64_t M, int64_t b) {
 
 struct Workspace {
   // byte offsets into one allocation (each 256-byte aligned)
-  int64_t cond, gain, chosen, flag, state, w0, w1, q0, q1, Wt, a, pch, pscratch, total;
+  int64_t cond, gain, ub, probe, chosen, flag, state, w0, w1, q0, q1, Wt, a, pch, pscratch, total;
 };
 
 struct Config {
@@ -509,6 +563,8 @@ inline Workspace layout(int64_t N, int64_t K, int64_t C, int64_t M, int64_t b, i
   const int64_t Cp = (C + CB - 1) / CB * CB;
   ws.cond = take(N * 8);
   ws.gain = take(N * 8);
+  ws.ub = take(N * 8);
+  ws.probe = take(8);
   ws.chosen = take(N);
   ws.flag = take(8);
   ws.state = take(16);
@@ -529,6 +585,8 @@ inline Workspace layout(int64_t N, int64_t K, int64_t C, int64_t M, int64_t b, i
 inline void bind(Params& P, unsigned char* base, const Workspace& ws) {
   P.cond = reinterpret_cast<double*>(base + ws.cond);
   P.gain = reinterpret_cast<double*>(base + ws.gain);
+  P.ub = reinterpret_cast<double*>(base + ws.ub);
+  P.probe = reinterpret_cast<int64_t*>(base + ws.probe);
   P.chosen = base + ws.chosen;
   P.flag = reinterpret_cast<unsigned long long*>(base + ws.flag);
   P.state = reinterpret_cast<double*>(base + ws.state);
@@ -546,12 +604,15 @@ inline void bind(Params& P, unsigned char* base, const Workspace& ws) {
 // waits for the first pass and returns the flag. Returns -1, or the first invalid item (nothing
 // else enqueued then). P: pool, sizes, seed, use_double, outputs and workspace pointers set.
 template <class Launch, class ReadFlag>
-int64_t drive(Params P, int64_t b, int64_t M, const Config& cfg, Launch&& launch, ReadFlag&& read_flag) {
+int64_t drive(Params P, int64_t b, int64_t M, bool lazy, const Config& cfg, Launch&& launch, ReadFlag&& read_flag) {
   if (b == 0) return -1;
   const int64_t N = P.N, K = P.K, C = P.C;
   const int64_t tsize = P.use_double ? 8 : 4;
   const int mb = cfg.max_block;
   P.invK = 1.0 / static_cast<double>(K);
+  P.slack = P.use_double ? 1e-11 : 2e-5;
+  P.lazy_phase = 0;
+  P.lazy_step = 0;
   auto go = [&](int id, int64_t grid, int block, int64_t smem, Params& Q) {
     Q.inv_rows = Q.rows > 0 ? 1.0 / static_cast<double>(Q.rows) : 0.0;
     launch(id, grid, block, smem, static_cast<const Params&>(Q));
@@ -564,7 +625,7 @@ int64_t drive(Params P, int64_t b, int64_t M, const Config& cfg, Launch&& launch
   const unsigned long long flag = read_flag();
   if (flag != 0) return static_cast<int64_t>(~0ull - flag);
   P.step = 0;
-  go(kArgmax, 1, mb, static_cast<int64_t>(mb) * 16, P);
+  go(kArgmax, 1, mb, static_cast<int64_t>(mb) * 24, P);
   P.CB = class_chunk(C);
   P.Cp = (C + P.CB - 1) / P.CB * P.CB;
   P.smem_p = eval_in_smem(K, C, tsize, cfg) ? 1 : 0;
@@ -615,10 +676,18 @@ int64_t drive(Params P, int64_t b, int64_t M, const Config& cfg, Launch&& launch
     // 2. evaluate every candidate left
     const int eb = block_for(rows, mb);
     const int64_t smem = static_cast<int64_t>(kG) * eb * 8 + (P.smem_p ? eval_smem_p(K, P.Cp, tsize) : 0);
+    P.lazy_step = lazy && !sampled ? 1 : 0;
+    if (P.lazy_step) {
+      go(kProbe, 1, mb, static_cast<int64_t>(mb) * 24, P);
+      P.lazy_phase = 1;
+      go(kEval, 1, eb, smem, P);
+      P.lazy_phase = 2;
+    }
     go(kEval, eval_grid(N, cfg), eb, smem, P);
+    P.lazy_phase = 0;
     // 3. choose
     P.step = step;
-    go(kArgmax, 1, mb, static_cast<int64_t>(mb) * 16, P);
+    go(kArgmax, 1, mb, static_cast<int64_t>(mb) * 24, P);
   }
   return -1;
 }

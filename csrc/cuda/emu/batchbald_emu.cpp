@@ -30,7 +30,7 @@ using namespace fastbald::cuda;
 struct Header {
   char magic[8];
   int64_t dtype, N, K, C, sN, sK, sC, numel, offset, b, M, seed, use_double, max_block, max_grid,
-      force_scratch, sched_seed;
+      force_scratch, sched_seed, lazy;
   double tol;
 };
 
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
     std::memcpy(&f, work + ws.flag, 8);
     return f;
   };
-  const int64_t bad = bb::drive(P, b, h.M, cfg, launch, read_flag);
+  const int64_t bad = bb::drive(P, b, h.M, h.lazy != 0, cfg, launch, read_flag);
   const int CB = bb::class_chunk(h.C);
   const int64_t info[6] = {bad >= 0 ? 1 : 0, bad, CB, bb::eval_in_smem(h.K, h.C, tsize, cfg) ? 1 : 0,
                            bb::max_rows(h.K, h.C, h.M, b), g_launches};
