@@ -14,6 +14,8 @@ All outputs are in nats; ``0 log 0 = 0``; a ``-inf`` logit is a masked class.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .metrics import METRICS, N_METRICS
@@ -51,7 +53,13 @@ def _scores_chunk(x: torch.Tensor, input_kind: str, acc: torch.dtype) -> torch.T
     kl = torch.where(p > 0, p * (logp - logpbar.unsqueeze(1)), torch.zeros((), dtype=acc))
     bald = (kl.sum(-1).mean(-1)).clamp_min(0)
     # Variation ratio: mode of the sampled classes (argmax per sample, ties -> lowest index).
-    am = torch.argmax(z, dim=-1) if input_kind != "probs" else torch.argmax(z, dim=-1)
+    # A row holding NaN votes for the argmax of its classes before the first NaN (class 0 when
+    # the NaN is at class 0), the native kernels' rule (scores_math.h row_max_argmax).
+    zl = torch.log(z) if input_kind == "probs" else z  # as the kernels: probabilities -> log
+    nan = torch.isnan(zl)
+    if bool(nan.any()):
+        zl = torch.where(nan.cumsum(-1) > 0, torch.full((), -math.inf, dtype=acc), zl)
+    am = torch.argmax(zl, dim=-1)
     counts = torch.zeros(n, C, dtype=torch.int64, device=x.device)
     counts.scatter_add_(1, am, torch.ones_like(am))
     variation_ratio = 1 - counts.max(-1).values.to(acc) / T
@@ -65,6 +73,17 @@ def _scores_chunk(x: torch.Tensor, input_kind: str, acc: torch.dtype) -> torch.T
     else:
         margin = pbar[:, 0]
     least_confidence = 1 - pbar.max(-1).values
+    # An item with a row whose max is NaN or infinite (a NaN anywhere, +inf, or every class
+    # masked) has no defined scores: NaN for all but the variation ratio, as the kernels give
+    # with check_finite=False.
+    row_max = torch.where(nan, torch.full((), math.nan, dtype=acc), zl).amax(-1)  # NaN-propagating
+    invalid = ~torch.isfinite(row_max).all(-1)  # [n]
+    if bool(invalid.any()):
+        nan_n = torch.full((), math.nan, dtype=acc)
+        entropy, expected_entropy, bald, mean_std, margin, least_confidence = (
+            torch.where(invalid, nan_n, v)
+            for v in (entropy, expected_entropy, bald, mean_std, margin, least_confidence)
+        )
     rows = {
         "entropy": entropy,
         "expected_entropy": expected_entropy,
