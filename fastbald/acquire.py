@@ -24,7 +24,7 @@ def ranking_key(values: torch.Tensor, method: str) -> torch.Tensor:
     return -values if method in ASCENDING else values
 
 
-def top_k(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+def top_k(values: torch.Tensor, k: int, largest: bool = True, check_nan: bool = False) -> torch.Tensor:
     """Indices of the ``k`` largest (``largest=False``: smallest) of ``values`` [N], best first,
     ties broken by the lowest index: exactly ``torch.sort(v, descending=largest,
     stable=True).indices[:k]``, without sorting the pool.
@@ -32,11 +32,18 @@ def top_k(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     ``torch.topk`` of k+1 items (O(N)) gives the answer when the (k+1)-th value differs from the
     k-th; else (ties at the k-th value ``v``) the items strictly better than ``v`` and the
     lowest-indexed items equal to ``v`` (two more passes). The k are ordered by a stable sort of
-    those k alone. NaN must be rejected by the caller (it sorts as the largest value in
-    ``torch.sort`` but has no consistent place in a top-k); -0.0 and 0.0 are equal, as in the sort.
+    those k alone. NaN has no consistent place in a top-k: ``check_nan=True`` raises ValueError
+    naming the first NaN item (found by the same topk: NaN orders above everything), else the
+    caller must have rejected it. -0.0 and 0.0 are equal, as in the sort.
     """
     N = values.shape[0]
     k = int(k)
+    if check_nan and values.is_floating_point() and N:
+        # torch.topk orders NaN above everything: the largest value is NaN iff there is one (one
+        # more single-threaded pass only for ascending metrics; no parallel region).
+        top1 = torch.topk(values, 1).values if not largest or k == 0 else None
+        if top1 is not None and bool(torch.isnan(top1[0])):
+            raise ValueError(f"scores contain NaN (first at pool item {int(torch.isnan(values).nonzero()[0, 0])})")
     if k == 0 or N == 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     if values.dtype == torch.bool:
@@ -44,6 +51,8 @@ def top_k(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     # The k+1 best, sorted: when the (k+1)-th value differs from the k-th, no item outside the
     # first k is tied with it and those k are the answer (one O(N) pass, the common case).
     top_v, top_i = torch.topk(values, min(k + 1, N), largest=largest, sorted=True)
+    if check_nan and largest and values.is_floating_point() and bool(torch.isnan(top_v[0])):
+        raise ValueError(f"scores contain NaN (first at pool item {int(torch.isnan(values).nonzero()[0, 0])})")
     kth = top_v[k - 1]
     if k == N or bool(top_v[k] != kth):
         cand = top_i[:k].sort().values  # ascending index
@@ -141,8 +150,5 @@ def acquire(
     if rule == "uniform":
         idx = torch.randperm(N, generator=generator)[: int(k)]
     else:
-        # A NaN makes the sum NaN (so may infinities or an overflow: then the exact check).
-        if obj.is_floating_point() and not bool(torch.isfinite(obj.sum())) and bool(torch.isnan(obj).any()):
-            raise ValueError(f"scores contain NaN (first at pool item {int(torch.isnan(obj).nonzero()[0, 0])})")
-        idx = top_k(obj, int(k), largest=method not in ASCENDING)
+        idx = top_k(obj, int(k), largest=method not in ASCENDING, check_nan=True)
     return idx.cpu().numpy() if was_numpy else idx

@@ -309,8 +309,8 @@ def stochastic_acquire(
     else:
         seed_ = _resolve_seed(seed, generator)
         s = _oriented(values, mode, method)
-        if mode == "softrank" or beta == 0:
-            _check_finite(values)
+        if (mode == "softrank" or beta == 0) and (_native_op() is None or values.device.type != "cpu"):
+            _check_finite(values)  # the native kernel checks (and names the item) itself
         run_mode = "softmax" if beta == 0 else mode  # beta = 0: every weight exp(0) = 1
         idx, keys = _gumbel_topk(s, k, run_mode, beta, seed_)
         n_pos = int(torch.isfinite(keys).sum())

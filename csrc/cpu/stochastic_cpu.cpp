@@ -21,6 +21,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
@@ -410,14 +411,21 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       const scalar_t* p = x.const_data_ptr<scalar_t>();
       // min and max are finite iff every score is (NaN propagates through aminmax): the exact
       // search for the first bad item only when they are not.
-      const auto mm = at::aminmax(x);
+      const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
+      std::tuple<at::Tensor, at::Tensor> mm;
+      {
+        // Below two grains every pass is serial: so is this reduction (a parallel region waits for
+        // its slowest thread, ~10 ms on a busy machine, several times the whole draw).
+        c10::ParallelGuard serial(N < 2 * grain);
+        mm = at::aminmax(x);
+      }
       const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
       const int64_t bad = std::isfinite(lo) && std::isfinite(hi) ? -1 : first_nonfinite(p, 0, N);
       if (bad >= 0) {
         first_bad = bad;
       } else {
         all = softrank_topk<scalar_t>(static_cast<scalar_t>(lo), static_cast<scalar_t>(hi), p, N, k, beta,
-                                      s0, std::max<int64_t>(1 << 20, 8 * k));
+                                      s0, grain);
       }
     });
   } else if (k > 0) {
