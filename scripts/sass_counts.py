@@ -430,7 +430,7 @@ def plan_of(exe: Path, shape: tuple, dtype_code: int, **ov) -> dict:
         subprocess.run([str(exe), str(fi), str(fo)], check=True)
         b = fo.read_bytes()
     names = ("status", "bad", "path", "kk", "load_mode", "row_lanes", "two_arrays", "col_lanes", "smem", "grid",
-             "cnt_mode", "Cp", "gen_order", "tnc_rows", "block", "st_nv", "st_block")
+             "cnt_mode", "Cp", "gen_order", "tnc_rows", "block", "st_nv", "st_mode")
     return dict(zip(names, struct.unpack(f"<{len(names)}q", b[:8 * len(names)]), strict=True))
 
 
@@ -555,20 +555,21 @@ def stream_cost(a: dict, T: int, C: int, elem: int) -> tuple[float, dict]:
     return sum(best.values()), best
 
 
-def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, block: bool, B: int) -> tuple[float, float, dict]:
+def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) -> tuple[float, float, dict]:
     """Instructions and MUFU operations per logit of the strip kernel (strip_kernel.h: G lanes per
     item, NV 4-class vectors per lane, rows streamed through registers). The row loop is the
     smallest SASS loop holding the 2 K ex2 of a row (K = 4 NV classes per lane); its instructions
     are split by their inline chain: the NaN-vote path (nan_vote(), taken only for a warp with a
     NaN row) is not counted, the first-sample shifts (set_refs()) once per item, everything else
-    once per row; a loop nested in it (the shuffle levels of fold(), log2 min(G, 32) iterations;
-    kBlock: the fold over the warps' partials, B / 32 - 1) counts its iterations. The per-item code
+    once per row; a loop nested in it counts its iterations (the shuffle levels of fold(),
+    log2 min(G, 32); fold_warps(), the butterfly over the warps' partials: log2 (B / 32)). The
+    per-item code
     (the item loop outside the row loop) is counted once per item the same way. Per lane-class,
     times G K / C (the lanes' classes past C issue like the others)."""
     ins, loops = a["ins"], a["all_loops"]
     K = 4 * nv
     lgw = max(0, min(G, 32).bit_length() - 1)
-    nw = B // 32
+    lgb = max(0, (B // 32).bit_length() - 1)
 
     def ex2(lp):
         return sum(1 for x in ins[lp[0]:lp[1] + 1] if x.op == "MUFU.EX2")
@@ -587,7 +588,8 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, block: boo
         for lp in loops:
             if lo <= lp[0] and lp[1] <= hi and lp != (lo, hi) and not any(s0 <= lp[0] and lp[1] <= s1 for s0, s1 in skip):
                 body = ins[lp[0]:lp[1] + 1]
-                it = lgw if any(x.op.startswith("SHFL") for x in body) else max(0, nw - 1)
+                warps = sum("fold_warps" in fn_of(x) for x in body) > len(body) // 2
+                it = lgb if warps else lgw
                 for i in range(lp[0], lp[1] + 1):
                     mult[i - lo] *= it
         per, refs, mufu = 0.0, 0.0, 0.0
@@ -734,11 +736,13 @@ def main() -> int:
                 desc = f"item G={G} kk={p['kk']} smem={p['smem'] // 1024} KB"
             elif p["path"] == 3:
                 G = p["row_lanes"]
-                nv, blk = p["st_nv"], bool(p["st_block"])
-                kname = f"strip_kernel<{tname}, {nv}, {'true' if blk else 'false'}>"
-                tot, mufu, parts = strip_cost(by_short[kname], src, T, C, G, nv, blk, p["block"])
-                smem_b = 8.0 / 4 + 4.0 / T  # lane-private K and p0 reads (16 bytes per 4 classes, twice); row 0 writes
-                desc = f"strip NV={nv} G={G}{' (block)' if blk else ''} B={p['block']} smem={p['smem'] // 1024} KB"
+                nv, mode = p["st_nv"], p["st_mode"]
+                kname = f"strip_kernel<{tname}, {nv}, {mode}>"
+                tot, mufu, parts = strip_cost(by_short[kname], src, T, C, G, nv, p["block"])
+                # Shared memory per logit: the lane-private K and p0 reads (8 bytes), their row-0 writes.
+                smem_b = 8.0 + 8.0 / T
+                what = ("lanes", "warp", "block")[mode]
+                desc = f"strip NV={nv} G={G} ({what}) B={p['block']} smem={p['smem'] // 1024} KB"
             elif p["path"] == 0:
                 G = p["row_lanes"]
                 kname = f"tile_kernel<{tname}, float>"

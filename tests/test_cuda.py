@@ -235,7 +235,7 @@ _INFO = (
     "tnc_rows",
     "block",
     "st_nv",
-    "st_block",
+    "st_mode",
 )
 _PLAN_KEYS = (
     "force_path",
@@ -1493,8 +1493,9 @@ def _strip_cases() -> list[Case]:
         for dt in (torch.float32, torch.bfloat16):
             cs.append(Case(f"strip-block{block}-C{C}-{str(dt)[6:]}", (3, 6, C), dt, block=block))
     cs.append(Case("strip-block256-C10000", (2, 3, 10_000), torch.bfloat16, block=256))
-    for G in (1, 2, 4, 8, 16, 32):
+    for G in (1, 2, 4, 8, 16):
         cs.append(Case(f"strip-G{G}-C28", (21, 9, 28), plan={"force_path": STRIP, "row_lanes": G}))
+    cs.append(Case("strip-G32-C200", (21, 9, 200), plan={"force_path": STRIP, "row_lanes": 32}))
     for T in (1, 2, 45):
         cs.append(Case(f"strip-T{T}", (17, T, 100)))
     cs += [
@@ -1537,7 +1538,7 @@ def test_emulated_strip_kernel_matches_reference(emulator: Path, case: Case) -> 
     if case.plan.get("row_lanes"):
         assert info["row_lanes"] == case.plan["row_lanes"]
     if "block" in case.id.split("-")[1]:
-        assert info["st_block"] == 1 and info["row_lanes"] == info["block"], info
+        assert info["st_mode"] == 2 and info["row_lanes"] == info["block"], info
     check_against_reference(case, x, out)
 
 
@@ -1545,15 +1546,15 @@ def test_strip_kernel_plans(emulator: Path) -> None:
     """Which problems take the strip kernel, and its plans for the issue's shapes (H100/H200)."""
 
     def cfg(p: dict) -> tuple:
-        return (p["path"], p["st_nv"], p["st_block"], p["row_lanes"], p["block"])
+        return (p["path"], p["st_nv"], p["st_mode"], p["row_lanes"], p["block"])
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         # 4 lanes x 7 vectors of 4 classes per item; a warp per item (32 classes per lane); a block
         # per item (40 classes per lane).
         assert cfg(_plan(emulator, (100_000, 20, 100), dt)) == (STRIP, 7, 0, 4, 256)
-        assert cfg(_plan(emulator, (10_000, 50, 1000), dt)) == (STRIP, 8, 0, 32, 256)
+        assert cfg(_plan(emulator, (10_000, 50, 1000), dt)) == (STRIP, 8, 1, 32, 256)
         p = _plan(emulator, (1_000, 100, 10_000), dt)
-        assert cfg(p) == (STRIP, 10, 1, 256, 256)
+        assert cfg(p) == (STRIP, 10, 2, 256, 256)
         assert p["smem"] <= 163 * 1024  # fits an A100 too
     assert _plan(emulator, (1_000, 20, 102))["path"] == 0  # C % 4 != 0
     assert _plan(emulator, (1_000, 20, 10_244))["path"] == 1  # C > 10,240: the stream kernel
@@ -1597,3 +1598,15 @@ def test_asan_strip_kernel_cases(emulator_asan: Path) -> None:
         fails = [f for f in pool.map(one, cases) if f is not None]
     msg = f"{len(fails)} of {len(cases)} strip cases failed under ASan/UBSan:\n"
     assert not fails, msg + "\n".join(fails[:10])
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", STRIP_CASES, ids=[c.id for c in STRIP_CASES])
+def test_cuda_strip_kernel_matches_reference(case: Case) -> None:
+    """The strip kernel's cases on the device (the block size of the case: it decides the mode)."""
+    _cuda_native()
+    x = make_input(case)
+    plan = {**case.plan, "block": case.block}
+    out = cuda_op(x.cuda(), INPUT_KINDS.index(case.kind), case.metrics, plan=plan)
+    check_against_reference(case, x, out)

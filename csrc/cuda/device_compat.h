@@ -41,6 +41,9 @@ FB_DEV T shfl(T v, int src_lane) {
 
 // Bit l set when lane l's p is true; every lane of the warp must call it.
 FB_DEV unsigned ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+// Max / min of an unsigned over the warp (one REDUX instruction, sm_80+); every lane must call it.
+FB_DEV unsigned warp_max_u32(unsigned v) { return __reduce_max_sync(0xffffffffu, v); }
+FB_DEV unsigned warp_min_u32(unsigned v) { return __reduce_min_sync(0xffffffffu, v); }
 
 FB_DEV void atomic_add_shared(int* p, int v) { atomicAdd(p, v); }
 FB_DEV void atomic_max_global(unsigned long long* p, unsigned long long v) { atomicMax(p, v); }
@@ -161,6 +164,21 @@ inline unsigned ballot(bool p) {
   wait_at(kWaitWarp);
   return r;
 }
+
+inline unsigned warp_reduce_u32(unsigned v, bool is_max) {
+  const int me = g_blk->cur, w = me / 32, l = me % 32;
+  g_blk->shfl_buf[static_cast<size_t>(w) * 32 + l] = v;
+  wait_at(kWaitWarp);
+  unsigned r = static_cast<unsigned>(g_blk->shfl_buf[static_cast<size_t>(w) * 32]);
+  for (int i = 1; i < 32; ++i) {
+    const unsigned u = static_cast<unsigned>(g_blk->shfl_buf[static_cast<size_t>(w) * 32 + i]);
+    r = is_max ? (u > r ? u : r) : (u < r ? u : r);
+  }
+  wait_at(kWaitWarp);
+  return r;
+}
+inline unsigned warp_max_u32(unsigned v) { return warp_reduce_u32(v, true); }
+inline unsigned warp_min_u32(unsigned v) { return warp_reduce_u32(v, false); }
 
 inline void atomic_add_shared(int* p, int v) { std::atomic_ref<int>(*p).fetch_add(v); }
 inline void atomic_max_global(unsigned long long* p, unsigned long long v) {

@@ -250,9 +250,7 @@ struct ItemKernel {
     }
     // An invalid row made its item's sums NaN: flag the item; its softmax-based outputs are NaN
     // (the CPU op's result with check_finite=False; the variation ratio still counts its vote).
-    // One atomic per warp with a bad item (warp-aggregated; every lane of the warp is here).
     const bool item_bad = pb[0] != pb[0];
-    if (P.check) mark_bad_warp(P, item_bad && active && l == 0, n0 + j);
     FB_UNROLL
     for (int c = 0; c < C; ++c) pb[c] *= inv_T;
     float lpb[C];
@@ -297,6 +295,9 @@ struct ItemKernel {
       modal = lo > modal ? lo : modal;
       modal = hi > modal ? hi : modal;
     }
+    // One atomic per warp with a bad item (warp-aggregated; every lane of the warp is here; after
+    // pass 2, which would otherwise be split by its branch).
+    if (P.check) mark_bad_warp(P, item_bad && active && l == 0, n0 + j);
     if (active && l == 0) {
       const float klv = kl * Base2<float>::ln2 * inv_T;
       const float v[kNumMetrics] = {ent,

@@ -58,10 +58,11 @@ inline bool item_has_classes(int64_t C) {
   }
 }
 
-// Strip kernel (strip_kernel.h): (NV, kBlock) configurations, NV 4-class vectors per lane (the
-// lane's classes and accumulators in registers), kBlock: a whole block per row (C > 1024). Each
-// costs ~10-20 s of nvcc time per architecture and input type.
-#define FB_STRIP_CONFIGS(X) X(4, false) X(7, false) X(8, false) X(10, true)
+// Strip kernel (strip_kernel.h): (NV, mode) configurations, NV 4-class vectors per lane (the
+// lane's classes and accumulators in registers); mode 0: G <= 16 lanes per item, 1: a warp per
+// item, 2: a whole block per item (C > 1024). Each costs ~10-20 s of nvcc time per architecture
+// and input type.
+#define FB_STRIP_CONFIGS(X) X(4, 0) X(7, 0) X(8, 1) X(10, 2)
 constexpr int kStripMaxC = 4 * 10 * 256;
 constexpr int kStripStride = 256;  // thread stride of its lane-private shared arrays (>= block)
 
@@ -119,7 +120,7 @@ struct Params {
   FastDiv div_nvi, div_tc;
   // Strip kernel (row_lanes = G lanes per item, it_glog2 = log2 G, kk = B / G groups per block).
   int st_nv;            // 4-class vectors per lane
-  int st_block;         // 1: G = the block (cross-warp reductions in shared memory)
+  int st_mode;          // 0: G <= 16; 1: G = 32 (REDUX); 2: G = the block (cross-warp reductions)
   int st_off_ref, st_off_cnt, st_off_red;
 };
 
@@ -325,8 +326,8 @@ inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const Devi
 
 // The strip kernel when it applies: float/half/bf16 logits or log-probs, contiguous NTC, C a
 // multiple of 4 up to kStripMaxC, rows 4-element aligned, and no tile-kernel test override. For
-// each configuration of FB_STRIP_CONFIGS the smallest G (a power of 2; kBlock: the block size, 64
-// to 256) whose G * 4 * NV lanes' classes cover C; the least modelled cost per logit wins (issue
+// each configuration of FB_STRIP_CONFIGS the smallest G (a power of 2 up to 16 for mode 0, 32 for
+// mode 1, the block size 64 to 256 for mode 2) whose G * 4 * NV lanes' classes cover C; the least modelled cost per logit wins (issue
 // slots per lane-class from the SASS of the row loop, NOTES.md 2.5, times the fraction of the
 // lanes' classes past C).
 inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const DeviceLimits& lim,
@@ -343,22 +344,22 @@ inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const Dev
   if (!contiguous || reinterpret_cast<uintptr_t>(P.x) % (4 * elem_size) != 0) return false;
   struct Cfg {
     int nv;
-    bool blk;
+    int mode;
   };
   const Cfg cfgs[] = {
-#define FB_STRIP_CFG(nv, blk) {nv, blk},
+#define FB_STRIP_CFG(nv, mode) {nv, mode},
       FB_STRIP_CONFIGS(FB_STRIP_CFG)
 #undef FB_STRIP_CFG
   };
   double best = 1e300;
-  int best_nv = 0, best_G = 0, best_B = 0;
-  bool best_blk = false;
+  int best_nv = 0, best_G = 0, best_B = 0, best_mode = 0;
   for (const Cfg& cf : cfgs) {
     const int K = 4 * cf.nv;
+    const bool blk = cf.mode == 2;
     int G = 0, B = 0;
-    if (!cf.blk) {
+    if (!blk) {
       B = P.block;
-      for (int g = 1; g <= 32 && g <= B; g *= 2) {
+      for (int g = cf.mode == 1 ? 32 : 1; g <= (cf.mode == 1 ? 32 : 16) && g <= B; g *= 2) {
         if (ov.row_lanes > 0 && g != ov.row_lanes) continue;
         if (int64_t(g) * K >= C) {
           G = g;
@@ -376,27 +377,27 @@ inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const Dev
       }
     }
     if (G == 0) continue;
-    const int64_t smem = a16(2 * int64_t(K) * kStripStride * 4) + a16(int64_t(K) * kStripStride * 4) + (cf.blk ? 2048 : 0);
+    const int64_t smem = a16(2 * int64_t(K) * kStripStride * 4) + a16(int64_t(K) * kStripStride * 4) + (blk ? 2048 : 0);
     if (smem > lim.smem_optin) continue;
     int lgw = 0;
     while ((1 << lgw) < std::min(G, 32)) ++lgw;
     // Per lane-class: ~18 issue slots (load, conversion, max/argmax, exp sweep, accumulators);
     // per row: ~9 per shuffle level and ~30 of row statistics (+ ~60 across warps for kBlock);
     // per item: ~30 per class. Times the lanes' classes over C.
-    const double row = 30.0 + 9.0 * lgw + (cf.blk ? 60.0 + 6.0 * (B / 32) : 0.0);
+    const double row = 30.0 + (cf.mode == 0 ? 9.0 * lgw : 20.0) + (blk ? 60.0 + 6.0 * (B / 32) : 0.0);
     const double cost = (18.0 + row / K + 30.0 / double(T)) * double(int64_t(G) * K) / double(C);
     if (cost < best * (1 - 1e-9)) {
       best = cost;
       best_nv = cf.nv;
       best_G = G;
       best_B = B;
-      best_blk = cf.blk;
+      best_mode = cf.mode;
     }
   }
   if (best_nv == 0) return false;
   const int K = 4 * best_nv, G = best_G;
   int B = best_B;
-  if (!best_blk && ov.block <= 0) {
+  if (best_mode != 2 && ov.block <= 0) {
     // Few items: no more groups per block than items (at least one warp).
     const int64_t want = std::max<int64_t>(32, (N * G + 31) / 32 * 32);
     B = static_cast<int>(std::min<int64_t>(B, want));
@@ -409,11 +410,11 @@ inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const Dev
   P.kk = B / G;
   P.Cp = static_cast<int>(C);
   P.st_nv = best_nv;
-  P.st_block = best_blk ? 1 : 0;
+  P.st_mode = best_mode;
   P.st_off_ref = 0;
   P.st_off_cnt = static_cast<int>(a16(2 * int64_t(K) * kStripStride * 4));
   P.st_off_red = P.st_off_cnt + static_cast<int>(a16(int64_t(K) * kStripStride * 4));
-  P.smem = P.st_off_red + (best_blk ? 2048 : 0);
+  P.smem = P.st_off_red + (best_mode == 2 ? 2048 : 0);
   P.nchunks = cdiv(N, P.kk);
   const int64_t max_grid = ov.max_grid > 0 ? ov.max_grid : (int64_t(1) << 30);
   P.grid = std::max<int64_t>(1, std::min(P.nchunks, max_grid));

@@ -52,10 +52,10 @@ __global__ void __launch_bounds__(kMaxBlock) item_kernel(const Params P) {
   item_body<S, C>(P, fb_smem);
 }
 
-template <class S, int NV, bool kBlock>
+template <class S, int NV, int kMode>
 __global__ void __launch_bounds__(kMaxBlock) strip_kernel(const Params P) {
   extern __shared__ __align__(16) unsigned char fb_smem[];
-  strip_body<S, NV, kBlock>(P, fb_smem);
+  strip_body<S, NV, kMode>(P, fb_smem);
 }
 
 namespace {
@@ -149,15 +149,15 @@ void launch_item(const Params& P, cudaStream_t stream) {
   TORCH_CHECK(false, "fastbald::pool_scores: no item kernel for C = ", P.C);
 }
 
-template <class S, int NV, bool kBlock>
+template <class S, int NV, int kMode>
 void launch_strip_cfg(const Params& P, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
   const size_t smem = static_cast<size_t>(P.smem);
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(strip_kernel<S, NV, kBlock>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(strip_kernel<S, NV, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  strip_kernel<S, NV, kBlock><<<grid, block, smem, stream>>>(P);
+  strip_kernel<S, NV, kMode><<<grid, block, smem, stream>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -165,15 +165,15 @@ void launch_strip_cfg(const Params& P, cudaStream_t stream) {
 template <class S>
 void launch_strip(const Params& P, cudaStream_t stream) {
   if constexpr (sizeof(S) != 8) {
-#define FB_STRIP_LAUNCH(nv, blk)                      \
-  if (P.st_nv == nv && (P.st_block != 0) == blk) {   \
-    launch_strip_cfg<S, nv, blk>(P, stream);          \
-    return;                                           \
+#define FB_STRIP_LAUNCH(nv, mode)                \
+  if (P.st_nv == nv && P.st_mode == mode) {      \
+    launch_strip_cfg<S, nv, mode>(P, stream);    \
+    return;                                      \
   }
     FB_STRIP_CONFIGS(FB_STRIP_LAUNCH)
 #undef FB_STRIP_LAUNCH
   }
-  TORCH_CHECK(false, "fastbald::pool_scores: no strip kernel for NV = ", P.st_nv, ", block = ", P.st_block);
+  TORCH_CHECK(false, "fastbald::pool_scores: no strip kernel for NV = ", P.st_nv, ", mode = ", P.st_mode);
 }
 
 template <class S, class A>

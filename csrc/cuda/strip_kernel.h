@@ -3,7 +3,7 @@
 // instruction counts: NOTES.md section 2.5.
 //
 // One pass over the input, no tile on chip. A group of G lanes scores one pool item at a time
-// (G <= 32: several groups per block, independent, no barrier; kBlock: G = the block, for
+// (G <= 32: several groups per block, independent, no barrier; kMode 2: G = the block, for
 // C > 1024), streaming its T rows through registers: lane l of the group owns the NV 4-class
 // vectors l, l + G, ... of every row (NV compile time, so a row and the lane's per-class
 // accumulators live in registers), loaded with one 16-byte (float) / 8-byte (half, bf16) load per
@@ -128,6 +128,23 @@ FB_DEV void pin(float (&z)[K]) {
 #endif
 }
 
+FB_DEV void pin_int(int& v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#else
+  (void)v;
+#endif
+}
+
+template <class P>
+FB_DEV void pin_ptr(const P*& p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+l"(p));
+#else
+  (void)p;
+#endif
+}
+
 FB_DEV void ld_f4(const float* p, float* v) {
 #if defined(__CUDA_ARCH__)
   const float4 q = *reinterpret_cast<const float4*>(p);
@@ -151,8 +168,11 @@ FB_DEV void st_f4(float* p, const float* v) {
 
 }  // namespace strip
 
-template <class S, int NV, bool kBlock>
+template <class S, int NV, int kMode>
 struct StripKernel {
+  // kMode 0: G <= 16 lanes per item (several groups per warp); 1: a warp per item (G = 32, the
+  // max / argmax by REDUX); 2: the whole block per item (G = B, 64 to 256).
+  static constexpr bool kBlock = kMode == 2;
   static constexpr int K = 4 * NV;  // classes per lane
   // Thread stride of the lane-private shared arrays (compile time: immediate offsets).
   static constexpr int kStride = kStripStride;
@@ -177,9 +197,15 @@ struct StripKernel {
       for (int i = 0; i < NW; ++i) u[i] = dev::shfl_xor(v[i], o);
       merge(v, u);
     }
-    if constexpr (kBlock) {
-      // The warps' partials through shared memory: lane i reads warp i % nw's, then a butterfly
-      // over aligned blocks of nw lanes (each holds every partial once; nw a power of 2).
+    if constexpr (kBlock) fold_warps(v, r, merge);
+  }
+
+  // kBlock: the warps' partials through shared memory: lane i reads warp i % nw's, then a
+  // butterfly over aligned blocks of nw lanes (each holds every partial once; nw a power of 2).
+  // Every thread of the block must call it.
+  template <int NW, class Merge>
+  FB_DEV static void fold_warps(uint32_t (&v)[NW], Red& r, Merge&& merge) {
+    {
       uint32_t* b = r.buf + r.par * 256;
       r.par ^= 1;
       if (r.lane == 0) {
@@ -197,6 +223,20 @@ struct StripKernel {
         merge(v, u);
       }
     }
+  }
+
+  // (max, lowest class) over the warp with two REDUX: the max of an ordered integer image of the
+  // floats (NaN above everything: a NaN max stays NaN), then the lowest class of the lanes whose
+  // max equals it (none for a NaN max: the NaN vote redoes it). All 32 lanes must call it.
+  FB_DEV static void warp_maxarg(uint32_t (&v)[2]) {
+    const float m = strip::as_float(v[0]);
+    const uint32_t u = v[0];
+    const uint32_t key = m != m ? 0xffffffffu : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+    const uint32_t kmax = dev::warp_max_u32(key);
+    const uint32_t um = (kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax;
+    const float mm = strip::as_float(um);
+    v[1] = dev::warp_min_u32(m == mm ? v[1] : 0xffffffffu);
+    v[0] = um;
   }
 
   // (max, lowest class) merge; the max propagates NaN (the argmax of a NaN row is redone).
@@ -250,12 +290,11 @@ struct StripKernel {
 
   // The lane's vectors of a row: rowl = the row + 4 l, vector k at rowl + k * 4G; the first nvl
   // of the lane's NV vectors lie in the row (the others keep their -inf).
-  FB_DEV static void load_row(const S* rowl, R (&pf)[NV], int step4, int nvl) {
-    const char* b = reinterpret_cast<const char*>(rowl);
-    const int stepb = step4 * static_cast<int>(sizeof(S));
+  FB_DEV static void load_row(const S* rowl, R (&pf)[NV], const int (&off)[NV], int nvl) {
+    strip::pin_ptr(rowl);
     FB_UNROLL
     for (int k = 0; k < NV; ++k) {
-      if (k < nvl) strip::load4<S>(reinterpret_cast<const S*>(b + k * stepb), pf[k]);
+      if (k < nvl) strip::load4<S>(rowl + off[k], pf[k]);
     }
   }
 
@@ -284,10 +323,16 @@ struct StripKernel {
     FB_UNROLL
     for (int k = 0; k < NV; ++k) strip::set_neg_inf<S>(pf[k]);
     int64_t n0 = dev::bid() * ngb;
-    const int step4 = 4 << lg;
+    // The lane's vector offsets in a row (elements), kept in registers (not recomputed per row).
+    int off[NV];
+    FB_UNROLL
+    for (int k = 0; k < NV; ++k) {
+      off[k] = (k << lg) * 4;
+      strip::pin_int(off[k]);
+    }
     const int nvl = nvec > l ? (nvec - l + G - 1) >> lg : 0;
     const S* xl = x + 4 * l;
-    if (n0 < N) load_row(xl + (n0 + g < N ? n0 + g : N - 1) * TC, pf, step4, nvl);
+    if (n0 < N) load_row(xl + (n0 + g < N ? n0 + g : N - 1) * TC, pf, off, nvl);
     for (; n0 < N; n0 += step) {  // uniform over the block
       const bool active = n0 + g < N;
       const int64_t n = active ? n0 + g : N - 1;  // an idle group re-scores the last item, unwritten
@@ -307,7 +352,7 @@ struct StripKernel {
         strip::pin(z);
         // Prefetch: the next row, or the first row of the group's next item.
         const S* nxt = t + 1 < T ? item + static_cast<int64_t>(t + 1) * C : next_item;
-        load_row(nxt, pf, step4, nvl);
+        load_row(nxt, pf, off, nvl);
 
         // 1. max and argmax (slot j of the lane is class 4 (l + (j / 4) G) + j % 4: ascending in j).
         // Every statistic is computed whatever the metrics mask (one straight row loop; outputs
@@ -322,7 +367,12 @@ struct StripKernel {
             m = max_nan(m, z[j]);
           }
           uint32_t v[2] = {strip::as_bits(m), static_cast<uint32_t>(4 * (l + ((jl >> 2) << lg)) + (jl & 3))};
-          fold(v, red, merge_maxarg);
+          if constexpr (kMode >= 1) {
+            warp_maxarg(v);  // two REDUX instead of 5 shuffle levels
+            if constexpr (kBlock) fold_warps(v, red, merge_maxarg);
+          } else {
+            fold(v, red, merge_maxarg);
+          }
           m = strip::as_float(v[0]);
           arg = static_cast<int>(v[1]);
         }
@@ -458,9 +508,9 @@ struct StripKernel {
   }
 };
 
-template <class S, int NV, bool kBlock>
+template <class S, int NV, int kMode>
 FB_DEV void strip_body(const Params& P, unsigned char* smem) {
-  StripKernel<S, NV, kBlock>::run(P, smem);
+  StripKernel<S, NV, kMode>::run(P, smem);
 }
 
 // strip_body for the runtime configuration (the host emulator; the CUDA launch has its own
@@ -468,10 +518,10 @@ FB_DEV void strip_body(const Params& P, unsigned char* smem) {
 template <class S>
 FB_DEV void strip_dispatch(const Params& P, unsigned char* smem) {
   if constexpr (sizeof(S) != 8) {
-#define FB_STRIP_CASE(nv, blk)                  \
-  if (P.st_nv == nv && (P.st_block != 0) == blk) { \
-    strip_body<S, nv, blk>(P, smem);            \
-    return;                                     \
+#define FB_STRIP_CASE(nv, mode)             \
+  if (P.st_nv == nv && P.st_mode == mode) { \
+    strip_body<S, nv, mode>(P, smem);       \
+    return;                                 \
   }
     FB_STRIP_CONFIGS(FB_STRIP_CASE)
 #undef FB_STRIP_CASE

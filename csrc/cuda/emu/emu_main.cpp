@@ -276,7 +276,7 @@ int run(const Header& h, const unsigned char* data, FILE* out) {
   }
   const int64_t info[17] = {status,      bad,          P.path,      P.kk,     P.load_mode, P.row_lanes,
                             P.two_arrays, P.col_lanes,  P.smem,      P.grid,   P.cnt_mode,  P.Cp,
-                            P.gen_order,  P.tnc_rows,   P.block,     P.st_nv,  P.st_block};
+                            P.gen_order,  P.tnc_rows,   P.block,     P.st_nv,  P.st_mode};
   std::fwrite(info, sizeof(info), 1, out);
   std::fwrite(o.data(), sizeof(A), o.size(), out);
   return 0;
