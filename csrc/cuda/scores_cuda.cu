@@ -73,7 +73,7 @@ DeviceLimits device_limits(int device) {
 }
 
 // Test hook: FASTBALD_CUDA_PLAN="path=stream,generic=1,one_array=1,budget=3000,block=64,grid=2,
-// args=1,kk=3,lanes=8" forces a kernel path / configuration (tests/test_cuda.py reaches every path with
+// args=1,kk=3,lanes=8" (path: tile / stream / item / strip) forces a kernel path / configuration (tests/test_cuda.py reaches every path with
 // small inputs through it). Unset in normal use.
 PlanOverrides overrides_from_env() {
   PlanOverrides ov;
