@@ -261,7 +261,8 @@ def _gumbel_topk(
         if code == "logw":
             x, shift = _log_weights(s, mode, beta), 0.0
         else:
-            x, shift = s, _shift(s, mode) if beta != 0 else 0.0
+            # NaN: the kernel computes _shift's value itself, serially (no parallel region).
+            x, shift = s, math.nan if beta != 0 else 0.0
         return op(x.contiguous(), int(k), _MODE_CODE[code], float(beta), _signed(seed), shift)
     _check_finite(s)
     keys = _log_weights(s, mode, beta) + gumbel_noise(s.shape[0], seed, s.device)

@@ -384,7 +384,8 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
 
 std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores, int64_t k,
                                                        int64_t mode, double beta, int64_t seed,
-                                                       double shift) {
+                                                       double shift_) {
+  double shift = shift_;
   TORCH_CHECK_VALUE(scores.dim() == 1, "fastbald::stochastic_topk: scores must be [N], got shape ",
                     scores.sizes());
   const auto st = scores.scalar_type();
@@ -399,8 +400,8 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
                     mode);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0,
                     "fastbald::stochastic_topk: beta must be finite and >= 0, got ", beta);
-  TORCH_CHECK_VALUE(std::isfinite(shift), "fastbald::stochastic_topk: shift must be finite, got ",
-                    shift);
+  TORCH_CHECK_VALUE(std::isfinite(shift) || std::isnan(shift),
+                    "fastbald::stochastic_topk: shift must be finite (or NaN: computed here), got ", shift);
   const at::Tensor x = scores.contiguous();
   const uint64_t s0 = mix64(static_cast<uint64_t>(seed));
   std::vector<Entry> all;
@@ -429,6 +430,15 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       }
     });
   } else if (k > 0) {
+    if (std::isnan(shift)) {  // the largest unscaled log-weight: max s (softmax), log max s (power)
+      double m;
+      {
+        // Serial below two grains, as the scan (a parallel region waits for its slowest thread).
+        c10::ParallelGuard serial(N < 2 * std::max<int64_t>(1 << 20, 8 * k));
+        m = x.max().item<double>();
+      }
+      shift = !std::isfinite(m) ? 0.0 : mode == 1 ? (m > 0.0 ? std::log(m) : 0.0) : mode == 2 ? m : 0.0;
+    }
     AT_DISPATCH_FLOATING_TYPES(st, "fastbald_stochastic_topk", [&] {
       const scalar_t* p = x.const_data_ptr<scalar_t>();
       // About 1 ns per item: threads only pay off for pools of millions (and a parallel region
@@ -486,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
 TORCH_LIBRARY_FRAGMENT(fastbald, m) {
   // scores: [N] float32/float64 on the CPU. mode 0: scores are log-weights; 1: weights
   // max(score, 0)^beta / e^(beta shift); 2: weights exp(beta * (score - shift)) (shift: the largest
-  // log max(score, 0) resp. score, so that no log-weight is +inf); 3: weights (average rank in
+  // log max(score, 0) resp. score, so that no log-weight is +inf; NaN: computed by the kernel); 3: weights (average rank in
   // descending order / the best item's)^-beta (ties share their average rank; shift unused). Returns (indices [k] int64, keys [k] float64):
   // the k items of largest Gumbel key (log-weight + Gumbel(seed, item)), best first. A key of -inf
   // is an item of weight 0. Error naming the first non-finite score.
