@@ -21,7 +21,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/ParallelGuard.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
@@ -74,6 +73,34 @@ int64_t first_nonfinite(const scalar_t* p, int64_t b, int64_t e) {
     }
   }
   return -1;
+}
+
+// min, max and finiteness of p[0, n) in one pass, four independent lanes. ATen's reductions
+// (aminmax, max) open a parallel region whatever guard surrounds them, and with 2 threads on a busy
+// machine that region waits ~10 ms for a descheduled thread: several times a whole draw.
+template <typename scalar_t>
+bool minmax_serial(const scalar_t* p, int64_t n, double& lo, double& hi) {
+  constexpr scalar_t kMax = std::numeric_limits<scalar_t>::max();
+  scalar_t l[4], h[4];
+  bool ok[4] = {true, true, true, true};
+  for (int j = 0; j < 4; ++j) l[j] = h[j] = p[0];
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const scalar_t v = p[i + j];
+      l[j] = v < l[j] ? v : l[j];
+      h[j] = v > h[j] ? v : h[j];
+      ok[j] &= std::fabs(v) <= kMax;
+    }
+  }
+  for (; i < n; ++i) {
+    l[0] = p[i] < l[0] ? p[i] : l[0];
+    h[0] = p[i] > h[0] ? p[i] : h[0];
+    ok[0] &= std::fabs(p[i]) <= kMax;
+  }
+  lo = static_cast<double>(std::min(std::min(l[0], l[1]), std::min(l[2], l[3])));
+  hi = static_cast<double>(std::max(std::max(h[0], h[1]), std::max(h[2], h[3])));
+  return ok[0] && ok[1] && ok[2] && ok[3];
 }
 
 // The log-weight of score x.
@@ -410,18 +437,19 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
   if (k > 0 && mode == 3) {
     AT_DISPATCH_FLOATING_TYPES(st, "fastbald_softrank_topk", [&] {
       const scalar_t* p = x.const_data_ptr<scalar_t>();
-      // min and max are finite iff every score is (NaN propagates through aminmax): the exact
-      // search for the first bad item only when they are not.
+      // min and max are finite iff every score is (a NaN fails minmax_serial's check and propagates
+      // through aminmax): the exact search for the first bad item only when they are not.
       const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
-      std::tuple<at::Tensor, at::Tensor> mm;
-      {
-        // Below two grains every pass is serial: so is this reduction (a parallel region waits for
-        // its slowest thread, ~10 ms on a busy machine, several times the whole draw).
-        c10::ParallelGuard serial(N < 2 * grain);
-        mm = at::aminmax(x);
+      double lo, hi;
+      bool finite = true;
+      if (N < 2 * grain) {  // every pass is serial then: so is this one
+        finite = minmax_serial(p, N, lo, hi);
+      } else {
+        const auto mm = at::aminmax(x);
+        lo = std::get<0>(mm).item<double>();
+        hi = std::get<1>(mm).item<double>();
       }
-      const double lo = std::get<0>(mm).item<double>(), hi = std::get<1>(mm).item<double>();
-      const int64_t bad = std::isfinite(lo) && std::isfinite(hi) ? -1 : first_nonfinite(p, 0, N);
+      const int64_t bad = finite && std::isfinite(lo) && std::isfinite(hi) ? -1 : first_nonfinite(p, 0, N);
       if (bad >= 0) {
         first_bad = bad;
       } else {
@@ -432,9 +460,12 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
   } else if (k > 0) {
     if (std::isnan(shift)) {  // the largest unscaled log-weight: max s (softmax), log max s (power)
       double m;
-      {
-        // Serial below two grains, as the scan (a parallel region waits for its slowest thread).
-        c10::ParallelGuard serial(N < 2 * std::max<int64_t>(1 << 20, 8 * k));
+      if (N < 2 * std::max<int64_t>(1 << 20, 8 * k)) {  // serial, as the scan below
+        AT_DISPATCH_FLOATING_TYPES(st, "fastbald_stochastic_max", [&] {
+          double lo;
+          minmax_serial(x.const_data_ptr<scalar_t>(), N, lo, m);
+        });
+      } else {
         m = x.max().item<double>();
       }
       shift = !std::isfinite(m) ? 0.0 : mode == 1 ? (m > 0.0 ? std::log(m) : 0.0) : mode == 2 ? m : 0.0;
