@@ -3,8 +3,8 @@ otherwise run, side by side in one run, for 1 and 2 torch threads.
 
 Stochastic batch acquisition (``fastbald.stochastic_acquire``, power / softmax / softrank,
 beta = 1) of k items from N scores (BALD-like float32 in [0, log 10]), against ``torch.topk`` of
-the same scores (what it replaces), ``fastbald.acquire`` (top-k with deterministic ties, a stable
-sort) and baal's ``PowerSampling`` over precomputed scores (``np.random.choice`` without
+the same scores (what it replaces), ``fastbald.acquire`` (top-k with ties by lowest index: a topk,
+then the tied items) and baal's ``PowerSampling`` over precomputed scores (``np.random.choice`` without
 replacement). In-process, the methods interleaved within each repeat, median of repeats.
 
 EPIG of N_p pool items against N_t target items (K posterior samples, C classes; MC-dropout-like
