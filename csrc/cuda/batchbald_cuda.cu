@@ -32,13 +32,23 @@ __global__ void __launch_bounds__(kMaxBlock, 1) bb_kernel(const Params P) {
   body<T>(ID, P, fb_smem);
 }
 
-template <class T, int CB>
+template <class T, int CB, bool kShared>
 __global__ void __launch_bounds__(kMaxBlock) bb_eval_kernel(const Params P) {
   extern __shared__ __align__(16) unsigned char fb_smem[];
-  eval_body<T, CB>(P, fb_smem);
+  eval_body<T, CB, kShared>(P, fb_smem);
 }
 
 namespace {
+
+template <class T, bool kShared>
+void launch_eval(const dim3& g, const dim3& b, size_t sm, const Params& P, cudaStream_t s) {
+  switch (P.CB) {
+    case 2: bb_eval_kernel<T, 2, kShared><<<g, b, sm, s>>>(P); break;
+    case 4: bb_eval_kernel<T, 4, kShared><<<g, b, sm, s>>>(P); break;
+    case 5: bb_eval_kernel<T, 5, kShared><<<g, b, sm, s>>>(P); break;
+    default: bb_eval_kernel<T, 8, kShared><<<g, b, sm, s>>>(P); break;
+  }
+}
 
 template <class T>
 void launch(int id, int64_t grid, int block, int64_t smem, const Params& P, cudaStream_t s) {
@@ -55,11 +65,10 @@ void launch(int id, int64_t grid, int block, int64_t smem, const Params& P, cuda
     case kExtendExact: bb_kernel<T, kExtendExact><<<g, b, sm, s>>>(P); break;
     case kAppend: bb_kernel<T, kAppend><<<g, b, sm, s>>>(P); break;
     default:
-      switch (P.CB) {
-        case 2: bb_eval_kernel<T, 2><<<g, b, sm, s>>>(P); break;
-        case 4: bb_eval_kernel<T, 4><<<g, b, sm, s>>>(P); break;
-        case 5: bb_eval_kernel<T, 5><<<g, b, sm, s>>>(P); break;
-        default: bb_eval_kernel<T, 8><<<g, b, sm, s>>>(P); break;
+      if (P.smem_p) {
+        launch_eval<T, true>(g, b, sm, P, s);
+      } else {
+        launch_eval<T, false>(g, b, sm, P, s);
       }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -330,15 +330,20 @@ constexpr int rows_per_pass() {
   return r < 1 ? 1 : (r > 4 ? 4 : r);
 }
 
-template <class T, int CB>
+// kShared: P.smem_p (a compile-time address space: shared loads, not generic ones).
+template <class T, int CB, bool kShared>
 FB_DEV void eval_body(const Params& P, unsigned char* smem) {
   constexpr int RB = rows_per_pass<T, CB>();
   const int64_t K = P.K, C = P.C, Cp = P.Cp, rows = P.rows;
   const int t = dev::tid(), B = dev::bdim();
   const int64_t kcp = K * Cp;
   double* red = reinterpret_cast<double*>(smem);
-  T* Ps = P.smem_p ? reinterpret_cast<T*>(smem + static_cast<size_t>(kG) * B * sizeof(double))
-                   : static_cast<T*>(P.pscratch) + dev::bid() * kG * kcp;
+  T* Ps;
+  if constexpr (kShared) {
+    Ps = reinterpret_cast<T*>(smem + static_cast<size_t>(kG) * B * sizeof(double));
+  } else {
+    Ps = static_cast<T*>(P.pscratch) + dev::bid() * kG * kcp;
+  }
   const T* Wt = static_cast<const T*>(P.Wt);
   const int64_t ngroups = (P.N + kG - 1) / kG;
   // Lazy greedy (exact regime): phase 1 evaluates the probe (the largest bound) alone, phase 2 the
@@ -472,13 +477,21 @@ FB_DEV void body(int id, const Params& P, unsigned char* smem) {
 
 // The evaluation body for the runtime class chunk P.CB (the emulator; the CUDA build instantiates
 // one kernel per chunk instead).
+template <class T, bool kShared>
+FB_DEV void eval_dispatch_cb(const Params& P, unsigned char* smem) {
+  switch (P.CB) {
+    case 2: eval_body<T, 2, kShared>(P, smem); break;
+    case 4: eval_body<T, 4, kShared>(P, smem); break;
+    case 5: eval_body<T, 5, kShared>(P, smem); break;
+    default: eval_body<T, 8, kShared>(P, smem); break;
+  }
+}
 template <class T>
 FB_DEV void eval_dispatch(const Params& P, unsigned char* smem) {
-  switch (P.CB) {
-    case 2: eval_body<T, 2>(P, smem); break;
-    case 4: eval_body<T, 4>(P, smem); break;
-    case 5: eval_body<T, 5>(P, smem); break;
-    default: eval_body<T, 8>(P, smem); break;
+  if (P.smem_p) {
+    eval_dispatch_cb<T, true>(P, smem);
+  } else {
+    eval_dispatch_cb<T, false>(P, smem);
   }
 }
 
