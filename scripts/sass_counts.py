@@ -562,7 +562,9 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
     are split by their inline chain: the NaN-vote path (nan_vote(), taken only for a warp with a
     NaN row) is not counted, the first-sample shifts (set_refs()) once per item, everything else
     once per row; a loop nested in it counts its iterations (the shuffle levels of fold(),
-    log2 min(G, 32); fold_warps(), the butterfly over the warps' partials: log2 (B / 32)). The
+    log2 min(G, 32); fold_warps(), the butterfly over the warps' partials: log2 (B / 32)); the
+    argmax scan of the whole-block mode (owner_argmax()) counts once per row for the block's B / 32
+    warps (only a warp holding the row's maximal class runs it; ties across warps are rare). The
     per-item code
     (the item loop outside the row loop) is counted once per item the same way. Per lane-class,
     times G K / C (the lanes' classes past C issue like the others)."""
@@ -600,6 +602,8 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
             f = fn_of(x)
             if "nan_vote" in f:
                 continue
+            if "owner_argmax" in f:
+                w /= max(1, B // 32)  # run by the warp holding the row's maximal class (kMode 2)
             if "set_refs" in f:
                 refs += w
             else:

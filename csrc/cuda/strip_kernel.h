@@ -216,11 +216,15 @@ struct StripKernel {
       const int w = r.lane & (r.nw - 1);
       FB_UNROLL
       for (int i = 0; i < NW; ++i) v[i] = b[w * 8 + i];
-      for (int o = 1; o < r.nw; o <<= 1) {
-        uint32_t u[NW];
-        FB_UNROLL
-        for (int i = 0; i < NW; ++i) u[i] = dev::shfl_xor(v[i], o);
-        merge(v, u);
+      static_assert(kStripStride / 32 <= 8, "at most 8 warps per block");
+      FB_UNROLL
+      for (int o = 1; o < 8; o <<= 1) {  // unrolled; a level past the block's warps is skipped
+        if (o < r.nw) {
+          uint32_t u[NW];
+          FB_UNROLL
+          for (int i = 0; i < NW; ++i) u[i] = dev::shfl_xor(v[i], o);
+          merge(v, u);
+        }
       }
     }
   }
@@ -237,6 +241,32 @@ struct StripKernel {
     const float mm = strip::as_float(um);
     v[1] = dev::warp_min_u32(m == mm ? v[1] : 0xffffffffu);
     v[0] = um;
+  }
+
+  // Max over the warp with one REDUX (the ordered integer image of warp_maxarg; NaN above all).
+  FB_DEV static uint32_t warp_max(uint32_t u) {
+    const float m = strip::as_float(u);
+    const uint32_t key = m != m ? 0xffffffffu : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+    const uint32_t kmax = dev::warp_max_u32(key);
+    return (kmax & 0x80000000u) ? (kmax & 0x7fffffffu) : ~kmax;
+  }
+
+  // kMode 2: the lowest class of this lane's row values equal to the row max M (ml: the lane's own
+  // max), reduced over the warp; 0xffffffff if none. Only a warp holding a maximal class enters
+  // owner_argmax (usually one of the block's warps). Every lane must call it.
+  FB_DEV static uint32_t row_argmax(const float (&z)[K], float ml, float M, int l, int lg) {
+    const bool hit = ml == M;  // the lane's own max is the row's: it holds a maximal class
+    uint32_t c = 0xffffffffu;
+    if (dev::ballot(hit) != 0u) c = owner_argmax(z, M, l, lg);  // warp-uniform
+    return c;
+  }
+  FB_DEV static uint32_t owner_argmax(const float (&z)[K], float M, int l, int lg) {
+    uint32_t c = 0xffffffffu;
+    FB_UNROLL
+    for (int j = K - 1; j >= 0; --j) {
+      if (z[j] == M) c = static_cast<uint32_t>(4 * (l + ((j >> 2) << lg)) + (j & 3));
+    }
+    return dev::warp_min_u32(c);
   }
 
   // (max, lowest class) merge; the max propagates NaN (the argmax of a NaN row is redone).
@@ -271,6 +301,12 @@ struct StripKernel {
     uint32_t w[2] = {strip::as_bits(pm), static_cast<uint32_t>(pa)};
     fold(w, red, merge_maxarg);
     if (m != m) arg = static_cast<int>(w[1]) < C ? static_cast<int>(w[1]) : 0;
+  }
+
+  // The row's vote, by the lane that owns the class (its lane-private counter).
+  FB_DEV static void vote(int arg, int l, int lg, int G, int* cnt) {
+    const int va = arg >> 2;
+    if ((va & (G - 1)) == l) cnt[(((va >> lg) << 2) + (arg & 3)) * kStride] += 1;
   }
 
   // The item's per-class shifts from its first sample: K = lp2, p0 = 2^lp2 (lane-private).
@@ -359,7 +395,18 @@ struct StripKernel {
         // not asked for are NaN).
         float m = z[0];
         int arg = 0;
-        {
+        uint32_t cand = 0;  // kMode 2: the warp's lowest maximal class, reduced with the row sums
+        if constexpr (kBlock) {
+          FB_UNROLL
+          for (int j = 1; j < K; ++j) m = max_nan(m, z[j]);
+          const float ml = m;
+          uint32_t v[1] = {warp_max(strip::as_bits(m))};
+          fold_warps(v, red, [](uint32_t(&a)[1], const uint32_t(&b)[1]) {
+            a[0] = strip::as_bits(max_nan(strip::as_float(a[0]), strip::as_float(b[0])));
+          });
+          m = strip::as_float(v[0]);
+          cand = row_argmax(z, ml, m, l, lg);
+        } else {
           int jl = 0;
           FB_UNROLL
           for (int j = 1; j < K; ++j) {
@@ -383,11 +430,7 @@ struct StripKernel {
           any_nan = dev::ballot(m != m) != 0u;  // warp-uniform
         }
         if (any_nan) nan_vote(z, m, arg, l, lg, C, red);
-        {
-          // The vote, by the lane that owns the class.
-          const int va = arg >> 2;
-          if ((va & (G - 1)) == l) cnt[(((va >> lg) << 2) + (arg & 3)) * kStride] += 1;
-        }
+        if constexpr (!kBlock) vote(arg, l, lg, G, cnt);
         bad = bad || row_nonfinite(m);  // m is the same on every lane of the group
 
         // 2. exps, row sums, row entropy.
@@ -402,11 +445,31 @@ struct StripKernel {
           z[j] = d2;
         }
         {
-          uint32_t v[2] = {strip::as_bits(s), strip::as_bits(a2)};
-          fold(v, red, [](uint32_t(&a)[2], const uint32_t(&b)[2]) {
-            a[0] = strip::as_bits(strip::as_float(a[0]) + strip::as_float(b[0]));
-            a[1] = strip::as_bits(strip::as_float(a[1]) + strip::as_float(b[1]));
-          });
+          uint32_t v[3] = {strip::as_bits(s), strip::as_bits(a2), cand};
+          if constexpr (kBlock) {
+            FB_UNROLL
+            for (int o = 1; o < 32; o <<= 1) {
+              const float so = strip::as_float(dev::shfl_xor(v[0], o)), ao = strip::as_float(dev::shfl_xor(v[1], o));
+              v[0] = strip::as_bits(strip::as_float(v[0]) + so);
+              v[1] = strip::as_bits(strip::as_float(v[1]) + ao);
+            }
+            // The sums and the warps' candidate classes across the warps (one barrier).
+            fold_warps(v, red, [](uint32_t(&a)[3], const uint32_t(&b)[3]) {
+              a[0] = strip::as_bits(strip::as_float(a[0]) + strip::as_float(b[0]));
+              a[1] = strip::as_bits(strip::as_float(a[1]) + strip::as_float(b[1]));
+              a[2] = b[2] < a[2] ? b[2] : a[2];
+            });
+            if (m == m) arg = static_cast<int>(v[2]);  // a NaN row's vote: nan_vote above
+            vote(arg, l, lg, G, cnt);
+          } else {
+            uint32_t w[2] = {v[0], v[1]};
+            fold(w, red, [](uint32_t(&a)[2], const uint32_t(&b)[2]) {
+              a[0] = strip::as_bits(strip::as_float(a[0]) + strip::as_float(b[0]));
+              a[1] = strip::as_bits(strip::as_float(a[1]) + strip::as_float(b[1]));
+            });
+            v[0] = w[0];
+            v[1] = w[1];
+          }
           s = strip::as_float(v[0]);
           a2 = strip::as_float(v[1]);
         }
