@@ -26,23 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import emulator_build
 import numpy as np
 import pytest
 import torch
+from emulator_build import EMU_ENV
 
 import fastbald
 from fastbald import _ops
@@ -79,7 +78,9 @@ class Case:
     metrics: int = ALL
     scale: float = 3.0
     offset: int = 0  # storage offset in elements (misaligned starts)
-    special: str = ""  # "masks" | "sliced" | "sliced_t" | "transposed" | "identical"
+    # "masks" | "sliced" | "sliced_t" | "transposed" | "identical" | "disagree<L>" (every sample
+    # favours class 1 by L logits, except sample 0: class 0 by L)
+    special: str = ""
     plan: dict = field(default_factory=dict)  # PlanOverrides (emulator) / FASTBALD_CUDA_PLAN
     block: int = 64  # emulator threads per block (the GPU uses 256 unless plan says otherwise)
     seed: int = 0
@@ -173,6 +174,10 @@ def make_input(case: Case) -> torch.Tensor:
         z[min(7, N - 1)] *= 3000.0 / case.scale  # logits of order 1e4
     if case.special == "identical":
         z[:] = z[:, :1]
+    if case.special.startswith("disagree"):
+        gap = float(case.special[len("disagree") :])
+        z[:, 1:, 1] += gap
+        z[:, 0, 0] += gap
     if case.kind == "log_probs":
         z = torch.log_softmax(z, -1)
     elif case.kind == "probs":
@@ -254,65 +259,10 @@ _PLAN_KEYS = (
 )
 
 
-# The emulator's two builds: "plain" and "asan" (AddressSanitizer + UndefinedBehaviorSanitizer, any
-# error fatal). The emulator allocates the input storage and shared memory at their exact sizes, so
-# the asan build turns an out-of-bounds read or write of either into a failure.
-EMU_FLAGS = {
-    "plain": ["-O1"],
-    "asan": [
-        "-O1",
-        "-g",
-        "-fsanitize=address,undefined",
-        "-fno-sanitize-recover=all",
-        "-fno-omit-frame-pointer",
-    ],
-}
-# Leak checking is off (it needs ptrace, and leaks are not what the sanitizer build is for).
-EMU_ENV = {
-    **os.environ,
-    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:detect_stack_use_after_return=0",
-    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-}
-
-
 def build_emulator(flavour: str = "plain") -> Path:
-    """Builds (once per source hash) and returns the emulator executable of the given flavour."""
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        if os.environ.get("FASTBALD_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
-        pytest.skip(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
-    flags = EMU_FLAGS[flavour]
-    h = hashlib.sha256(" ".join(flags).encode())
-    for p in EMU_SOURCES:
-        h.update(p.read_bytes())
-    exe = ROOT / "build" / "cuda-emu" / f"emu-{flavour}-{h.hexdigest()[:16]}"
-    if not exe.exists():
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_suffix(f".tmp{os.getpid()}")
-        cmd = [
-            cxx,
-            "-std=c++20",
-            *flags,
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-Wno-unused-parameter",
-            f"-I{CSRC}",
-            str(EMU_SOURCES[0]),
-            "-o",
-            str(tmp),
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"emulator build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
-        os.replace(tmp, exe)
-        # Builds of earlier sources, once they are an hour old (a concurrent test session on
-        # other sources may still be running its own).
-        for old in exe.parent.glob(f"emu-{flavour}-*"):
-            with contextlib.suppress(OSError):
-                if old != exe and time.time() - old.stat().st_mtime > 3600:
-                    old.unlink()
-    return exe
+    """Builds (once per source hash) and returns the score-kernel emulator of the given flavour
+    ("plain" or "asan": see tests/emulator_build.py)."""
+    return emulator_build.build_emulator(EMU_SOURCES, "emu", flavour, timeout=900)
 
 
 @pytest.fixture(scope="session")
@@ -1512,6 +1462,13 @@ def _strip_cases() -> list[Case]:
         Case("strip-log_probs", (40, 6, 100), kind="log_probs"),
         Case("strip-log_probs-bf16", (40, 6, 100), torch.bfloat16, kind="log_probs"),
     ]
+    # Sample 0 confidently disagrees with the others (its log-prob of their class is -30 / -85
+    # nats): the one-pass accumulators are shifted by sample 0's values, which must not cancel
+    # catastrophically (BALD was off by 4e-5 / 1e-4 at T=100 with an unclamped shift).
+    for gap in (30, 85):
+        for C, block, n in ((100, 64, 16), (1000, 256, 4), (2000, 64, 2), (2000, 256, 2)):
+            b = f"block{block}" if C > 1024 else f"b{block}"  # "block": a block per item (mode 2)
+            cs.append(Case(f"strip-{b}-C{C}-disagree{gap}", (n, 100, C), block=block, scale=1.0, special=f"disagree{gap}"))
     for m in range(7):
         cs.append(Case(f"strip-only-{METRICS[m]}", (30, 6, 60), metrics=1 << m))
     for m in (0b0000111, 0b1010101, (1 << 2) | (1 << 4)):

@@ -13,16 +13,11 @@ compared the same way (``test_cuda_op_matches_cpu``).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
-import os
-import shutil
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +27,8 @@ import torch
 from fastbald import _ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import emulator_build  # noqa: E402
+from emulator_build import EMU_ENV  # noqa: E402
 from test_batchbald import joint_mi, make_log_probs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _ops.load()["native"], reason="native extension not built")
@@ -45,43 +42,11 @@ SOURCES = [
     CSRC / "batchbald_math.h",
 ]
 SCORE_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
-# The plain build, and one with AddressSanitizer + UndefinedBehaviorSanitizer (the pool, the
-# workspace and every block's shared memory are allocated at their exact sizes: an out-of-bounds
-# access aborts).
-FLAGS = {
-    "plain": ["-O1"],
-    "asan": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
-}
-ENV = {
-    **os.environ,
-    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:detect_stack_use_after_return=0",
-    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-}
 
 
 def build_emulator(flavour: str = "plain") -> Path:
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        if os.environ.get("FASTBALD_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
-        pytest.skip(f"no C++ compiler ({cxx}) for the CUDA kernel emulator")
-    h = hashlib.sha256(" ".join(FLAGS[flavour]).encode())
-    for p in SOURCES:
-        h.update(p.read_bytes())
-    exe = ROOT / "build" / "cuda-emu" / f"bbemu-{flavour}-{h.hexdigest()[:16]}"
-    if not exe.exists():
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_suffix(f".tmp{os.getpid()}")
-        cmd = [cxx, "-std=c++20", *FLAGS[flavour], "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
-               f"-I{CSRC}", str(SOURCES[0]), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"emulator build failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
-        os.replace(tmp, exe)
-        for old in exe.parent.glob(f"bbemu-{flavour}-*"):
-            with contextlib.suppress(OSError):
-                if old != exe and time.time() - old.stat().st_mtime > 3600:
-                    old.unlink()
-    return exe
+    """The BatchBALD emulator of the given flavour (see tests/emulator_build.py)."""
+    return emulator_build.build_emulator(SOURCES, "bbemu", flavour, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +88,7 @@ def emu_batchbald(
     with tempfile.TemporaryDirectory() as d:
         fi, fo = Path(d) / "in", Path(d) / "out"
         fi.write_bytes(hdr + raw)
-        r = subprocess.run([str(exe), str(fi), str(fo)], capture_output=True, text=True, timeout=300, env=ENV)
+        r = subprocess.run([str(exe), str(fi), str(fo)], capture_output=True, text=True, timeout=300, env=EMU_ENV)
         assert r.returncode == 0, f"emulator exit {r.returncode}: {r.stderr[-2000:]}"
         out = fo.read_bytes()
     info = dict(zip(("status", "bad", "CB", "smem_p", "rows", "launches"), struct.unpack("<6q", out[:48]), strict=True))
