@@ -34,9 +34,12 @@ def top_k(values: torch.Tensor, k: int, largest: bool = True, check_nan: bool = 
     lowest-indexed items equal to ``v`` (two more passes). The k are ordered by a stable sort of
     those k alone. NaN has no consistent place in a top-k: ``check_nan=True`` raises ValueError
     naming the first NaN item (found by the same topk: NaN orders above everything), else the
-    caller must have rejected it. -0.0 and 0.0 are equal, as in the sort.
+    caller must have rejected it. -0.0 and 0.0 are equal, as in the sort. ``k`` must be an
+    integer (Python or numpy, not bool) in ``[0, N]``, else ValueError (as in ``acquire``).
     """
     N = values.shape[0]
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= N:
+        raise ValueError(f"k must be an integer in [0, N={N}], got {k!r}")
     k = int(k)
     if check_nan and values.is_floating_point() and N:
         # torch.topk orders NaN above everything: the largest value is NaN iff there is one (one

@@ -67,3 +67,18 @@ def test_one_million_scores_with_ties():
     s = (torch.rand(1_000_000, generator=g) * 1000).floor() / 1000  # ~1000 copies of each value
     for k in (10, 1500):
         assert torch.equal(fastbald.acquire(s, k, "bald"), stable_sort_topk(s, k, "bald"))
+
+
+@pytest.mark.parametrize("k", [6, -1, -3, 2.7, 2.0, True, torch.tensor(2), "2", None])
+def test_top_k_rejects_a_bad_k(k):
+    # Before the check: 6 and -1 -> IndexError, -3 -> RuntimeError, 2.7 -> silently 2 items.
+    with pytest.raises(ValueError, match=r"k must be an integer in \[0, N=5\]"):
+        top_k(torch.rand(5), k)
+
+
+def test_top_k_accepts_numpy_integers_and_the_bounds():
+    v = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.2])
+    assert top_k(v, np.int64(2)).tolist() == [3, 1]
+    assert top_k(v, 5).tolist() == [3, 1, 2, 4, 0]
+    assert top_k(v, 0).tolist() == []
+    assert top_k(torch.empty(0), 0).tolist() == []
