@@ -29,8 +29,9 @@ TINY = ["--synthetic", "400", "--rounds", "1", "--epochs", "2", "-T", "3", "--va
         (["experiment", "mnist", "--help"],
          ["--acquisition", "--pool-subset", "--preset", "Default: 100", "T=100", "resumes",
           "Gal, Islam & Ghahramani"]),
-        (["report", "--help"], ["10%", "Table 1", "--out", "--plot"]),
+        (["report", "--help"], ["10% and 5%", "Table 1", "--out", "--plot"]),
         (["score", "--help"], ["--input", "--layout", "--top"]),
+        (["bench", "--help"], ["bench"]),
     ],
 )
 def test_help(argv, expect, capsys):
@@ -38,6 +39,7 @@ def test_help(argv, expect, capsys):
     out = capsys.readouterr().out
     for word in expect:
         assert word in out, word
+    assert "%%" not in out  # an unformatted argparse escape (descriptions are not %-formatted)
 
 
 def test_version(capsys):
