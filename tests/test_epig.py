@@ -306,3 +306,29 @@ def test_native_op_arguments():
         op(x, bt[:, :3], w, 2, 4, 1e-3, 1)
     with pytest.raises(ValueError, match="items and cols must be >= 1"):
         op(x, bt, w, 0, 4, 1e-3, 1)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native EPIG kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_single_task_pool_is_bit_identical_across_threads(dtype):
+    """A pool of one task (a few items): the product must not be threaded by BLAS itself (which
+    changes the float64 EPIG in the last ulp between 1 and 2 threads, K=512, C=17)."""
+    g = torch.Generator().manual_seed(0)
+
+    def lps(N, K, C):
+        base = torch.randn(N, 1, C, generator=g, dtype=torch.float64) * 2
+        return torch.log_softmax(base + torch.randn(N, K, C, generator=g, dtype=torch.float64) * 1.4, -1)
+
+    prev = torch.get_num_threads()
+    try:
+        for K in (128, 512):
+            for N_p in (1, 2, 3):
+                for N_t in (1, 4):
+                    lp, lt = lps(N_p, K, 17).to(dtype), lps(N_t, K, 17).to(dtype)
+                    runs = {}
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        runs[threads] = epig(lp, lt)
+                    assert torch.equal(runs[1], runs[2]), (K, N_p, N_t, runs[1].tolist(), runs[2].tolist())
+    finally:
+        torch.set_num_threads(prev)

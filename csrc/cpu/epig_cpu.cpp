@@ -452,12 +452,21 @@ std::tuple<at::Tensor, at::Tensor> epig_block_cpu(const at::Tensor& x_, const at
   const bool vec = use_avx512();
   const c10::OperatorHandle* dnn = (gemm == 1 && st == at::kFloat) ? onednn_linear() : nullptr;
   const int64_t n_tasks = (B + items - 1) / items;
+  // At least two tasks, so that a pool of one task also runs inside an (active) parallel region
+  // when there are several threads: at::parallel_for runs a single task inline, outside any, and
+  // MKL / oneDNN then thread that task's product themselves, whose float64 sums then differ in
+  // the last ulp between 1 and 2 threads. Inside the region they run sequentially, as for every
+  // task of a larger pool, so each item's result does not depend on the thread count. The extra
+  // task is empty (one idle thread for a pool of at most `items` items).
+  const int64_t range = std::max<int64_t>(n_tasks, 2);
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pw = w.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, range, 1, [&](int64_t t0, int64_t t1) {
+      t1 = std::min(t1, n_tasks);
+      if (t0 >= t1) return;  // the empty task
       const int64_t Kp = (K + 15) / 16 * 16;
       std::vector<scalar_t> buf(static_cast<size_t>(std::max(C * Kp + Kp, K * C)));
       std::vector<double> sums(static_cast<size_t>(items * C));
