@@ -1468,7 +1468,8 @@ def _strip_cases() -> list[Case]:
     for gap in (30, 85):
         for C, block, n in ((100, 64, 16), (1000, 256, 4), (2000, 64, 2), (2000, 256, 2)):
             b = f"block{block}" if C > 1024 else f"b{block}"  # "block": a block per item (mode 2)
-            cs.append(Case(f"strip-{b}-C{C}-disagree{gap}", (n, 100, C), block=block, scale=1.0, special=f"disagree{gap}"))
+            cid, sp = f"strip-{b}-C{C}-disagree{gap}", f"disagree{gap}"
+            cs.append(Case(cid, (n, 100, C), block=block, scale=1.0, special=sp))
     for m in range(7):
         cs.append(Case(f"strip-only-{METRICS[m]}", (30, 6, 60), metrics=1 << m))
     for m in (0b0000111, 0b1010101, (1 << 2) | (1 << 4)):

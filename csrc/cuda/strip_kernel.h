@@ -15,14 +15,15 @@
 //      group sums s = sum e and a2 = sum e d2: log2 s, the row entropy;
 //   3. the online per-class accumulators, with p = 2^(d2 - log2 s) and lp2 = d2 - log2 s:
 //        S_c = sum_t p,  U_c = sum_t p (lp2 - K_c),  V_c = sum_t (p - p0_c)^2,
-//      where K_c and p0_c are lp2 and p of the item's first sample (a per-class shift kept in
-//      shared memory, lane-private). With pbar_c = S_c / T:
+//      where p0_c is p of the item's first sample and K_c its lp2 floored at -8 bits (a per-class
+//      shift kept in shared memory, lane-private; the floor: kShiftFloor). With pbar_c = S_c / T:
 //        mean-KL_c (bits) = U_c - S_c (log2 pbar_c - K_c)       = sum_t p (lp2 - log2 pbar_c)
 //        T var_c          = V_c - T (pbar_c - p0_c)^2            = sum_t (p - pbar_c)^2
 //      exactly; in floating point the shifted sums cancel only in proportion to the spread of
-//      the samples around the first one (identical samples give exactly 0), and by Samuelson's
-//      inequality (pbar - p0)^2 <= (T - 1) var, so the variance keeps a relative error of at most
-//      ~T ulp.
+//      the samples around the first one (identical samples: U = 0 exactly where lp2 >= -8), the
+//      floor keeps a first sample that disagrees by ~100 bits from scaling the mean-KL error by
+//      |lp2|, and by Samuelson's inequality (pbar - p0)^2 <= (T - 1) var, so the variance keeps a
+//      relative error of at most ~T ulp.
 // Votes: the lane owning the row's argmax class adds 1 to its counter in shared memory
 // (lane-private, reset per item). Per item, in float: the 7 outputs from the accumulators, one
 // group reduction, written by lane 0 of the group.
@@ -309,7 +310,17 @@ struct StripKernel {
     if ((va & (G - 1)) == l) cnt[(((va >> lg) << 2) + (arg & 3)) * kStride] += 1;
   }
 
-  // The item's per-class shifts from its first sample: K = lp2, p0 = 2^lp2 (lane-private).
+  // Floor of the mean-KL shift K (bits). Unclamped, a class that the first sample gives a tiny
+  // probability (lp2 ~ -40 .. -125 when it confidently disagrees with the others) but the others
+  // give p ~ 1 makes every term p (lp2 - K) ~ |K| p, and U cancels against S (log2 pbar - K) with an
+  // error ~ |K| sqrt(T) ulp (4e-5 .. 1e-4 nats of BALD at T = 100). With the floor the terms stay
+  // within ~8 p + p |lp2| (bounded: p |lp2| <= 0.53), identical samples still cancel exactly when
+  // lp2 >= -8, and a class whose p is below 2^-8 contributes at most ~p |lp2| ulp.
+  static constexpr float kShiftFloor = -8.0f;
+
+  // The item's per-class shifts from its first sample: K = max(lp2, kShiftFloor), p0 = 2^lp2
+  // (lane-private). p0 needs no floor: by Samuelson's inequality the variance's shifted sum keeps a
+  // relative error of at most ~T ulp whatever p0.
   FB_DEV static void set_refs(const float (&z)[K], float ls2, float* refK, float* refP) {
     FB_UNROLL
     for (int k = 0; k < NV; ++k) {
@@ -318,6 +329,7 @@ struct StripKernel {
       for (int i = 0; i < 4; ++i) {
         lp[i] = z[4 * k + i] - ls2;
         p[i] = math::fast_exp2(lp[i]);
+        lp[i] = std::fmax(lp[i], kShiftFloor);
       }
       strip::st_f4(refK + k * kStride * 4, lp);
       strip::st_f4(refP + k * kStride * 4, p);
