@@ -423,10 +423,10 @@ struct GroupKernel : Problem<scalar_t, A> {
     const V floor(math::Limits<A>::log_floor);
     // pbar = pacc / sum_c pacc: the same as pacc / T in exact arithmetic, but sum_c pbar = 1 to
     // rounding, so the mean-KL has no first-order error from the rounding of the sum over t.
-    // Sums over classes: plain running sums for the compile-time small C (CT > 0), compensated
-    // (Kahan) sums in the general case, whose C reaches 2048: a float32 running sum of C terms is
-    // off by ~C eps (1.1e-5 in the entropy of a flat row at C = 2048, 1.7e-5 in the BALD of
-    // identical samples), a compensated one by ~eps.
+    // Per-item sums over classes: plain running sums for the compile-time small C (CT > 0),
+    // compensated (Kahan) sums in the general case, whose C reaches 2048: a float32 running sum of
+    // C terms is off by ~C eps (1.1e-5 in the entropy of a flat row at C = 2048, 1.7e-5 in the
+    // BALD of identical samples), a compensated one by ~eps.
     using Sum = ClassSum<V, (CT == 0)>;
     Sum ptot_s;
     for (int64_t c = 0; c < C; ++c) ptot_s.add(pacc.get(c));
@@ -456,15 +456,25 @@ struct GroupKernel : Problem<scalar_t, A> {
       const A* zrow = zt + t * ts * L;
       const A* erow = eb + t * C * L;
       const V inv_s = V::loadu(s.rinv.data() + t * L);
-      Sum klrow, prow;
-      for (int64_t c = 0; c < C; ++c) {
-        const V p = V::loadu(erow + c * L) * inv_s;
-        klrow.add(math::kl_term(p, V::loadu(zrow + c * cstride), V::loadu(lpbar + c * L)));
-        prow.add(p);
-        const V dv = p - V::loadu(pbar + c * L);
-        vacc.set(c, at::vec::fmadd(dv, dv, vacc.get(c)));
+      // Per-row sums (the T * C path): the mean-KL terms compensated in the general case (their
+      // sum cancels against log s * sum_c p; identical terms, e.g. a flat row, round the same way
+      // every add), the probabilities in blocks of kSumBlock classes (error ~(kSumBlock +
+      // C / kSumBlock) eps); one block when C <= kSumBlock.
+      Sum klrow;
+      V prow = zero;
+      for (int64_t c0 = 0; c0 < C; c0 += math::kSumBlock) {
+        const int64_t c1 = std::min<int64_t>(C, c0 + math::kSumBlock);
+        V pp = zero;
+        for (int64_t c = c0; c < c1; ++c) {
+          const V p = V::loadu(erow + c * L) * inv_s;
+          klrow.add(math::kl_term(p, V::loadu(zrow + c * cstride), V::loadu(lpbar + c * L)));
+          pp = pp + p;
+          const V dv = p - V::loadu(pbar + c * L);
+          vacc.set(c, at::vec::fmadd(dv, dv, vacc.get(c)));
+        }
+        prow = prow + pp;
       }
-      kl = kl + (klrow.s - V::loadu(s.rls.data() + t * L) * prow.s);
+      kl = kl + (klrow.s - V::loadu(s.rls.data() + t * L) * prow);
     }
     Sum std_s;
     for (int64_t c = 0; c < C; ++c) std_s.add((vacc.get(c) * V(inv_T)).sqrt());
