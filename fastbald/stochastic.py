@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,8 @@ def _native_op():
     """``torch.ops.fastbald.stochastic_topk`` when the CPU extension is built, else None."""
     if "op" not in _NATIVE:
         try:
+            if os.environ.get("FASTBALD_DISABLE_NATIVE") == "1":
+                raise ImportError("disabled by FASTBALD_DISABLE_NATIVE=1")
             importlib.import_module("fastbald._stochastic_cpu")
             _NATIVE["op"] = torch.ops.fastbald.stochastic_topk
         except (ImportError, AttributeError, RuntimeError) as e:  # pragma: no cover - unbuilt tree

@@ -303,3 +303,15 @@ def test_native_softrank_chunks_and_threads(monkeypatch):
         torch.set_num_threads(prev)
     monkeypatch.setitem(st._NATIVE, "op", None)
     assert torch.equal(one, many) and torch.equal(one, stochastic_acquire(s, 40, "softrank", 1.0, seed=3))
+
+
+def test_disable_native_env_selects_the_torch_path(monkeypatch):
+    """FASTBALD_DISABLE_NATIVE=1 switches the stochastic kernel off as it does the scores op and
+    EPIG; the PyTorch path then draws the same items."""
+    s = torch.rand(5000, generator=torch.Generator().manual_seed(1))
+    native = stochastic_acquire(s, 10, "power", 1.0, seed=3)
+    monkeypatch.setenv("FASTBALD_DISABLE_NATIVE", "1")
+    monkeypatch.setattr(st, "_NATIVE", {})
+    assert st._native_op() is None
+    assert "FASTBALD_DISABLE_NATIVE" in st._NATIVE["why"]
+    assert torch.equal(stochastic_acquire(s, 10, "power", 1.0, seed=3), native)
