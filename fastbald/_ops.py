@@ -21,6 +21,7 @@ import torch
 from .metrics import N_METRICS  # rows of the op's output = bits of its ``metrics`` mask
 
 _STATE: dict[str, Any] = {"loaded": False, "native": False, "cpu": None, "cuda": False, "why": {}}
+_DISABLED = "disabled by FASTBALD_DISABLE_NATIVE=1"
 
 # CPU kernel builds, widest first: a build that is missing falls back to the next narrower one.
 CPU_VARIANTS = ("avx512", "avx2", "base")
@@ -42,8 +43,8 @@ def load() -> dict[str, Any]:
     if _STATE["loaded"]:
         return _STATE
     _STATE["loaded"] = True
-    if os.environ.get("FASTBALD_DISABLE_NATIVE") == "1":
-        _STATE["why"]["cpu"] = _STATE["why"]["cuda"] = "disabled by FASTBALD_DISABLE_NATIVE=1"
+    if _disabled():
+        _STATE["why"]["cpu"] = _STATE["why"]["cuda"] = _DISABLED
         return _STATE
     try:
         c = importlib.import_module("fastbald._C")
@@ -120,3 +121,25 @@ def native_available(device: torch.device) -> bool:
 
 def why_not(device_type: str) -> str | None:
     return load()["why"].get(device_type)
+
+
+def _disabled() -> bool:
+    """FASTBALD_DISABLE_NATIVE=1: every native op is off (the pure-PyTorch paths run)."""
+    return os.environ.get("FASTBALD_DISABLE_NATIVE") == "1"
+
+
+def extension_op(module: str, op: str, cache: dict[str, Any]) -> Any:
+    """``torch.ops.fastbald.<op>`` of a separately built CPU extension ``module`` (e.g.
+    ``fastbald._epig_cpu``), or None when it is not built or FASTBALD_DISABLE_NATIVE=1. Loaded
+    once per ``cache`` (the caller's module-level dict): ``cache["op"]``, and ``cache["why"]``
+    when it is None."""
+    if "op" not in cache:
+        try:
+            if _disabled():
+                raise ImportError(_DISABLED)
+            importlib.import_module(module)
+            cache["op"] = getattr(torch.ops.fastbald, op)
+        except (ImportError, AttributeError, RuntimeError) as e:  # pragma: no cover - unbuilt tree
+            cache["op"] = None
+            cache["why"] = str(e)
+    return cache["op"]

@@ -31,14 +31,14 @@ a vectorised AVX-512 logarithm and sums it, instead of six elementwise PyTorch p
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import re
 from typing import Any
 
 import numpy as np
 import torch
+
+from . import _ops
 
 __all__ = ["epig", "epig_reference"]
 
@@ -52,16 +52,7 @@ _NATIVE_BLOCK_BYTES = 2 << 20
 
 def _native_op():
     """``torch.ops.fastbald.epig_block`` when the CPU extension is built, else None."""
-    if "op" not in _NATIVE:
-        try:
-            if os.environ.get("FASTBALD_DISABLE_NATIVE") == "1":
-                raise ImportError("disabled by FASTBALD_DISABLE_NATIVE=1")
-            importlib.import_module("fastbald._epig_cpu")
-            _NATIVE["op"] = torch.ops.fastbald.epig_block
-        except (ImportError, AttributeError, RuntimeError) as e:  # pragma: no cover - unbuilt tree
-            _NATIVE["op"] = None
-            _NATIVE["why"] = str(e)
-    return _NATIVE["op"]
+    return _ops.extension_op("fastbald._epig_cpu", "epig_block", _NATIVE)
 
 
 def _tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:

@@ -34,14 +34,13 @@ items whose bound can reach the top k, and only those get their exact average ra
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import _ops
 from .acquire import ASCENDING, ranking_key, top_k
 
 __all__ = ["MODES", "sampling_probabilities", "stochastic_acquire"]
@@ -61,16 +60,7 @@ _MAX_LEVELS = 64
 
 def _native_op():
     """``torch.ops.fastbald.stochastic_topk`` when the CPU extension is built, else None."""
-    if "op" not in _NATIVE:
-        try:
-            if os.environ.get("FASTBALD_DISABLE_NATIVE") == "1":
-                raise ImportError("disabled by FASTBALD_DISABLE_NATIVE=1")
-            importlib.import_module("fastbald._stochastic_cpu")
-            _NATIVE["op"] = torch.ops.fastbald.stochastic_topk
-        except (ImportError, AttributeError, RuntimeError) as e:  # pragma: no cover - unbuilt tree
-            _NATIVE["op"] = None
-            _NATIVE["why"] = str(e)
-    return _NATIVE["op"]
+    return _ops.extension_op("fastbald._stochastic_cpu", "stochastic_topk", _NATIVE)
 
 
 # ------------------------------------------------------------------------------------------------
