@@ -41,33 +41,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastbald.benchtools import loadavg, machine_info, write_results  # noqa: E402
+from fastbald.benchtools import (  # noqa: E402
+    interleaved_wall_cpu_times,
+    loadavg,
+    machine_info,
+    write_results,
+)
 from fastbald.mc import FusedMLPHead, MCDropout  # noqa: E402
 from fastbald.models import BayesianCNN  # noqa: E402
 from fastbald.pool import score_pool  # noqa: E402
 
 F_, H_, C_ = 3872, 128, 10
 TRUNK_FLOP = 2 * (25 * 25 * 32 * 16) + 2 * (22 * 22 * 32 * 32 * 16)
-
-
-def _times(fns: list[Any], repeats: int, warmup: int = 1) -> tuple[list[list[float]], list[list[float]]]:
-    """Wall and process-CPU seconds of each function, ``repeats`` rounds, interleaved.
-
-    On a machine shared with other jobs the wall time says how long it took here and now; the CPU
-    time (all of this process' threads) says how much work it was: with 1 thread, images per CPU
-    second is the rate on a dedicated core."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    wall: list[list[float]] = [[] for _ in fns]
-    cpu: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            cpu[i].append(time.process_time() - c0)
-            wall[i].append(time.perf_counter() - w0)
-    return wall, cpu
 
 
 def _lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -84,7 +69,7 @@ def peaks(threads: list[int], n: int = 2048, repeats: int = 5) -> list[dict[str,
     for th in threads:
         torch.set_num_threads(th)
         fns = [lambda: torch.mm(a, b), lambda: _lin(a, bt), lambda: torch.mm(ab, bb)]
-        ts, cs = _times(fns, repeats)
+        ts, cs = interleaved_wall_cpu_times(fns, repeats)
         fl = 2 * n**3
         row: dict[str, Any] = {"threads": th, "load": loadavg()}
         for i, name in enumerate(("fp32_mkl", "fp32_onednn", "bf16_onednn")):
@@ -126,7 +111,7 @@ def throughput(model: BayesianCNN, x: torch.Tensor, Ts: list[int], threads: list
                     else:
                         _score_pool_unfused(model, x, T)
             fns = [lambda: run(False, False), lambda: run(True, False), lambda: run(True, True)]
-            ts, cs = _times(fns, repeats)
+            ts, cs = interleaved_wall_cpu_times(fns, repeats)
             S = _gathered(model, T)
             masked = TRUNK_FLOP + T * 2 * (F_ * H_ + H_ * C_)
             fused = TRUNK_FLOP + 2 * F_ * H_ + T * 2 * (S * H_ + H_ * C_)
@@ -258,8 +243,8 @@ def training(threads: list[int], repeats: int, steps: int = 8) -> list[dict[str,
     total_steps = sum(_steps_per_round(20 + 10 * r) for r in range(101))
     for th in threads:
         torch.set_num_threads(th)
-        ts, cs = _times([lambda: run(True, False), lambda: run(False, False),
-                         lambda: run(False, True)], repeats)
+        ts, cs = interleaved_wall_cpu_times(
+            [lambda: run(True, False), lambda: run(False, False), lambda: run(False, True)], repeats)
         for name, t, c in zip(("NCHW weights, fp32 (before)", "channels-last weights, fp32 (now)",
                                "channels-last, bf16 autocast (not used)"), ts, cs, strict=True):
             step, cstep = statistics.median(t) / steps, statistics.median(c) / steps

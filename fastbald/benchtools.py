@@ -6,8 +6,9 @@ their own copies:
 * :func:`machine_info` / :func:`cpu_name` / :func:`loadavg`: the facts a result table states;
 * :func:`proc_status_mb`, :func:`reset_peak_rss`, :class:`PeakRSS`: resident memory and its
   high-water mark (VmHWM) from ``/proc/self/status``, reset through ``/proc/self/clear_refs``;
-* :func:`median_time`, :func:`interleaved_times`: wall-clock timers (median of repeats; several
-  functions interleaved so a change in the load of a shared machine hits all of them alike);
+* :func:`median_time`, :func:`interleaved_times`, :func:`interleaved_wall_cpu_times`: timers
+  (median of repeats; several functions interleaved so a change in the load of a shared machine
+  hits all of them alike; wall and process CPU time);
 * :func:`write_results` and :func:`render_results`: a benchmark's numbers go to ONE data file,
   ``<name>.json``, and its markdown tables are rendered from that file (``<name>.md``) by the
   benchmark's own ``to_markdown(res)``; ``python -m fastbald.benchtools render`` re-renders every
@@ -155,16 +156,28 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int, warmup: in
     """Wall times (s) of each function over ``repeats`` rounds, the functions interleaved within
     each round (a change in the machine's load hits all of them alike); ``warmup`` untimed calls of
     each first. Returns one list of times per function."""
+    return interleaved_wall_cpu_times(fns, repeats, warmup)[0]
+
+
+def interleaved_wall_cpu_times(
+    fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 1
+) -> tuple[list[list[float]], list[list[float]]]:
+    """:func:`interleaved_times`, and also the process CPU time (s, all of this process' threads)
+    of each call: ``(wall, cpu)``, one list per function each. On a machine shared with other jobs
+    the wall time says how long it took here and now, the CPU time how much work it was."""
     for _ in range(warmup):
         for fn in fns:
             fn()
-    times: list[list[float]] = [[] for _ in fns]
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
-            times[i].append(time.perf_counter() - t0)
-    return times
+            wall[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    return wall, cpu
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,18 @@ def test_interleaved_times_alternates_the_functions():
                                          repeats=3, warmup=1)
     assert order == ["a", "b"] * 4
     assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+
+
+def test_interleaved_wall_cpu_times_counts_this_process_work():
+    def busy() -> None:
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.02:
+            pass
+
+    wall, cpu = benchtools.interleaved_wall_cpu_times([busy, lambda: time.sleep(0.02)], repeats=2, warmup=0)
+    assert [len(t) for t in wall + cpu] == [2, 2, 2, 2]
+    assert all(c >= 0.02 for c in cpu[0]) and all(w >= 0.02 for w in wall[1])
+    assert all(c < 0.01 for c in cpu[1])  # sleeping is wall time, not CPU time
 
 
 def _touch_fresh_pages(n_bytes: int) -> None:
