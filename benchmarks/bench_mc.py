@@ -267,11 +267,11 @@ def to_markdown(res: dict[str, Any]) -> str:
            "## GEMM peaks (2048^3): GFLOP per CPU second (per wall second, median)", "",
            "| threads | fp32 torch.mm (MKL) | fp32 oneDNN | bf16 oneDNN | load |",
            "|---:|---:|---:|---:|---:|"]
-    for r in res["peaks"]:
+    for r in res.get("peaks", []):
         out.append(f"| {r['threads']} | {r['fp32_mkl_cpu']:.0f} ({r['fp32_mkl']:.0f}) | "
                    f"{r['fp32_onednn_cpu']:.0f} ({r['fp32_onednn']:.0f}) | "
                    f"{r['bf16_onednn_cpu']:.0f} ({r['bf16_onednn']:.0f}) | {r['load']:.1f} |")
-    pk = {r["threads"]: r for r in res["peaks"]}
+    pk = {r["threads"]: r for r in res.get("peaks", [])}
     out += ["", f"## score_pool throughput ({res['items']} images per call, all 7 metrics, "
             "top-10)", "",
             f"Each fused call includes building the folded weights once "
@@ -280,7 +280,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             "executed (masked-pass equivalent) | GFLOP per CPU s | fraction of the same-dtype "
             "oneDNN peak (CPU s) | speed-up vs masked passes (CPU s; wall) | load |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res["throughput"]:
+    for r in res.get("throughput", []):
         p = pk.get(r["threads"])
         key = "bf16_onednn_cpu" if "bf16" in r["method"] else "fp32_onednn_cpu"
         frac = f"{r['gflop_cpu_s'] / p[key]:.0%}" if p else ""
