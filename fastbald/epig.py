@@ -63,6 +63,12 @@ def _tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
     return x.detach(), False
 
 
+def _log_probs_tol(dtype: torch.dtype) -> float:
+    """How far from 0 the logsumexp of a sample may be for ``input='log_probs'`` (the input
+    dtype's rounding), in the PyTorch check and in the native op."""
+    return 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+
+
 def _probs(x: torch.Tensor, input: str, name: str, dtype: torch.dtype) -> torch.Tensor:
     """[N, K, C] probabilities in ``dtype``, checked: finite, and (``probs``) rows summing to 1."""
     if not x.is_floating_point():
@@ -95,7 +101,7 @@ def _probs(x: torch.Tensor, input: str, name: str, dtype: torch.dtype) -> torch.
         n, k = (int(v) for v in torch.isneginf(lse).squeeze(-1).nonzero()[0])
         raise ValueError(f"{name}: item {n}, sample {k} has every class at -inf (no probability mass)")
     if input == "log_probs":
-        tol = 5e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        tol = _log_probs_tol(x.dtype)
         off = lse.squeeze(-1).abs() > tol
         if bool(off.any()):
             n, k = (int(v) for v in off.nonzero()[0])
@@ -210,7 +216,7 @@ def _epig_native(
     bt = b_all.permute(0, 2, 1).reshape(N_t * C, K).contiguous()  # rows (t, c')
     w = (qbar / N_t).reshape(N_t * C).contiguous()
     if input == "log_probs":
-        tol = 5e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3  # as _probs
+        tol = _log_probs_tol(x.dtype)
     else:
         tol = math.inf  # logits: any offset; probs: checked by _probs, then passed as logs
     piece = max(items * 64, (16 << 20) // (K * C * (torch.finfo(dtype).bits // 8)))
