@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastbald.benchtools import PeakRSS, loadavg, machine_info, median_time, write_results
+from fastbald.benchtools import PeakRSS, fmt_ms, loadavg, machine_info, median_time, write_results
 
 FULL_SIZES = [(100_000, 20, 10), (1_000_000, 20, 10), (100_000, 20, 100), (10_000, 50, 1000)]
 QUICK_SIZES = [(20_000, 20, 10), (2_000, 20, 100)]
@@ -380,10 +380,6 @@ def _grid(res: dict) -> tuple[list[str], list[tuple[int, int, int]], dict]:
     return keys, sizes, cell
 
 
-def _fmt_ms(ms: float) -> str:
-    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
-
-
 def to_markdown(res: dict) -> str:
     keys, sizes, cell = _grid(res)
     m, v = res["machine"], res["versions"]
@@ -422,7 +418,7 @@ def to_markdown(res: dict) -> str:
         row = [METHODS[k].label, _INPUTS[METHODS[k].input][1]]
         for s in sizes:
             b = base(s)
-            row.append(status_or(cell.get((k, s)), lambda r, b=b: _fmt_ms(r["time_ms"]) + (
+            row.append(status_or(cell.get((k, s)), lambda r, b=b: fmt_ms(r["time_ms"]) + (
                 f" ({r['time_ms'] / b:.1f}×)" if b else "")))
         out.append("| " + " | ".join(row) + " |")
 
@@ -436,7 +432,7 @@ def to_markdown(res: dict) -> str:
             r = next((cell[(k, s)] for k in keys if (k, s) in cell and METHODS[k].input == kind
                       and cell[(k, s)].get("convert_ms") is not None), None)
             b = base(s)
-            row.append(_fmt_ms(r["convert_ms"]) + (f" ({r['convert_ms'] / b:.1f}×)" if b else "")
+            row.append(fmt_ms(r["convert_ms"]) + (f" ({r['convert_ms'] / b:.1f}×)" if b else "")
                        if r else "")
         out.append("| " + " | ".join(row) + " |")
 

@@ -42,6 +42,7 @@ import torch
 
 from fastbald.benchtools import (
     PeakRSS,
+    fmt_ms,
     interleaved_times,
     loadavg,
     machine_info,
@@ -222,10 +223,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _fmt_ms(ms: float) -> str:
-    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
-
-
 def to_markdown(res: dict) -> str:
     m = res["machine"]
     out = [
@@ -250,7 +247,7 @@ def to_markdown(res: dict) -> str:
             cells = []
             for t in threads:
                 r = next((r for r in st["rows"] if r["method"] == name and r["threads"] == t), None)
-                cells.append(f"{_fmt_ms(r['time_ms'])} ({r['x_topk']:.2f}×)" if r else "-")
+                cells.append(f"{fmt_ms(r['time_ms'])} ({r['x_topk']:.2f}×)" if r else "-")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     ep = res.get("epig")
@@ -278,7 +275,7 @@ def to_markdown(res: dict) -> str:
                     cells.append(r["status"])
                 else:
                     x = f" ({r['time_ms'] / base['time_ms']:.1f}×)" if base else ""
-                    cells.append(_fmt_ms(r["time_ms"]) + x)
+                    cells.append(fmt_ms(r["time_ms"]) + x)
                     if r.get("peak_extra_mb") is not None:
                         mem.append(r["peak_extra_mb"])
                     err = r.get("max_abs_err", err)

@@ -180,6 +180,11 @@ def interleaved_wall_cpu_times(
     return wall, cpu
 
 
+def fmt_ms(ms: float) -> str:
+    """A time in milliseconds for a table: 1,234 ms, 12.3 ms, 0.12 ms."""
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2f} ms"
+
+
 # ------------------------------------------------------------------------------------------------
 # Result files: one JSON per benchmark, markdown rendered from it
 # ------------------------------------------------------------------------------------------------
