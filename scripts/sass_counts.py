@@ -215,16 +215,9 @@ def parse_sass(text: str) -> dict[str, list[Ins]]:
 
 
 def innermost_loops(ins: list[Ins], labels: dict[str, int]) -> list[Loop]:
-    loops = []
-    for i, x in enumerate(ins):
-        if x.op.startswith("BRA"):
-            t = re.search(r"\(\.L_x_\d+\)", x.operands)
-            if t:
-                j = labels.get(t.group(0)[1:-1])
-                if j is not None and j <= i:
-                    loops.append((j, i))
-    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-    return [Loop(a, b) for a, b in sorted(set(inner))]
+    """The loops of :func:`all_loops` that contain no other loop."""
+    loops = all_loops(ins, labels)
+    return [Loop(a, b) for a, b in loops if not any(o != (a, b) and a <= o[0] and o[1] <= b for o in loops)]
 
 
 def all_loops(ins: list[Ins], labels: dict[str, int]) -> list[tuple[int, int]]:
