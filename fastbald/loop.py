@@ -760,7 +760,9 @@ class ActiveLearningLoop:
             g = _generator(p.seed, round_, _SEED_RANDOM)
             new = pool[torch.randperm(pool.numel(), generator=g)[: p.per_round]]
             return new.tolist(), time.perf_counter() - t0, int(pool.numel()), 0
-        stochastic = acq.rule in ("power", "softmax", "softrank")  # fastbald.stochastic, beta = 1
+        from .stochastic import MODES, stochastic_acquire  # imported lazily, as score_pool below
+
+        stochastic = acq.rule in MODES  # a stochastic batch acquisition, beta = 1
         if acq.rule == "batchbald":
             return self._acquire_batchbald(round_, pool, t0)
         if (acq.rule != "top_k" and not stochastic) or acq.metric is None:  # pragma: no cover
@@ -780,8 +782,6 @@ class ActiveLearningLoop:
             progress=self.score_progress,
         )
         if stochastic:
-            from .stochastic import stochastic_acquire
-
             picked = stochastic_acquire(res.scores.cpu(), p.per_round, acq.rule, 1.0, acq.metric,
                                         seed=self.round_seed(round_, _SEED_STOCHASTIC))
             return cand[picked].tolist(), time.perf_counter() - t0, int(pool.numel()), int(cand.numel())
