@@ -16,20 +16,17 @@ from __future__ import annotations
 import math
 import struct
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+import emulator_build
 import numpy as np
 import pytest
 import torch
+from emulator_build import EMU_ENV
+from test_batchbald import joint_mi, make_log_probs
 
 from fastbald import _ops
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import emulator_build  # noqa: E402
-from emulator_build import EMU_ENV  # noqa: E402
-from test_batchbald import joint_mi, make_log_probs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _ops.load()["native"], reason="native extension not built")
 
