@@ -4,6 +4,7 @@ beta = inf (top-k) and beta = 0 (uniform), the native kernel against the PyTorch
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -287,22 +288,99 @@ def test_native_softrank_equals_mode0_on_sorted_ranks():
             torch.testing.assert_close(got_k, want_k, rtol=1e-13, atol=1e-13)
 
 
+def _softrank_both_kernels(s: torch.Tensor, k: int, beta: float, seed: int):
+    """Mode 3 with the scalar loops forced, then with the AVX-512 loops (scalar again where the CPU
+    lacks AVX-512), and mode 0 fed the sort-based log-weights: three (indices, keys)."""
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
+    op = st._native_op()
+    out = []
+    try:
+        for kernel in (0, 1):
+            cpu._force_kernel(kernel)
+            out.append(op(s, k, 3, beta, st._signed(seed), 0.0))
+    finally:
+        cpu._force_kernel(-1)
+    lw = st._log_weights(s, "softrank", beta).contiguous()
+    out.append(op(lw, k, 0, beta, st._signed(seed), 0.0))
+    return out
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+def test_native_softrank_vectorized_equals_scalar_code():
+    """Softrank's three passes have AVX-512 loops (16 items per step, chosen at run time) beside the
+    scalar loops: both give the draw and keys of mode 0 on sort-based ranks, bit for bit, for
+    float32 and float64 pools with ties, signed zeros, distinct doubles that round to one float,
+    the largest score repeated, and lengths that are not a multiple of 16 (shorter than one step,
+    too)."""
+    g = torch.Generator().manual_seed(21)
+    n = 100_003
+    base = torch.rand(n, generator=g, dtype=torch.float64)
+    pools = {
+        "bald_like": (torch.rand(n, generator=g) ** 3 * math.log(10)).float(),
+        "ties": torch.randint(0, 50, (n,), generator=g).float(),
+        "signed": (torch.randn(n, generator=g) * (torch.rand(n, generator=g) > 0.2)).float(),
+        "decades": torch.exp(torch.randn(n, generator=g) * 20).float(),
+        "f64_mixed": base * 4 - 2,
+        # distinct doubles in groups of 64 that round to the same float: one bucket, many groups
+        "f64_subfloat": 1.0 + (torch.arange(n, dtype=torch.float64) % 64) * 1e-12 + (base > 0.5) * 1e-3,
+        "top_ties": torch.cat([torch.full((37,), 9.0), torch.rand(n - 37, generator=g)]).float(),
+    }
+    pools["signed"][::3] = -0.0
+    for length in (1, 15, 16, 17, 33, 1000):
+        pools[f"len{length}"] = torch.rand(length, generator=g)
+        pools[f"len{length}_f64"] = torch.rand(length, generator=g, dtype=torch.float64).floor_divide(0.25)
+    for name, s in pools.items():
+        N = s.shape[0]
+        for k, beta, seed in [(1, 1.0, 0), (min(N, 10), 1.0, 7), (min(N, 300), 2.0, 2**40 + 3), (min(N, 10), 0.1, 9),
+                              (min(N, 10), 30.0, 1)]:
+            (si, sk), (vi, vk), (wi, wk) = _softrank_both_kernels(s, k, beta, seed)
+            assert torch.equal(si, vi) and torch.equal(sk, vk), (name, k, beta, seed)
+            assert torch.equal(si, wi), (name, k, beta, seed)
+            torch.testing.assert_close(sk, wk, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_softrank_names_the_first_bad_item_with_either_kernel(dtype):
+    """The min/max pass (AVX-512: 64 floats / 32 doubles per step, then a scalar tail) is also the
+    finiteness check: a NaN or inf in the vector part or in the tail is found and named."""
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
+    op = st._native_op()
+    s = torch.rand(1000, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    try:
+        for kernel, bad, where in itertools.product((0, 1), (math.nan, math.inf, -math.inf), (5, 500, 998)):
+            cpu._force_kernel(kernel)
+            x = s.clone()
+            x[where] = bad
+            x[999] = bad
+            with pytest.raises(ValueError, match=f"pool item {where} "):
+                op(x, 3, 3, 1.0, 0, 0.0)
+    finally:
+        cpu._force_kernel(-1)
+
+
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built")
 def test_native_softrank_chunks_and_threads(monkeypatch):
     """Softrank above 2^20 items: the histogram, scan and rank passes split into thread chunks;
     same draw as one thread and as the PyTorch path (sort-based ranks)."""
     g = torch.Generator().manual_seed(12)
     s = (torch.rand((1 << 21) + 7, generator=g) * 5000).floor()  # ~420-way ties
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
     prev = torch.get_num_threads()
+    runs = []
     try:
-        torch.set_num_threads(1)
-        one = stochastic_acquire(s, 40, "softrank", 1.0, seed=3)
-        torch.set_num_threads(max(2, prev))
-        many = stochastic_acquire(s, 40, "softrank", 1.0, seed=3)
+        for kernel in (0, 1):  # scalar loops, AVX-512 loops (where the CPU has them)
+            cpu._force_kernel(kernel)
+            torch.set_num_threads(1)
+            runs.append(stochastic_acquire(s, 40, "softrank", 1.0, seed=3))
+            torch.set_num_threads(max(2, prev))
+            runs.append(stochastic_acquire(s, 40, "softrank", 1.0, seed=3))
     finally:
         torch.set_num_threads(prev)
+        cpu._force_kernel(-1)
     monkeypatch.setitem(st._NATIVE, "op", None)
-    assert torch.equal(one, many) and torch.equal(one, stochastic_acquire(s, 40, "softrank", 1.0, seed=3))
+    ref = stochastic_acquire(s, 40, "softrank", 1.0, seed=3)
+    assert all(torch.equal(r, ref) for r in runs)
 
 
 def test_disable_native_env_selects_the_torch_path(monkeypatch):

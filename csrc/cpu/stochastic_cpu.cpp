@@ -34,7 +34,19 @@
 #include <limits>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12 flags _mm512_undefined_ps() (`__m512 __Y = __Y;` in its own avx512fintrin.h) as
+// (maybe-)uninitialized once inlined: a known false positive (as in epig_cpu.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#define FB_SR_X86 1
+#else
+#define FB_SR_X86 0
+#endif
 
 namespace fastbald {
 namespace stochastic {
@@ -201,6 +213,10 @@ void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta,
 //      arrays.
 // The candidates' exact keys (the same double arithmetic as mode 0 on -beta (log r - log r_min),
 // so the same draw as mode 0 given those log-weights) then give the top k.
+// Each pass has a scalar loop and an AVX-512 one (16 items per step: order keys, buckets, the
+// splitmix64 noise class and the threshold by one permute, the bucket bitmap by a gather; chosen at
+// run time, use_avx512()); the vector loops only filter, and every item that passes goes through
+// the same scalar step, so both give the same candidates, counts and keys (tests force each).
 inline uint32_t order_key(float f) {
   f += 0.0f;  // -0.0 -> +0.0: equal scores, equal keys
   uint32_t b;
@@ -229,21 +245,33 @@ struct Cand {
   double g;  // Gumbel noise -log(E_i)
 };
 
-// Pass 2 over [begin, end): lo-heap of the k largest lower-bound keys, and the candidates.
-template <typename scalar_t>
-void rank_scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta, double shift,
-               uint64_t s0, const Buckets& bk, std::vector<Entry>& heap, std::vector<Cand>& cands) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  heap.clear();
-  heap.reserve(static_cast<size_t>(k));
+// Pass 2 over one chunk: lo-heap of the k largest lower-bound keys, and the candidates. visit() is
+// the whole per-item step; the loops (scalar below, AVX-512 further down) only skip the items that
+// fail the integer filter u < uthr[clz(m)], and visit() applies that same filter again (the vector
+// loop tests 16 items against the thresholds of the block's start): both loops make the same
+// sequence of heap updates, hence the same candidates.
+struct RankScan {
+  const Buckets& bk;
+  int64_t k;
+  double beta, shift;
+  std::vector<Entry> heap;
+  std::vector<Cand> cands;
   // An item can reach tau only if its bucket's rank_lo < R_c (clz class c); rank_lo decreases with
   // the bucket, so that is bucket >= b_c, i.e. order_key(x) >= uthr[c]: one integer compare.
+  // Always < 2^32 (or 2^40: no item); 0 while the heap is not full (every item).
   uint64_t uthr[64];
-  std::fill(uthr, uthr + 64, uint64_t{0});  // heap not full: every item
-  double tau = -kInf;
-  const double* rlo = bk.rank_lo.data();
-  const int64_t* cnt = bk.count.data();
-  auto refresh = [&]() {
+  double tau;
+  int64_t version = 0;  // bumped by each refresh
+
+  RankScan(const Buckets& b, int64_t k_, double beta_, double shift_)
+      : bk(b), k(k_), beta(beta_), shift(shift_), tau(-std::numeric_limits<double>::infinity()) {
+    heap.reserve(static_cast<size_t>(k));
+    std::fill(uthr, uthr + 64, uint64_t{0});
+  }
+
+  void refresh() {
+    constexpr double kInf = std::numeric_limits<double>::infinity();
+    const double* rlo = bk.rank_lo.data();
     tau = heap.front().key;
     for (int c = 0; c < 64; ++c) {
       const double lb = (c == 63 ? -54.0 : 10.0 - c) - 1e-3;
@@ -258,11 +286,15 @@ void rank_scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double 
       }
       uthr[c] = lo >= bk.nb ? (uint64_t{1} << 40) : static_cast<uint64_t>(bk.umin) + (static_cast<uint64_t>(lo) << bk.sh);
     }
-  };
-  for (int64_t i = begin; i < end; ++i) {
-    const uint64_t u = order_key(static_cast<float>(s[i]));
-    const uint64_t m = mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
-    if (u < uthr[__builtin_clzll(m | 1)]) continue;  // cannot reach tau
+    ++version;
+  }
+
+  // Item i with order key u and noise bits m (the 53 random bits of v). Not inlined: its double
+  // arithmetic must round the same way in every caller (no FMA contraction in the AVX-512 loop).
+  __attribute__((noinline)) void visit(int64_t i, uint64_t u, uint64_t m) {
+    if (u < uthr[__builtin_clzll(m | 1)]) return;  // cannot reach tau
+    const double* rlo = bk.rank_lo.data();
+    const int64_t* cnt = bk.count.data();
     const int64_t b = static_cast<int64_t>((u - bk.umin) >> bk.sh);
     const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;
     const double g = -std::log(-std::log1p(-v));
@@ -282,11 +314,311 @@ void rank_scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double 
       refresh();
     }
   }
+};
+
+inline uint64_t noise_bits(uint64_t s0, int64_t i) {
+  return mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
+}
+
+template <typename scalar_t>
+void rank_scan(const scalar_t* s, int64_t begin, int64_t end, uint64_t s0, RankScan& rs) {
+  for (int64_t i = begin; i < end; ++i) {
+    const uint64_t u = order_key(static_cast<float>(s[i]));
+    const uint64_t m = noise_bits(s0, i);
+    if (u < rs.uthr[__builtin_clzll(m | 1)]) continue;  // cannot reach tau
+    rs.visit(i, u, m);
+  }
+}
+
+// Pass 3 state: the candidates' distinct values ("groups", sorted by bucket then value, then one
+// sentinel equal to the last), where each bucket's groups start (gfirst, -1: none) and how many
+// (gnum), a bitmap of the buckets with groups. The sentinel differs from every value that is larger
+// than all groups of its bucket (the next bucket's values differ from it; the last bucket's first
+// value after its groups is larger than the last group).
+template <typename scalar_t>
+struct Groups {
+  std::vector<scalar_t> gval;
+  std::vector<int64_t> gbucket;
+  std::vector<int32_t> gfirst, gnum;
+  std::vector<uint32_t> has;
+};
+
+// Item with value v in bucket b (a bucket with groups): it is greater than the groups
+// [f, f + pos) of its bucket (difference array d) and equal to group f + pos if that has value v.
+// Branch-free lower bound over the bucket's groups.
+template <typename scalar_t>
+inline void rank_count(const Groups<scalar_t>& gr, scalar_t v, size_t b, int64_t* d, int64_t* q) {
+  const int32_t f = gr.gfirst[b];
+  const scalar_t* first = gr.gval.data() + f;
+  const scalar_t* base = first;
+  int64_t n = gr.gnum[b];
+  while (n > 1) {
+    const int64_t half = n / 2;
+    base = base[half] < v ? base + half : base;
+    n -= half;
+  }
+  const int64_t pos = (base - first) + (*base < v);
+  ++d[f];
+  --d[f + pos];
+  q[f + pos] += first[pos] == v;  // gval has a sentinel: first[gnum] != v
+}
+
+template <typename scalar_t>
+void rank_pass(const scalar_t* s, int64_t begin, int64_t end, const Buckets& bk, const Groups<scalar_t>& gr,
+               int64_t* d, int64_t* q) {
+  const uint32_t* has = gr.has.data();
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t v = s[i];
+    const size_t b = static_cast<size_t>(bk.of(v));
+    if (!((has[b >> 5] >> (b & 31)) & 1)) continue;
+    rank_count(gr, v, b, d, q);
+  }
+}
+
+// Pass 1 over [begin, end): histogram into h (4 interleaved sub-histograms of nb counts: consecutive
+// items in one bucket do not wait on each other's increment; uint32: a chunk has < 2^32 items per
+// sub-histogram); returns the number of items equal to hi.
+template <typename scalar_t>
+int64_t hist_pass(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk, scalar_t hi, uint32_t* h) {
+  const size_t nb = static_cast<size_t>(bk.nb);
+  int64_t nm = 0;
+  for (; i + 4 <= e; i += 4) {
+    ++h[static_cast<size_t>(bk.of(s[i]))];
+    ++h[nb + static_cast<size_t>(bk.of(s[i + 1]))];
+    ++h[2 * nb + static_cast<size_t>(bk.of(s[i + 2]))];
+    ++h[3 * nb + static_cast<size_t>(bk.of(s[i + 3]))];
+    nm += (s[i] == hi) + (s[i + 1] == hi) + (s[i + 2] == hi) + (s[i + 3] == hi);
+  }
+  for (; i < e; ++i) {
+    ++h[static_cast<size_t>(bk.of(s[i]))];
+    nm += s[i] == hi;
+  }
+  return nm;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 versions of the three passes' per-item work (16 items per step; the tail of a chunk,
+// fewer than 16 items, goes through the scalar loops above). Integer and compare work only: every
+// double that reaches a key is computed by the shared scalar code (visit(), the final keys).
+// ---------------------------------------------------------------------------------------------
+#if FB_SR_X86
+#define FB_SR_AVX512 __attribute__((target("avx512f,avx512dq,avx512cd,avx512bw,avx512vl")))
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// order_key(float(p[j])) for j < 16.
+template <typename scalar_t>
+FB_SR_AVX512 inline __m512i order_keys16(const scalar_t* p) {
+  __m512 f;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    f = _mm512_loadu_ps(p);
+  } else {
+    const __m256 a = _mm512_cvtpd_ps(_mm512_loadu_pd(p));  // rounds to nearest, as static_cast
+    const __m256 b = _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8));
+    f = _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+  }
+  const __m512i bits = _mm512_castps_si512(_mm512_add_ps(f, _mm512_setzero_ps()));  // -0 -> +0
+  // negative: ~bits; else bits | sign bit
+  return _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// Bit j: p[j] == x, j < 16.
+template <typename scalar_t>
+FB_SR_AVX512 inline uint32_t equal16(const scalar_t* p, scalar_t x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(x), _CMP_EQ_OQ);
+  } else {
+    const __m512d xv = _mm512_set1_pd(x);
+    return static_cast<uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p), xv, _CMP_EQ_OQ)) |
+           (static_cast<uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p + 8), xv, _CMP_EQ_OQ)) << 8);
+  }
+}
+
+// min, max and finiteness of p[0, n) (as minmax_serial).
+template <typename scalar_t>
+FB_SR_AVX512 bool minmax_avx512(const scalar_t* p, int64_t n, double& lo, double& hi) {
+  constexpr int W = 64 / sizeof(scalar_t);
+  if (n < 4 * W) return minmax_serial(p, n, lo, hi);
+  bool ok = true;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __m512 l[4], h[4];
+    __mmask16 fin = 0xFFFF;
+    const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+    for (int j = 0; j < 4; ++j) l[j] = h[j] = _mm512_loadu_ps(p + j * W);
+    int64_t i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_loadu_ps(p + i + j * W);
+        l[j] = _mm512_min_ps(l[j], v);
+        h[j] = _mm512_max_ps(h[j], v);
+        fin &= _mm512_cmp_ps_mask(_mm512_abs_ps(v), big, _CMP_LE_OQ);
+      }
+    }
+    ok = fin == 0xFFFF;
+    double l2 = 0, h2 = 0;
+    const bool ok2 = i == n || minmax_serial(p + i, n - i, l2, h2);
+    const __m512 lv = _mm512_min_ps(_mm512_min_ps(l[0], l[1]), _mm512_min_ps(l[2], l[3]));
+    const __m512 hv = _mm512_max_ps(_mm512_max_ps(h[0], h[1]), _mm512_max_ps(h[2], h[3]));
+    lo = static_cast<double>(_mm512_reduce_min_ps(lv));
+    hi = static_cast<double>(_mm512_reduce_max_ps(hv));
+    if (i < n) {
+      ok = ok && ok2;
+      lo = std::min(lo, l2);
+      hi = std::max(hi, h2);
+    }
+  } else {
+    __m512d l[4], h[4];
+    __mmask8 fin = 0xFF;
+    const __m512d big = _mm512_set1_pd(std::numeric_limits<double>::max());
+    for (int j = 0; j < 4; ++j) l[j] = h[j] = _mm512_loadu_pd(p + j * W);
+    int64_t i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512d v = _mm512_loadu_pd(p + i + j * W);
+        l[j] = _mm512_min_pd(l[j], v);
+        h[j] = _mm512_max_pd(h[j], v);
+        fin &= _mm512_cmp_pd_mask(_mm512_abs_pd(v), big, _CMP_LE_OQ);
+      }
+    }
+    ok = fin == 0xFF;
+    double l2 = 0, h2 = 0;
+    const bool ok2 = i == n || minmax_serial(p + i, n - i, l2, h2);
+    const __m512d lv = _mm512_min_pd(_mm512_min_pd(l[0], l[1]), _mm512_min_pd(l[2], l[3]));
+    const __m512d hv = _mm512_max_pd(_mm512_max_pd(h[0], h[1]), _mm512_max_pd(h[2], h[3]));
+    lo = _mm512_reduce_min_pd(lv);
+    hi = _mm512_reduce_max_pd(hv);
+    if (i < n) {
+      ok = ok && ok2;
+      lo = std::min(lo, l2);
+      hi = std::max(hi, h2);
+    }
+  }
+  return ok;
+}
+
+template <typename scalar_t>
+FB_SR_AVX512 int64_t hist_pass_avx512(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk, scalar_t hi,
+                                      uint32_t* h) {
+  const size_t nb = static_cast<size_t>(bk.nb);
+  const __m512i vmin = _mm512_set1_epi32(static_cast<int>(bk.umin));
+  const __m128i vsh = _mm_cvtsi32_si128(bk.sh);
+  alignas(64) uint32_t buf[16];
+  int64_t nm = 0;
+  for (; i + 16 <= e; i += 16) {
+    _mm512_store_si512(buf, _mm512_srl_epi32(_mm512_sub_epi32(order_keys16(s + i), vmin), vsh));
+    nm += __builtin_popcount(equal16(s + i, hi));
+    for (int j = 0; j < 16; j += 4) {
+      ++h[buf[j]];
+      ++h[nb + buf[j + 1]];
+      ++h[2 * nb + buf[j + 2]];
+      ++h[3 * nb + buf[j + 3]];
+    }
+  }
+  return nm + hist_pass(s, i, e, bk, hi, h);
+}
+
+// mix64 on 8 lanes, then clz of the top 53 bits (| 1), as 8 uint64.
+FB_SR_AVX512 inline __m512i noise_class8(__m512i z) {
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ull)));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBull)));
+  z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+  return _mm512_lzcnt_epi64(_mm512_or_si512(_mm512_srli_epi64(z, 11), _mm512_set1_epi64(1)));
+}
+
+// The scan's filter on 16 items at a time: class c = clz in [11, 63]; the thresholds of classes
+// 11..41 sit in two registers (one permute), an item of class >= 42 (probability 2^-31) always
+// goes to visit(), which tests it exactly.
+template <typename scalar_t>
+FB_SR_AVX512 void rank_scan_avx512(const scalar_t* s, int64_t begin, int64_t end, uint64_t s0, RankScan& rs) {
+  alignas(64) uint32_t t32[32];
+  __m512i tlo, thi;
+  int64_t seen;
+#define FB_SR_LOAD_THRESHOLDS()                                                                     \
+  do {                                                                                              \
+    for (int j = 0; j < 32; ++j) t32[j] = static_cast<uint32_t>(std::min<uint64_t>(rs.uthr[11 + j], 0xFFFFFFFFu)); \
+    tlo = _mm512_load_si512(t32);                                                                   \
+    thi = _mm512_load_si512(t32 + 16);                                                              \
+    seen = rs.version;                                                                              \
+  } while (0)
+  FB_SR_LOAD_THRESHOLDS();
+  int64_t i = begin;
+  // z of items i .. i + 7 and i + 8 .. i + 15 (wrapping, as noise_bits).
+  const __m512i lane = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);
+  const __m512i gam = _mm512_set1_epi64(static_cast<int64_t>(kGamma));
+  __m512i zlo = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(s0 + static_cast<uint64_t>(i) * kGamma)),
+                                 _mm512_mullo_epi64(lane, gam));
+  __m512i zhi = _mm512_add_epi64(zlo, _mm512_set1_epi64(static_cast<int64_t>(8 * kGamma)));
+  const __m512i step = _mm512_set1_epi64(static_cast<int64_t>(16 * kGamma));
+  const __m512i c11 = _mm512_set1_epi32(11), c42 = _mm512_set1_epi32(42);
+  for (; i + 16 <= end; i += 16) {
+    const __m512i u = order_keys16(s + i);
+    const __m256i clo = _mm512_cvtepi64_epi32(noise_class8(zlo));
+    const __m256i chi = _mm512_cvtepi64_epi32(noise_class8(zhi));
+    zlo = _mm512_add_epi64(zlo, step);
+    zhi = _mm512_add_epi64(zhi, step);
+    const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(clo), chi, 1);
+    const __m512i thr = _mm512_permutex2var_epi32(tlo, _mm512_sub_epi32(_mm512_min_epu32(c, c42), c11), thi);
+    uint32_t mask = _mm512_cmpge_epu32_mask(u, thr) | _mm512_cmpge_epu32_mask(c, c42);
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const int64_t ij = i + j;
+      rs.visit(ij, order_key(static_cast<float>(s[ij])), noise_bits(s0, ij));
+    }
+    if (seen != rs.version) FB_SR_LOAD_THRESHOLDS();
+  }
+#undef FB_SR_LOAD_THRESHOLDS
+  rank_scan(s, i, end, s0, rs);
+}
+
+template <typename scalar_t>
+FB_SR_AVX512 void rank_pass_avx512(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
+                                   const Groups<scalar_t>& gr, int64_t* d, int64_t* q) {
+  const __m512i vmin = _mm512_set1_epi32(static_cast<int>(bk.umin));
+  const __m128i vsh = _mm_cvtsi32_si128(bk.sh);
+  const __m512i c31 = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
+  const int* has = reinterpret_cast<const int*>(gr.has.data());
+  for (; i + 16 <= e; i += 16) {
+    const __m512i b = _mm512_srl_epi32(_mm512_sub_epi32(order_keys16(s + i), vmin), vsh);
+    const __m512i w = _mm512_i32gather_epi32(_mm512_srli_epi32(b, 5), has, 4);
+    uint32_t mask = _mm512_test_epi32_mask(_mm512_srlv_epi32(w, _mm512_and_si512(b, c31)), one);
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const scalar_t v = s[i + j];
+      rank_count(gr, v, static_cast<size_t>(bk.of(v)), d, q);
+    }
+  }
+  rank_pass(s, i, e, bk, gr, d, q);
+}
+#else
+bool has_avx512() { return false; }
+#endif
+
+// -1: automatic; 0: scalar code; 1: AVX-512 where the CPU has it (tests compare the two).
+std::atomic<int> g_force_kernel{-1};
+
+bool use_avx512() {
+  const int f = g_force_kernel.load();
+  return f < 0 ? has_avx512() : (f == 1 && has_avx512());
+}
+
+template <typename scalar_t>
+bool minmax_any(const scalar_t* p, int64_t n, double& lo, double& hi, bool vec) {
+#if FB_SR_X86
+  if (vec) return minmax_avx512(p, n, lo, hi);
+#endif
+  return minmax_serial(p, n, lo, hi);
 }
 
 template <typename scalar_t>
 std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, int64_t N, int64_t k,
-                                 double beta, uint64_t s0, int64_t grain) {
+                                 double beta, uint64_t s0, int64_t grain, bool vec) {
   Buckets bk;
   bk.umin = order_key(static_cast<float>(lo));
   const uint32_t range = order_key(static_cast<float>(hi)) - bk.umin;
@@ -297,22 +629,16 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
   std::atomic<int64_t> n_max{0};
   std::mutex mu;
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    // Four interleaved histograms: consecutive items in one bucket do not wait on each other's
-    // increment. uint32: a chunk has < 2^32 items per sub-histogram.
     const size_t nb = static_cast<size_t>(bk.nb);
     std::vector<uint32_t> h(4 * nb, 0);
-    int64_t nm = 0;
-    int64_t i = b;
-    for (; i + 4 <= e; i += 4) {
-      ++h[static_cast<size_t>(bk.of(s[i]))];
-      ++h[nb + static_cast<size_t>(bk.of(s[i + 1]))];
-      ++h[2 * nb + static_cast<size_t>(bk.of(s[i + 2]))];
-      ++h[3 * nb + static_cast<size_t>(bk.of(s[i + 3]))];
-      nm += (s[i] == hi) + (s[i + 1] == hi) + (s[i + 2] == hi) + (s[i + 3] == hi);
-    }
-    for (; i < e; ++i) {
-      ++h[static_cast<size_t>(bk.of(s[i]))];
-      nm += s[i] == hi;
+    int64_t nm;
+#if FB_SR_X86
+    if (vec) {
+      nm = hist_pass_avx512(s, b, e, bk, hi, h.data());
+    } else
+#endif
+    {
+      nm = hist_pass(s, b, e, bk, hi, h.data());
     }
     n_max += nm;
     std::lock_guard<std::mutex> lock(mu);
@@ -329,12 +655,18 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
   std::vector<Entry> lo_all;
   std::vector<Cand> cands;
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-    std::vector<Entry> heap;
-    std::vector<Cand> c;
-    rank_scan<scalar_t>(s, b, e, k, beta, shift, s0, bk, heap, c);
+    RankScan rs(bk, k, beta, shift);
+#if FB_SR_X86
+    if (vec) {
+      rank_scan_avx512(s, b, e, s0, rs);
+    } else
+#endif
+    {
+      rank_scan(s, b, e, s0, rs);
+    }
     std::lock_guard<std::mutex> lock(mu);
-    lo_all.insert(lo_all.end(), heap.begin(), heap.end());
-    cands.insert(cands.end(), c.begin(), c.end());
+    lo_all.insert(lo_all.end(), rs.heap.begin(), rs.heap.end());
+    cands.insert(cands.end(), rs.cands.begin(), rs.cands.end());
   });
   std::partial_sort(lo_all.begin(), lo_all.begin() + k, lo_all.end(), better);
   const double tau = lo_all[static_cast<size_t>(k - 1)].key;
@@ -349,43 +681,38 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
     const int64_t ba = bk.of(s[a.idx]), bb = bk.of(s[b.idx]);
     return ba != bb ? ba < bb : s[a.idx] < s[b.idx];
   });
-  std::vector<scalar_t> gval;
-  std::vector<int64_t> gbucket, cand_group(keep.size());
+  Groups<scalar_t> gr;
+  std::vector<int64_t> cand_group(keep.size());
   for (size_t j = 0; j < keep.size(); ++j) {
     const scalar_t v = s[keep[j].idx];
     const int64_t b = bk.of(v);
-    if (gval.empty() || gbucket.back() != b || gval.back() != v) {
-      gval.push_back(v);
-      gbucket.push_back(b);
+    if (gr.gval.empty() || gr.gbucket.back() != b || gr.gval.back() != v) {
+      gr.gval.push_back(v);
+      gr.gbucket.push_back(b);
     }
-    cand_group[j] = static_cast<int64_t>(gval.size()) - 1;
+    cand_group[j] = static_cast<int64_t>(gr.gval.size()) - 1;
   }
-  const int64_t G = static_cast<int64_t>(gval.size());
-  std::vector<int32_t> gfirst(static_cast<size_t>(bk.nb), -1), gnum(static_cast<size_t>(bk.nb), 0);
+  const int64_t G = static_cast<int64_t>(gr.gval.size());
+  gr.gval.push_back(gr.gval.back());  // the sentinel (G >= 1: keep holds >= k >= 1 candidates)
+  gr.gfirst.assign(static_cast<size_t>(bk.nb), -1);
+  gr.gnum.assign(static_cast<size_t>(bk.nb), 0);
+  gr.has.assign(static_cast<size_t>((bk.nb + 31) / 32), 0);  // buckets with candidates
   for (int64_t g = 0; g < G; ++g) {
-    const size_t b = static_cast<size_t>(gbucket[static_cast<size_t>(g)]);
-    if (gfirst[b] < 0) gfirst[b] = static_cast<int32_t>(g);
-    ++gnum[b];
+    const size_t b = static_cast<size_t>(gr.gbucket[static_cast<size_t>(g)]);
+    if (gr.gfirst[b] < 0) gr.gfirst[b] = static_cast<int32_t>(g);
+    ++gr.gnum[b];
+    gr.has[b >> 5] |= uint32_t{1} << (b & 31);
   }
-  std::vector<uint64_t> has(static_cast<size_t>((bk.nb + 63) / 64), 0);  // buckets with candidates
-  for (int64_t g = 0; g < G; ++g) {
-    const uint64_t b = static_cast<uint64_t>(gbucket[static_cast<size_t>(g)]);
-    has[b >> 6] |= uint64_t{1} << (b & 63);
-  }
-  std::vector<int64_t> diff(static_cast<size_t>(G) + 1, 0), eq(static_cast<size_t>(G), 0);
+  std::vector<int64_t> diff(static_cast<size_t>(G) + 1, 0), eq(static_cast<size_t>(G) + 1, 0);
   at::parallel_for(0, N, grain, [&](int64_t b0, int64_t e0) {
-    std::vector<int64_t> d(static_cast<size_t>(G) + 1, 0), q(static_cast<size_t>(G), 0);
-    for (int64_t i = b0; i < e0; ++i) {
-      const scalar_t v = s[i];
-      const size_t b = static_cast<size_t>(bk.of(v));
-      if (!((has[b >> 6] >> (b & 63)) & 1)) continue;
-      const int32_t f = gfirst[b];
-      const scalar_t* first = gval.data() + f;
-      const int64_t pos = std::lower_bound(first, first + gnum[b], v) - first;
-      // item i is greater than the groups [f, f + pos) of its bucket
-      ++d[static_cast<size_t>(f)];
-      --d[static_cast<size_t>(f + pos)];
-      if (pos < gnum[b] && first[pos] == v) ++q[static_cast<size_t>(f + pos)];
+    std::vector<int64_t> d(static_cast<size_t>(G) + 1, 0), q(static_cast<size_t>(G) + 1, 0);
+#if FB_SR_X86
+    if (vec) {
+      rank_pass_avx512(s, b0, e0, bk, gr, d.data(), q.data());
+    } else
+#endif
+    {
+      rank_pass(s, b0, e0, bk, gr, d.data(), q.data());
     }
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t g = 0; g <= G; ++g) diff[static_cast<size_t>(g)] += d[static_cast<size_t>(g)];
@@ -395,7 +722,7 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
   int64_t run = 0;
   for (int64_t g = 0; g < G; ++g) {
     run += diff[static_cast<size_t>(g)];
-    const double greater = bk.rank_lo[static_cast<size_t>(gbucket[static_cast<size_t>(g)])] - 1.0 + static_cast<double>(run);
+    const double greater = bk.rank_lo[static_cast<size_t>(gr.gbucket[static_cast<size_t>(g)])] - 1.0 + static_cast<double>(run);
     log_rank[static_cast<size_t>(g)] = std::log(greater + (static_cast<double>(eq[static_cast<size_t>(g)]) + 1.0) / 2.0);
   }
   std::vector<Entry> out;
@@ -440,10 +767,11 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       // min and max are finite iff every score is (a NaN fails minmax_serial's check and propagates
       // through aminmax): the exact search for the first bad item only when they are not.
       const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
+      const bool vec = use_avx512();
       double lo, hi;
       bool finite = true;
       if (N < 2 * grain) {  // every pass is serial then: so is this one
-        finite = minmax_serial(p, N, lo, hi);
+        finite = minmax_any(p, N, lo, hi, vec);
       } else {
         const auto mm = at::aminmax(x);
         lo = std::get<0>(mm).item<double>();
@@ -454,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
         first_bad = bad;
       } else {
         all = softrank_topk<scalar_t>(static_cast<scalar_t>(lo), static_cast<scalar_t>(hi), p, N, k, beta,
-                                      s0, grain);
+                                      s0, grain, vec);
       }
     });
   } else if (k > 0) {
@@ -541,9 +869,25 @@ TORCH_LIBRARY_IMPL(fastbald, CPU, m) {
 }
 
 extern "C" {
+static PyObject* fb_sr_vectorized(PyObject*, PyObject*) {
+  if (fastbald::stochastic::use_avx512()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+static PyObject* fb_sr_force_kernel(PyObject*, PyObject* arg) {
+  const long k = PyLong_AsLong(arg);
+  if (k == -1 && PyErr_Occurred()) return nullptr;
+  fastbald::stochastic::g_force_kernel = static_cast<int>(k);
+  Py_RETURN_NONE;
+}
+static PyMethodDef fb_sr_methods[] = {
+    {"vectorized", fb_sr_vectorized, METH_NOARGS,
+     "True when fastbald::stochastic_topk (softrank) runs its AVX-512 code on this CPU."},
+    {"_force_kernel", fb_sr_force_kernel, METH_O,
+     "Force the code path: -1 automatic, 0 scalar, 1 AVX-512 where available (tests)."},
+    {nullptr, nullptr, 0, nullptr}};
 PyMODINIT_FUNC PyInit__stochastic_cpu(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_stochastic_cpu", nullptr, -1,
-                                          nullptr};
+                                          fb_sr_methods};
   return PyModule_Create(&module_def);
 }
 }
