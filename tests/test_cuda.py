@@ -1303,6 +1303,11 @@ def _item_cases() -> list[Case]:
             plan={"force_path": ITEM, "row_lanes": 4},
         ),
         Case("item-scale50", (21, 6, 10), scale=50.0),
+        # One pass, the lane's first row as the mean-KL shift: a first row that confidently
+        # disagrees with the others (its log-prob of their class -30 / -85 nats; the shift's floor).
+        Case("item-disagree30", (24, 100, 10), special="disagree30"),
+        Case("item-disagree85-G1", (16, 20, 10), special="disagree85", plan={"force_path": ITEM, "row_lanes": 1}),
+        Case("item-disagree85-bf16", (24, 40, 8), torch.bfloat16, special="disagree85"),
         Case("item-scale0.01", (21, 6, 16), scale=0.01),
         Case("item-log_probs", (40, 6, 8), kind="log_probs"),
     ]
@@ -1338,6 +1343,22 @@ def test_emulated_item_kernel_matches_reference(emulator: Path, case: Case) -> N
         if case.plan.get("row_lanes"):
             assert info["row_lanes"] == case.plan["row_lanes"]
         check_against_reference(case, x, out)
+
+
+def test_emulated_item_kernel_identical_samples(emulator: Path) -> None:
+    """README: BALD <= 1e-6 when all T samples are equal. The one-pass item kernel's shifted sums
+    cancel exactly for identical rows (U = 0, V ~ 0): BALD and mean_std stay at the rounding of
+    pbar, for 1, 2 and 4 lanes per item and logits of scale 1e-2 ... 50."""
+    for G, (N, T, C), scale in [(1, (16, 20, 10), 3.0), (2, (16, 60, 16), 50.0), (4, (16, 37, 5), 0.01),
+                                (1, (16, 9, 2), 20.0)]:
+        case = Case(f"ident-G{G}", (N, T, C), special="identical", scale=scale,
+                    plan={"force_path": ITEM, "row_lanes": G})
+        x = make_input(case)
+        info, out = emu_run(emulator, x, **_emu_plan(case))
+        assert (info["status"], info["path"], info["row_lanes"]) == (0, ITEM, G), info
+        ref = oracle(x.to(torch.float64), case.kind)
+        assert (out[2].double() - ref[2]).abs().max().item() <= 1e-6, case.id  # bald
+        assert (out[4].double() - ref[4]).abs().max().item() <= 1e-6, case.id  # mean_std
 
 
 def test_emulated_item_kernel_bad_items(emulator: Path) -> None:

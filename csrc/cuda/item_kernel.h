@@ -181,7 +181,72 @@ struct ItemKernel {
     }
   }
 
+  // Floor of the mean-KL shift K (bits), as the strip kernel's kShiftFloor (strip_kernel.h): a
+  // reference row that confidently disagrees with the others (lp2 ~ -40 .. -125 of their class)
+  // would otherwise make every term p (lp2 - K) ~ |K| p and U cancel against S (log2 pbar - K).
+  static constexpr float kShiftFloor = -8.0f;
+
+  // One row of a lane (C logits in registers, from the float tile): the max (NaN-propagating) and
+  // argmax, d2 = max(z log2 e - m log2 e, exp_floor log2 e), e = 2^d2, s = sum e, log2 s, 1/s;
+  // with p = e / s and lp2 = d2 - log2 s the accumulators
+  //   S_c += p,   V_c += (p - p0_c)^2,   u += sum_c p (lp2 - K_c)
+  // where the mean-KL shift K_c = Kd_c - ls0 (ls0: log2 s of the lane's first row, Kd_c: its d2
+  // floored at ls0 + kShiftFloor, i.e. K_c = its lp2 floored at kShiftFloor bits) and p0_c its p:
+  // the first row (kFirst) sets them. The mean-KL needs only the class sum of U, so it is summed
+  // per row, in the exponent's units: sum_c p (lp2 - K_c) = (1/s) sum_c e (d2 - Kd_c) - (log2 s -
+  // ls0) (sum_c p = 1): one FADD and one FFMA per logit, no per-class U. Identical rows give
+  // d2 = Kd_c and log2 s = ls0 exactly (u = 0). Returns the argmax (the row's vote); an invalid row
+  // (max NaN / +inf / -inf) makes s, hence every sum, NaN.
+  template <bool kFirst>
+  FB_DEV static int row(const float* rowp, float (&Kd)[C], float (&P0)[C], float& ls0, float (&Sa)[C],
+                        float (&Va)[C], float& Ut) {
+    using namespace math;
+    float z[C], e[C];
+    item::load_row<C>(rowp, z);
+    int arg = 0;
+    const float m = row_max_arg_n<C, true>(z, arg);
+    float s, a2;
+    row_exp2_n<C, false>(z, m, e, s, a2);
+    if (row_nonfinite(m)) s = std::numeric_limits<float>::quiet_NaN();
+    const float inv = fast_rcp(s), ls2 = fast_log2(s);
+    if constexpr (kFirst) {
+      ls0 = ls2;
+      FB_UNROLL
+      for (int c = 0; c < C; ++c) {
+        Kd[c] = std::fmax(z[c], ls2 + kShiftFloor);
+        P0[c] = e[c] * inv;
+      }
+    }
+    float u = 0.0f;
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) {
+      u = std::fma(e[c], z[c] - Kd[c], u);
+      Sa[c] = std::fma(e[c], inv, Sa[c]);
+      const float dv = std::fma(e[c], inv, -P0[c]);
+      Va[c] = std::fma(dv, dv, Va[c]);
+    }
+    Ut += std::fma(u, inv, ls0 - ls2);
+    return arg;
+  }
+
+  // Adds the F-bit vote fields of acc to the 16-bit counters cnt[].
+  FB_DEV static void unpack(uint64_t acc, uint32_t (&cnt)[NP]) {
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) {
+      const uint32_t v = static_cast<uint32_t>(acc >> (kVoteBits * c)) & kVoteRows;
+      cnt[c / 2] += v << (16 * (c & 1));
+    }
+  }
+
   // ---- 2.-5. one item per group of G lanes ----
+  // One pass over the item's rows (no write-back, no second pass): lane l of the group streams
+  // its rows l, l + G, ... from the tile through row(); with its first row as the reference
+  // (K_c, p0_c) and n_l rows, per class (bits), with U = the lane's sum of u:
+  //   sum_c sum_t p (lp2 - log2 pbar_c) = U - sum_c S_c (log2 pbar_c - K_c)
+  //   sum_t (p - pbar_c)^2              = V_c - 2 d (S_c - n_l p0_c) + n_l d^2,   d = pbar_c - p0_c
+  //   sum_t sum_c p lp2                 = U + sum_c K_c S_c   (minus the lane's row entropies)
+  // exactly; in floating point the shifted sums cancel only in proportion to the spread of the
+  // lane's rows around its first one (identical samples: U = 0 and V = 0 exactly).
   FB_DEV static void items(const Params& P, float* tile, int64_t n0, int kc, int tid) {
     using namespace math;
     const int G = P.row_lanes;
@@ -190,63 +255,47 @@ struct ItemKernel {
     const bool active = j < kc;
     const int T = static_cast<int>(P.T);
     const int Te = active ? T : 0;  // an idle group still takes part in the shuffles
-    float* it = tile + (active ? j : 0) * P.it_stride;
-    const Needs needs(P.metrics, P.kind);
-    const bool need_vr = (P.metrics & (1 << kVariationRatio)) != 0;
-    const bool second = needs.second;
+    const float* it = tile + (active ? j : 0) * P.it_stride;
     const float inv_T = static_cast<float>(P.inv_T);
 
-    float pb[C];
+    float Kd[C], P0[C], Sa[C], Va[C];
+    float ls0 = 0.0f, Ut = 0.0f;
     uint32_t cnt[NP];
     FB_UNROLL
-    for (int c = 0; c < C; ++c) pb[c] = 0.0f;
+    for (int c = 0; c < C; ++c) Kd[c] = P0[c] = Sa[c] = Va[c] = 0.0f;
     FB_UNROLL
     for (int i = 0; i < NP; ++i) cnt[i] = 0u;
-    float h = 0.0f;
-    // Pass 1. Votes: one 64-bit add per row into F-bit fields of the lane's class counts
-    // (F = 64 / C bits, so at most R = 2^F - 1 rows per field), unpacked into 16-bit fields of
-    // cnt[] after every R rows of the lane.
+    // Votes: one 64-bit add per row into F-bit fields of the lane's class counts (F = 64 / C
+    // bits, so at most R = 2^F - 1 rows per field), unpacked into 16-bit fields of cnt[] after
+    // every R rows of the lane. The lane's first row (the shifts) is the first vote of the first
+    // block.
     uint64_t acc = 0;
-    for (int t0 = l; t0 < Te; t0 += G * kVoteRows) {
-      const int t1 = Te < t0 + G * kVoteRows ? Te : t0 + G * kVoteRows;
-      for (int t = t0; t < t1; t += G) {
-        float* row = it + t * C;
-        float z[C], e[C];
-        item::load_row<C>(row, z);
-        int arg = 0;
-        const float m = need_vr ? row_max_arg_n<C, true>(z, arg) : row_max_arg_n<C, false>(z, arg);
-        float s, a2;
-        row_exp2_n<C, true>(z, m, e, s, a2);
-        // An invalid row (max NaN / +inf / -inf) makes s, hence pbar, NaN: detected once per item.
-        if (row_nonfinite(m)) s = std::numeric_limits<float>::quiet_NaN();
-        const float inv = fast_rcp(s), ls2 = fast_log2(s);
-        h += row_entropy2(ls2, a2, inv);
-        FB_UNROLL
-        for (int c = 0; c < C; ++c) {
-          pb[c] += e[c] * inv;
-          z[c] -= ls2;
-        }
-        if (second) item::store_row<C>(row, z);
-        acc += uint64_t(1) << (kVoteBits * arg);
-      }
-      if (need_vr) {
-        FB_UNROLL
-        for (int c = 0; c < C; ++c) {
-          const uint32_t v = static_cast<uint32_t>(acc >> (kVoteBits * c)) & kVoteRows;
-          cnt[c / 2] += v << (16 * (c & 1));
-        }
-      }
-      acc = 0;
+    int t = l, cap = kVoteRows;
+    if (l < Te) {
+      acc = uint64_t(1) << (kVoteBits * row<true>(it + l * C, Kd, P0, ls0, Sa, Va, Ut));
+      t += G;
+      cap -= 1;
     }
-    // Group sums (xor butterflies, every lane gets the sums), log2 pbar.
+    for (;;) {
+      const int t1 = Te < t + G * cap ? Te : t + G * cap;
+      for (; t < t1; t += G) {
+        acc += uint64_t(1) << (kVoteBits * row<false>(it + t * C, Kd, P0, ls0, Sa, Va, Ut));
+      }
+      unpack(acc, cnt);
+      if (t >= Te) break;
+      acc = 0;
+      cap = kVoteRows;
+    }
+    const float nl = static_cast<float>(l < Te ? (Te - l + G - 1) >> P.it_glog2 : 0);  // the lane's rows
+    // Group sums (xor butterflies, every lane gets the sums) of S and the votes; log2 pbar.
+    float pb[C];
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) pb[c] = Sa[c];
     for (int o = G >> 1; o > 0; o >>= 1) {
       FB_UNROLL
       for (int c = 0; c < C; ++c) pb[c] += dev::shfl_xor(pb[c], o);
-      h += dev::shfl_xor(h, o);
-      if (need_vr) {
-        FB_UNROLL
-        for (int i = 0; i < NP; ++i) cnt[i] += dev::shfl_xor(cnt[i], o);
-      }
+      FB_UNROLL
+      for (int i = 0; i < NP; ++i) cnt[i] += dev::shfl_xor(cnt[i], o);
     }
     // An invalid row made its item's sums NaN: flag the item; its softmax-based outputs are NaN
     // (the CPU op's result with check_finite=False; the variation ratio still counts its vote).
@@ -256,37 +305,32 @@ struct ItemKernel {
     float lpb[C];
     FB_UNROLL
     for (int c = 0; c < C; ++c) lpb[c] = log2_pbar(pb[c]);
-    // Pass 2.
-    float kl = 0.0f, sd = 0.0f;
-    if (second) {
-      float var[C];
-      FB_UNROLL
-      for (int c = 0; c < C; ++c) var[c] = 0.0f;
-      for (int t = l; t < Te; t += G) {
-        float lp[C];
-        item::load_row<C>(it + t * C, lp);
-        FB_UNROLL
-        for (int c = 0; c < C; ++c) {
-          const float p = fast_exp2(lp[c]);
-          kl += p * (lp[c] - lpb[c]);
-          const float dv = p - pb[c];
-          var[c] += dv * dv;
-        }
-      }
-      for (int o = G >> 1; o > 0; o >>= 1) {
-        kl += dev::shfl_xor(kl, o);
-        FB_UNROLL
-        for (int c = 0; c < C; ++c) var[c] += dev::shfl_xor(var[c], o);
-      }
-      FB_UNROLL
-      for (int c = 0; c < C; ++c) sd += fast_sqrt(var[c] * inv_T);
-    }
-    // Per item.
-    float ent = 0.0f, top1 = 0.0f, top2 = 0.0f;
+    // The lane's mean-KL, sum of row entropies (negated) and per-class squared deviations from
+    // pbar, then their group sums.
+    float kl = Ut, hn = Ut;
     FB_UNROLL
     for (int c = 0; c < C; ++c) {
-      ent += neg_plogp2(pb[c], lpb[c]);
+      const float K = Kd[c] - ls0;
+      kl -= Sa[c] * (lpb[c] - K);
+      hn = std::fma(K, Sa[c], hn);
+      const float d = pb[c] - P0[c];
+      const float q = std::fma(-nl, P0[c], Sa[c]);  // sum_t (p - p0)
+      Va[c] = std::fma(d, std::fma(nl, d, -2.0f * q), Va[c]);
+    }
+    for (int o = G >> 1; o > 0; o >>= 1) {
+      kl += dev::shfl_xor(kl, o);
+      hn += dev::shfl_xor(hn, o);
+      FB_UNROLL
+      for (int c = 0; c < C; ++c) Va[c] += dev::shfl_xor(Va[c], o);
+    }
+    // Per item: entropy = -ln 2 sum_c pbar log2 pbar (log2 pbar is floored, so pbar = 0 adds 0),
+    // mean_std = sqrt(1/T) sum_c sqrt(T var_c) / C.
+    float ent = 0.0f, top1 = 0.0f, top2 = 0.0f, sd = 0.0f;
+    FB_UNROLL
+    for (int c = 0; c < C; ++c) {
+      ent = std::fma(pb[c], lpb[c], ent);
       top2_update_nb(pb[c], top1, top2);
+      sd += fast_sqrt(std::fmax(Va[c], 0.0f));
     }
     uint32_t modal = 0;
     FB_UNROLL
@@ -295,25 +339,24 @@ struct ItemKernel {
       modal = lo > modal ? lo : modal;
       modal = hi > modal ? hi : modal;
     }
-    // One atomic per warp with a bad item (warp-aggregated; every lane of the warp is here; after
-    // pass 2, which would otherwise be split by its branch).
+    // One atomic per warp with a bad item (warp-aggregated; every lane of the warp is here).
     if (P.check) mark_bad_warp(P, item_bad && active && l == 0, n0 + j);
     if (active && l == 0) {
       const float klv = kl * Base2<float>::ln2 * inv_T;
-      const float v[kNumMetrics] = {ent,
-                                    h * inv_T,
+      const float hv = -hn * Base2<float>::ln2 * inv_T;
+      const float v[kNumMetrics] = {-ent * Base2<float>::ln2,
+                                    hv > 0.0f ? hv : 0.0f,
                                     klv > 0.0f ? klv : 0.0f,
                                     1.0f - static_cast<float>(modal) * inv_T,
-                                    sd * static_cast<float>(P.inv_C),
+                                    sd * fast_sqrt(inv_T) * static_cast<float>(P.inv_C),
                                     top1 - top2,
                                     1.0f - top1};
-      float* out = static_cast<float*>(P.out);
-      const int64_t n = n0 + j;
+      float* out = static_cast<float*>(P.out) + (n0 + j);
+      // The metrics asked for; a bad item's softmax-based outputs are NaN (its votes still count).
+      const int mk = item_bad ? P.metrics & (1 << kVariationRatio) : P.metrics;
       constexpr float nan = std::numeric_limits<float>::quiet_NaN();
       FB_UNROLL
-      for (int k = 0; k < kNumMetrics; ++k) {
-        out[k * P.N + n] = ((P.metrics >> k) & 1) && (!item_bad || k == kVariationRatio) ? v[k] : nan;
-      }
+      for (int k = 0; k < kNumMetrics; ++k) out[k * P.N] = (mk >> k) & 1 ? v[k] : nan;
     }
   }
 
