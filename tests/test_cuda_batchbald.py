@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = [
     CSRC / "cuda" / "emu" / "batchbald_emu.cpp",
+    CSRC / "cuda" / "emu" / "scheduler.h",
     CSRC / "cuda" / "batchbald_kernels.h",
     CSRC / "cuda" / "device_compat.h",
     CSRC / "batchbald_math.h",

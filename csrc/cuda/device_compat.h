@@ -97,7 +97,7 @@ namespace dev {
 
 // Cooperative emulation of one CUDA block: every CUDA thread is a fiber (ucontext) that runs until
 // it reaches a barrier (__syncthreads, or one of the two halves of a warp shuffle), then hands
-// control back to the scheduler in emu_main.cpp, which releases a barrier once every thread it
+// control back to the scheduler (emu/scheduler.h), which releases a barrier once every thread it
 // concerns has arrived and reports a deadlock (a divergent barrier or shuffle) otherwise.
 enum WaitKind : int { kRunning = 0, kWaitBlock = 1, kWaitWarp = 2, kDone = 3 };
 

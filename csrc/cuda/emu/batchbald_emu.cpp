@@ -7,21 +7,21 @@
 // probabilities in shared memory (1) or the global scratch (0), largest table, kernel launches},
 // then indices[b] (int64), scores[b] (float64), num_evaluated[b] (int64).
 // The host loop is the very driver the CUDA op runs (bb::drive); each launch runs every block of its
-// grid one after the other, each block's threads as fibers (ucontext) that yield at __syncthreads
-// (and warp shuffles), in an order shuffled by a seeded RNG. Shared memory is poisoned (all bits
-// set: NaN) before every block, the workspace before the run (but the flag and the two state
+// grid one after the other, each block's threads as fibers (scheduler.h, the pool-score emulator's)
+// that yield at __syncthreads, in an order shuffled by a seeded RNG (one stream over all launches).
+// Shared memory is poisoned (all bits set: NaN) before every block, the workspace before the run (but the flag and the two state
 // scalars, which the CUDA op zeroes too), so a read of anything not written first shows as NaN.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <functional>
 #include <random>
 #include <vector>
 
 #include "../batchbald_kernels.h"
 #include "../device_compat.h"
+#include "scheduler.h"
 
 namespace {
 
@@ -34,33 +34,6 @@ struct Header {
   double tol;
 };
 
-struct Fiber {
-  static void entry() {
-    (*body)();
-    dev::g_blk->threads[dev::g_blk->cur].state = dev::kDone;
-  }
-  static inline std::function<void()>* body = nullptr;
-};
-
-[[gnu::noinline]] void init_fiber(dev::EmuThread& t, ucontext_t* link, size_t stack) {
-  t.stack.resize(stack);
-  getcontext(&t.ctx);
-  t.ctx.uc_stack.ss_sp = t.stack.data();
-  t.ctx.uc_stack.ss_size = stack;
-  t.ctx.uc_link = link;
-  makecontext(&t.ctx, &Fiber::entry, 0);
-  t.state = dev::kRunning;
-}
-
-unsigned char* exact_alloc(size_t bytes, size_t align) {
-  void* p = nullptr;
-  if (posix_memalign(&p, align, bytes > 0 ? bytes : 1) != 0) {
-    std::fprintf(stderr, "emulator: out of memory (%zu bytes)\n", bytes);
-    std::exit(4);
-  }
-  return static_cast<unsigned char*>(p);
-}
-
 std::mt19937_64 g_rng;
 int64_t g_launches = 0;
 
@@ -72,61 +45,7 @@ void emulate(int64_t grid, int block, int64_t smem_bytes, const std::function<vo
                  block, static_cast<long long>(smem_bytes));
     std::exit(5);
   }
-  dev::EmuBlock blk;
-  blk.bdim = block;
-  blk.gdim = grid;
-  blk.threads.resize(static_cast<size_t>(block));
-  blk.shfl_buf.assign(static_cast<size_t>(block), 0);
-  dev::g_blk = &blk;
-  unsigned char* smem = exact_alloc(static_cast<size_t>(smem_bytes), 128);
-  std::function<void()> body = [&] { kernel(smem); };
-  Fiber::body = &body;
-  std::vector<int> order(static_cast<size_t>(block));
-  for (int i = 0; i < block; ++i) order[i] = i;
-  constexpr size_t kStack = 128 * 1024;
-  for (int64_t b = 0; b < grid; ++b) {
-    std::memset(smem, 0xff, static_cast<size_t>(smem_bytes));
-    blk.bid = b;
-    for (int i = 0; i < block; ++i) init_fiber(blk.threads[i], &blk.sched, kStack);
-    for (;;) {
-      std::shuffle(order.begin(), order.end(), g_rng);
-      bool ran = false;
-      for (int i : order) {
-        if (blk.threads[i].state != dev::kRunning) continue;
-        blk.cur = i;
-        swapcontext(&blk.sched, &blk.threads[i].ctx);
-        ran = true;
-      }
-      int done = 0, at_block = 0;
-      for (const auto& t : blk.threads) {
-        done += t.state == dev::kDone;
-        at_block += t.state == dev::kWaitBlock;
-      }
-      if (done == block) break;
-      bool released = false;
-      if (at_block == block) {
-        for (auto& t : blk.threads) t.state = dev::kRunning;
-        released = true;
-      }
-      for (int w = 0; w < block / 32; ++w) {
-        int n = 0;
-        for (int l = 0; l < 32; ++l) n += blk.threads[w * 32 + l].state == dev::kWaitWarp;
-        if (n == 32) {
-          for (int l = 0; l < 32; ++l) blk.threads[w * 32 + l].state = dev::kRunning;
-          released = true;
-        }
-      }
-      if (!released && !ran) {
-        std::fprintf(stderr, "emulator: deadlock in block %lld (a barrier not reached by all threads):",
-                     static_cast<long long>(b));
-        for (int i = 0; i < block; ++i) std::fprintf(stderr, " %d:%d", i, blk.threads[i].state);
-        std::fprintf(stderr, "\n");
-        std::exit(3);
-      }
-    }
-  }
-  std::free(smem);
-  dev::g_blk = nullptr;
+  emu::run_grid(grid, block, static_cast<size_t>(smem_bytes), 128 * 1024, g_rng, kernel);
 }
 
 template <class T>
@@ -153,7 +72,7 @@ int main(int argc, char** argv) {
   if (std::fread(&h, sizeof(h), 1, in) != 1 || std::memcmp(h.magic, "FBBBEM1\0", 8) != 0) return 2;
   if (h.dtype < 0 || h.dtype > 1 || h.numel < 0 || h.b < 0 || h.b > h.N) return 2;
   const size_t esize = h.dtype == 1 ? 8 : 4;
-  unsigned char* data = exact_alloc(static_cast<size_t>(h.numel) * esize, 16);
+  unsigned char* data = emu::exact_alloc(static_cast<size_t>(h.numel) * esize, 16);
   if (h.numel > 0 && std::fread(data, esize, static_cast<size_t>(h.numel), in) != static_cast<size_t>(h.numel)) return 2;
   std::fclose(in);
   g_rng.seed(static_cast<uint64_t>(h.sched_seed));
@@ -164,7 +83,7 @@ int main(int argc, char** argv) {
   cfg.force_scratch = static_cast<int>(h.force_scratch);
   const int64_t tsize = h.use_double ? 8 : 4;
   const bb::Workspace ws = bb::layout(h.N, h.K, h.C, h.M, h.b, tsize, cfg);
-  unsigned char* work = exact_alloc(static_cast<size_t>(ws.total), 256);
+  unsigned char* work = emu::exact_alloc(static_cast<size_t>(ws.total), 256);
   std::memset(work, 0xff, static_cast<size_t>(ws.total));  // NaN / -1: nothing may be read unwritten
   std::memset(work + ws.flag, 0, 8);
   std::memset(work + ws.state, 0, 16);

@@ -1,7 +1,7 @@
 // Host emulation of the CUDA pool-score kernels (see ../device_compat.h and ../NOTES.md).
 //
 // Built by tests/test_cuda.py with plain g++ (no torch, no CUDA), and a second time with
-// AddressSanitizer + UndefinedBehaviorSanitizer (the flags: EMU_FLAGS in tests/test_cuda.py):
+// AddressSanitizer + UndefinedBehaviorSanitizer (the flags: EMU_FLAGS in tests/emulator_build.py):
 //   g++ -std=c++20 -O1 -I csrc csrc/cuda/emu/emu_main.cpp -o <exe>
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -I csrc ... -o <exe>
 // The input storage and the block's shared memory are allocated at their exact sizes (no slack),
@@ -9,17 +9,14 @@
 // Usage: <exe> IN OUT. IN holds the problem (header + raw input storage, written by the test), OUT
 // receives the status, the chosen plan and the [7, N] output (plan_only: the plan for the given
 // shape, strides and device limits, nothing run; the output stays at the sentinel -777). Every
-// CUDA block is run as `block` fibers (see ../device_compat.h); the blocks of the grid run one
-// after the other, with shared memory poisoned (all bits set: NaN / -1) before each.
+// CUDA block is run as `block` fibers (scheduler.h, ../device_compat.h); the blocks of the grid run
+// one after the other, with shared memory poisoned (all bits set: NaN / -1) before each.
 // <exe> --selftest-oob reads one byte past an exact-size buffer (the sanitizer build must abort:
 // the tests check that the sanitizer is really on).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
-#include <functional>
-#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -30,6 +27,7 @@
 #include "../kernels.h"
 #include "../plan.h"
 #include "../strip_kernel.h"
+#include "scheduler.h"
 
 namespace {
 
@@ -89,55 +87,12 @@ struct Header {
       force_kk, smem_optin, smem_per_sm, plan_only, seed, row_lanes;
 };
 
-// Runs the kernel body on every block of the grid, one block after the other, each block's
-// threads as fibers (see ../device_compat.h). Shared memory is poisoned (all bits set: NaN / -1)
-// before each block. The order in which ready fibers run is shuffled (seeded), so code that reads
-// another thread's shared data without a barrier gets different, wrong results.
-struct Fiber {
-  static void entry() {
-    using namespace fastbald::cuda;
-    (*body)();
-    dev::g_blk->threads[dev::g_blk->cur].state = dev::kDone;
-    // returning switches to uc_link (the scheduler)
-  }
-  static inline std::function<void()>* body = nullptr;
-};
-
-// Kept out of line: getcontext returns twice, which the caller's loop variables must not see.
-[[gnu::noinline]] void init_fiber(fastbald::cuda::dev::EmuThread& t, ucontext_t* link, size_t stack) {
-  t.stack.resize(stack);
-  getcontext(&t.ctx);
-  t.ctx.uc_stack.ss_sp = t.stack.data();
-  t.ctx.uc_stack.ss_size = stack;
-  t.ctx.uc_link = link;
-  makecontext(&t.ctx, &Fiber::entry, 0);
-  t.state = fastbald::cuda::dev::kRunning;
-}
-
-// `bytes` bytes (at least 1) at an `align`-byte boundary, with no slack after them.
-unsigned char* exact_alloc(size_t bytes, size_t align) {
-  void* p = nullptr;
-  if (posix_memalign(&p, align, bytes > 0 ? bytes : 1) != 0) {
-    std::fprintf(stderr, "emulator: out of memory (%zu bytes)\n", bytes);
-    std::exit(4);
-  }
-  return static_cast<unsigned char*>(p);
-}
-
+// Runs the planned kernel on every block of the grid (emu/scheduler.h), the schedule seeded by `seed`.
 template <class S, class A>
 void emulate(fastbald::cuda::Params& P, uint64_t seed) {
   using namespace fastbald::cuda;
-  const int B = P.block;
-  dev::EmuBlock blk;
-  blk.bdim = B;
-  blk.gdim = P.grid;
-  blk.threads.resize(static_cast<size_t>(B));
-  blk.shfl_buf.assign(static_cast<size_t>(B), 0);
-  dev::g_blk = &blk;
-  // Exact size (dynamic shared memory is 16-byte aligned on the device; 128 here).
-  const size_t smem_bytes = static_cast<size_t>(P.smem);
-  unsigned char* smem = exact_alloc(smem_bytes, 128);
-  std::function<void()> body = [&] {
+  std::mt19937_64 rng(seed);
+  emu::run_grid(P.grid, P.block, static_cast<size_t>(P.smem), 256 * 1024, rng, [&](unsigned char* smem) {
     if (P.path == kTilePath) {
       tile_body<S, A>(P, smem);
     } else if (P.path == kItemPath) {
@@ -147,86 +102,7 @@ void emulate(fastbald::cuda::Params& P, uint64_t seed) {
     } else {
       stream_body<S, A>(P, smem);
     }
-  };
-  Fiber::body = &body;
-  std::mt19937_64 rng(seed);
-  std::vector<int> order(static_cast<size_t>(B));
-  for (int i = 0; i < B; ++i) order[i] = i;
-  constexpr size_t kStack = 256 * 1024;
-  bool priority_phase = false;
-  std::vector<int> prio(static_cast<size_t>(B / 32));
-  auto new_phase = [&] {
-    priority_phase = (rng() & 1) != 0;
-    for (size_t w = 0; w < prio.size(); ++w) prio[w] = static_cast<int>(w);
-    std::shuffle(prio.begin(), prio.end(), rng);
-  };
-  for (int64_t b = 0; b < P.grid; ++b) {
-    std::memset(smem, 0xff, smem_bytes);
-    blk.bid = b;
-    for (int i = 0; i < B; ++i) init_fiber(blk.threads[i], &blk.sched, kStack);
-    new_phase();
-    for (;;) {
-      std::shuffle(order.begin(), order.end(), rng);
-      bool ran = false;
-      for (int i : order) {
-        if (blk.threads[i].state != dev::kRunning) continue;
-        blk.cur = i;
-        swapcontext(&blk.sched, &blk.threads[i].ctx);
-        ran = true;
-      }
-      int done = 0, at_block = 0;
-      for (const auto& t : blk.threads) {
-        done += t.state == dev::kDone;
-        at_block += t.state == dev::kWaitBlock;
-      }
-      if (done == B) break;
-      bool released = false;
-      if (at_block == B) {
-        for (auto& t : blk.threads) t.state = dev::kRunning;
-        released = true;
-      }
-      // Warps whose 32 threads all wait at a shuffle. Between two block barriers the scheduler
-      // either releases a random non-empty subset of them each round (warps drift apart) or, in
-      // "priority" phases, only the first ready warp of a random priority order, so that warp runs
-      // alone until the next block barrier (the most adversarial order for a missing barrier).
-      std::vector<int> ready;
-      for (int w = 0; w < B / 32; ++w) {
-        int n = 0;
-        for (int l = 0; l < 32; ++l) n += blk.threads[w * 32 + l].state == dev::kWaitWarp;
-        if (n == 32) ready.push_back(w);
-      }
-      if (!ready.empty()) {
-        std::vector<int> rel;
-        if (priority_phase) {
-          int best = ready[0];
-          for (int w : ready) {
-            if (prio[w] < prio[best]) best = w;
-          }
-          rel.push_back(best);
-        } else {
-          rel.push_back(ready[rng() % ready.size()]);
-          for (int w : ready) {
-            if (w != rel[0] && (rng() & 3) != 0) rel.push_back(w);
-          }
-        }
-        for (int w : rel) {
-          for (int l = 0; l < 32; ++l) blk.threads[w * 32 + l].state = dev::kRunning;
-        }
-        released = true;
-      }
-      if (at_block == B) new_phase();
-      if (!released && !ran) {
-        std::fprintf(stderr, "emulator: deadlock in block %lld (a barrier or shuffle not reached by all of "
-                             "its threads): states [tid:state] (1 block barrier, 2 warp shuffle, 3 done):",
-                     static_cast<long long>(b));
-        for (int i = 0; i < B; ++i) std::fprintf(stderr, " %d:%d", i, blk.threads[i].state);
-        std::fprintf(stderr, "\n");
-        std::exit(3);
-      }
-    }
-  }
-  std::free(smem);
-  dev::g_blk = nullptr;
+  });
 }
 
 template <class S, class A>
@@ -286,7 +162,7 @@ int run(const Header& h, const unsigned char* data, FILE* out) {
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::strcmp(argv[1], "--selftest-oob") == 0) {
-    unsigned char* b = exact_alloc(40, 16);
+    unsigned char* b = fastbald::cuda::emu::exact_alloc(40, 16);
     std::memset(b, 1, 40);
     volatile unsigned char* vb = b;
     const int r = vb[40];  // one past the end
@@ -307,7 +183,7 @@ int main(int argc, char** argv) {
   // The tensor's whole storage at its exact size, 16-byte aligned like a device allocation (so the
   // storage offset alone decides the alignment of the first element).
   const size_t nbytes = static_cast<size_t>(h.numel * esize[h.dtype]);
-  unsigned char* data = exact_alloc(nbytes, 16);
+  unsigned char* data = fastbald::cuda::emu::exact_alloc(nbytes, 16);
   if (h.numel > 0 && std::fread(data, static_cast<size_t>(esize[h.dtype]), static_cast<size_t>(h.numel), in) !=
                          static_cast<size_t>(h.numel))
     return 2;
