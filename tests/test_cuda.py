@@ -33,6 +33,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -867,28 +868,37 @@ def test_asan_build_catches_out_of_bounds(emulator_asan: Path) -> None:
     assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-2000:]
 
 
-def test_asan_table(emulator_asan: Path) -> None:
+def asan_failures(
+    exe: Path, cases: list[Case], path: int | None = None, label: Callable[[Case], str] = lambda c: c.id
+) -> list[str]:
+    """Runs ``cases`` on the sanitizer build (as many at a time as there are CPUs), each checked
+    against the reference and, with ``path``, for the kernel its plan took; a line per failure."""
+
     def one(case: Case) -> str | None:
         x = make_input(case)
         try:
             info, out = emu_run(
-                emulator_asan,
+                exe,
                 x,
                 kind=INPUT_KINDS.index(case.kind),
                 metrics=case.metrics,
                 seed=zlib.crc32(case.id.encode()),
                 **_emu_plan(case),
             )
-            assert info["status"] == 0, info
+            assert info["status"] == 0 and path in (None, info["path"]), info
             check_against_reference(case, x, out)
         except (AssertionError, subprocess.TimeoutExpired) as e:
-            return f"{_table_id(case)}: {str(e)[-1500:]}"
+            return f"{label(case)}: {str(e)[-1500:]}"
         return None
 
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
+        return [f for f in pool.map(one, cases) if f is not None]
+
+
+def test_asan_table(emulator_asan: Path) -> None:
     cases = [c for c in EMU_TABLE if c.block == 64 or c.id.startswith("block")]
     cases += [dataclasses.replace(c, block=256) for c in CASES[::7] if c.block == 64]
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-        fails = [f for f in pool.map(one, cases) if f is not None]
+    fails = asan_failures(emulator_asan, cases, label=_table_id)
     assert not fails, f"{len(fails)} of {len(cases)} cases failed under ASan/UBSan:\n" + "\n".join(
         fails[:10]
     )
@@ -1418,26 +1428,7 @@ def test_item_kernel_plans(emulator: Path) -> None:
 def test_asan_item_kernel_cases(emulator_asan: Path) -> None:
     """The item kernel's own cases under AddressSanitizer + UndefinedBehaviorSanitizer (exact-size
     input storage and shared memory: the padded tile, the vector copies and the scalar fallback)."""
-
-    def one(case: Case) -> str | None:
-        x = make_input(case)
-        try:
-            info, out = emu_run(
-                emulator_asan,
-                x,
-                kind=INPUT_KINDS.index(case.kind),
-                metrics=case.metrics,
-                seed=zlib.crc32(case.id.encode()),
-                **_emu_plan(case),
-            )
-            assert (info["status"], info["path"]) == (0, ITEM), info
-            check_against_reference(case, x, out)
-        except (AssertionError, subprocess.TimeoutExpired) as e:
-            return f"{case.id}: {str(e)[-1500:]}"
-        return None
-
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-        fails = [f for f in pool.map(one, ITEM_CASES) if f is not None]
+    fails = asan_failures(emulator_asan, ITEM_CASES, path=ITEM)
     assert not fails, f"{len(fails)} of {len(ITEM_CASES)} item cases failed under ASan/UBSan:\n" + "\n".join(
         fails[:10]
     )
@@ -1554,27 +1545,8 @@ def test_strip_kernel_plans(emulator: Path) -> None:
 def test_asan_strip_kernel_cases(emulator_asan: Path) -> None:
     """The strip kernel's cases under AddressSanitizer + UndefinedBehaviorSanitizer (exact-size
     input storage and shared memory: the row prefetch past the last item, lane-private arrays)."""
-
-    def one(case: Case) -> str | None:
-        x = make_input(case)
-        try:
-            info, out = emu_run(
-                emulator_asan,
-                x,
-                kind=INPUT_KINDS.index(case.kind),
-                metrics=case.metrics,
-                seed=zlib.crc32(case.id.encode()),
-                **_emu_plan(case),
-            )
-            assert (info["status"], info["path"]) == (0, STRIP), info
-            check_against_reference(case, x, out)
-        except (AssertionError, subprocess.TimeoutExpired) as e:
-            return f"{case.id}: {str(e)[-1500:]}"
-        return None
-
     cases = [c for c in STRIP_CASES if "10000" not in c.id]
-    with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
-        fails = [f for f in pool.map(one, cases) if f is not None]
+    fails = asan_failures(emulator_asan, cases, path=STRIP)
     msg = f"{len(fails)} of {len(cases)} strip cases failed under ASan/UBSan:\n"
     assert not fails, msg + "\n".join(fails[:10])
 
