@@ -18,11 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FB_HD __host__ __device__ __forceinline__
-#else
-#define FB_HD inline
-#endif
+#include "host_device.h"
 
 namespace fastbald {
 namespace batchbald {

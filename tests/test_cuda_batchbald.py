@@ -38,6 +38,7 @@ SOURCES = [
     CSRC / "cuda" / "batchbald_kernels.h",
     CSRC / "cuda" / "device_compat.h",
     CSRC / "batchbald_math.h",
+    CSRC / "host_device.h",
 ]
 SCORE_TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
 
