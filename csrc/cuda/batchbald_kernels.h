@@ -514,6 +514,12 @@ inline int class_chunk(int64_t C) {
   return best;
 }
 
+// C padded to a multiple of its class chunk (the evaluation's Cp).
+inline int64_t padded_classes(int64_t C) {
+  const int cb = class_chunk(C);
+  return (C + cb - 1) / cb * cb;
+}
+
 // Threads for `work` parallel items: a power of two in [32, max_block].
 inline int block_for(int64_t work, int max_block) {
   int b = 32;
@@ -559,8 +565,7 @@ inline int64_t eval_grid(int64_t N, const Config& cfg) {
 inline int64_t eval_smem_p(int64_t K, int64_t Cp, int64_t tsize) { return kG * K * Cp * tsize; }
 
 inline bool eval_in_smem(int64_t K, int64_t C, int64_t tsize, const Config& cfg) {
-  const int64_t Cp = (C + class_chunk(C) - 1) / class_chunk(C) * class_chunk(C);
-  return !cfg.force_scratch && eval_smem_p(K, Cp, tsize) + kG * kMaxBlock * 8 <= kSmemBudget;
+  return !cfg.force_scratch && eval_smem_p(K, padded_classes(C), tsize) + kG * kMaxBlock * 8 <= kSmemBudget;
 }
 
 inline Workspace layout(int64_t N, int64_t K, int64_t C, int64_t M, int64_t b, int64_t tsize, const Config& cfg) {
@@ -572,8 +577,6 @@ inline Workspace layout(int64_t N, int64_t K, int64_t C, int64_t M, int64_t b, i
     return o;
   };
   const int64_t R = max_rows(K, C, M, b);
-  const int CB = class_chunk(C);
-  const int64_t Cp = (C + CB - 1) / CB * CB;
   ws.cond = take(N * 8);
   ws.gain = take(N * 8);
   ws.ub = take(N * 8);
@@ -588,7 +591,7 @@ inline Workspace layout(int64_t N, int64_t K, int64_t C, int64_t M, int64_t b, i
   ws.Wt = take(R * K * tsize);
   ws.a = take(R * 8);
   ws.pch = take(K * C * 8);
-  ws.pscratch = take(eval_in_smem(K, C, tsize, cfg) ? 0 : eval_grid(N, cfg) * eval_smem_p(K, Cp, tsize));
+  ws.pscratch = take(eval_in_smem(K, C, tsize, cfg) ? 0 : eval_grid(N, cfg) * eval_smem_p(K, padded_classes(C), tsize));
   ws.total = off;
   return ws;
 }
@@ -640,7 +643,7 @@ int64_t drive(Params P, int64_t b, int64_t M, bool lazy, const Config& cfg, Laun
   P.step = 0;
   go(kArgmax, 1, mb, static_cast<int64_t>(mb) * 24, P);
   P.CB = class_chunk(C);
-  P.Cp = (C + P.CB - 1) / P.CB * P.CB;
+  P.Cp = padded_classes(C);
   P.smem_p = eval_in_smem(K, C, tsize, cfg) ? 1 : 0;
   int64_t rows = 1;
   bool sampled = false;

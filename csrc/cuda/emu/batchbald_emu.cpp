@@ -9,8 +9,9 @@
 // The host loop is the very driver the CUDA op runs (bb::drive); each launch runs every block of its
 // grid one after the other, each block's threads as fibers (scheduler.h, the pool-score emulator's)
 // that yield at __syncthreads, in an order shuffled by a seeded RNG (one stream over all launches).
-// Shared memory is poisoned (all bits set: NaN) before every block, the workspace before the run (but the flag and the two state
-// scalars, which the CUDA op zeroes too), so a read of anything not written first shows as NaN.
+// Shared memory is poisoned (all bits set: NaN) before every block, the workspace before the run
+// (but the flag and the two state scalars, which the CUDA op zeroes too), so a read of anything
+// not written first shows as NaN.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
