@@ -273,18 +273,27 @@ struct RankScan {
     constexpr double kInf = std::numeric_limits<double>::infinity();
     const double* rlo = bk.rank_lo.data();
     tau = heap.front().key;
-    for (int c = 0; c < 64; ++c) {
-      const double lb = (c == 63 ? -54.0 : 10.0 - c) - 1e-3;
-      // needs l_hi = -beta (log rank_lo - shift) > T = tau + lb ln2
-      double r = std::exp(shift - (tau + lb * kLn2) / beta);
-      r = std::isnan(r) ? kInf : r * (1.0 + 1e-9) + 1e-9;
-      // smallest bucket with rank_lo < r (rank_lo is non-increasing in the bucket)
-      int64_t lo = 0, hi = bk.nb;  // answer in [lo, hi]; hi = nb: none
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (rlo[mid] < r) hi = mid; else lo = mid + 1;
+    // Classes 11..63 only (m < 2^53). The bound r grows with c, so the answer (a bucket) does not
+    // grow: search below the previous class's answer, and once it is bucket 0 so is every later
+    // one. (Were r not monotone after rounding, these answers could only be lower buckets, i.e.
+    // looser thresholds: still conservative.)
+    int64_t prev = bk.nb;
+    for (int c = 11; c < 64; ++c) {
+      int64_t lo = 0;
+      if (prev > 0) {
+        const double lb = (c == 63 ? -54.0 : 10.0 - c) - 1e-3;
+        // needs l_hi = -beta (log rank_lo - shift) > T = tau + lb ln2
+        double r = std::exp(shift - (tau + lb * kLn2) / beta);
+        r = std::isnan(r) ? kInf : r * (1.0 + 1e-9) + 1e-9;
+        // smallest bucket in [0, prev] with rank_lo < r (rank_lo is non-increasing in the bucket)
+        int64_t hi = prev;
+        while (lo < hi) {
+          const int64_t mid = (lo + hi) / 2;
+          if (rlo[mid] < r) hi = mid; else lo = mid + 1;
+        }
       }
       uthr[c] = lo >= bk.nb ? (uint64_t{1} << 40) : static_cast<uint64_t>(bk.umin) + (static_cast<uint64_t>(lo) << bk.sh);
+      prev = lo;
     }
     ++version;
   }
@@ -576,25 +585,73 @@ FB_SR_AVX512 void rank_scan_avx512(const scalar_t* s, int64_t begin, int64_t end
   rank_scan(s, i, end, s0, rs);
 }
 
-template <typename scalar_t>
-FB_SR_AVX512 void rank_pass_avx512(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
-                                   const Groups<scalar_t>& gr, int64_t* d, int64_t* q) {
+// The rank pass on 16 items at a time. Which lanes lie in a candidates' bucket: compared with each
+// of them when there are at most 16 (the usual case: ~10 for k = 10 of 1M), else their bit of the
+// bucket bitmap by a gather. The items that pass are buffered (index and bucket) and counted by
+// the scalar rank_count.
+template <typename scalar_t, int kList>
+FB_SR_AVX512 void rank_pass_avx512_t(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
+                                     const Groups<scalar_t>& gr, const int32_t* blist, int64_t* d, int64_t* q) {
   const __m512i vmin = _mm512_set1_epi32(static_cast<int>(bk.umin));
   const __m128i vsh = _mm_cvtsi32_si128(bk.sh);
   const __m512i c31 = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1);
   const int* has = reinterpret_cast<const int*>(gr.has.data());
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  constexpr int kBuf = 256;
+  alignas(64) int32_t bufi[kBuf + 16];
+  alignas(64) int32_t bufb[kBuf + 16];
+  int nbuf = 0;
+  int64_t i0 = i;
   for (; i + 16 <= e; i += 16) {
     const __m512i b = _mm512_srl_epi32(_mm512_sub_epi32(order_keys16(s + i), vmin), vsh);
-    const __m512i w = _mm512_i32gather_epi32(_mm512_srli_epi32(b, 5), has, 4);
-    uint32_t mask = _mm512_test_epi32_mask(_mm512_srlv_epi32(w, _mm512_and_si512(b, c31)), one);
-    while (mask) {
-      const int j = __builtin_ctz(mask);
-      mask &= mask - 1;
-      const scalar_t v = s[i + j];
-      rank_count(gr, v, static_cast<size_t>(bk.of(v)), d, q);
+    __mmask16 mask = 0;
+    if constexpr (kList > 0) {
+      for (int t = 0; t < kList; ++t) mask |= _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(blist[t]));
+    } else {
+      const __m512i w = _mm512_i32gather_epi32(_mm512_srli_epi32(b, 5), has, 4);
+      mask = _mm512_test_epi32_mask(_mm512_srlv_epi32(w, _mm512_and_si512(b, c31)), one);
+    }
+    // No branch on the mask (~1 block in 4 has a lane in a candidates' bucket, at random): compress
+    // in registers (a compress to memory is slow on some CPUs), store 16 lanes, advance by the count.
+    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(i - i0)));
+    _mm512_storeu_si512(bufi + nbuf, _mm512_maskz_compress_epi32(mask, idx));
+    _mm512_storeu_si512(bufb + nbuf, _mm512_maskz_compress_epi32(mask, b));
+    nbuf += __builtin_popcount(mask);
+    if (nbuf >= kBuf || i - i0 >= (int64_t{1} << 30)) {  // (indices relative to i0 fit an int32)
+      for (int j = 0; j < nbuf; ++j) rank_count(gr, s[i0 + bufi[j]], static_cast<size_t>(bufb[j]), d, q);
+      nbuf = 0;
+      i0 = i + 16;
     }
   }
+  for (int j = 0; j < nbuf; ++j) rank_count(gr, s[i0 + bufi[j]], static_cast<size_t>(bufb[j]), d, q);
   rank_pass(s, i, e, bk, gr, d, q);
+}
+
+template <typename scalar_t>
+FB_SR_AVX512 void rank_pass_avx512(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
+                                   const Groups<scalar_t>& gr, int64_t* d, int64_t* q) {
+  int32_t blist[16];  // the candidates' distinct buckets (gbucket is sorted), padded by repeats
+  int n = 0;
+  for (const int64_t b : gr.gbucket) {
+    if (n > 0 && blist[n - 1] == b) continue;
+    if (n == 16) {
+      n = 17;  // more than 16: the bitmap
+      break;
+    }
+    blist[n++] = static_cast<int32_t>(b);
+  }
+  for (int t = std::min(n, 16); t < 16; ++t) blist[t] = blist[0];
+  if (n <= 4) {
+    rank_pass_avx512_t<scalar_t, 4>(s, i, e, bk, gr, blist, d, q);
+  } else if (n <= 8) {
+    rank_pass_avx512_t<scalar_t, 8>(s, i, e, bk, gr, blist, d, q);
+  } else if (n <= 12) {
+    rank_pass_avx512_t<scalar_t, 12>(s, i, e, bk, gr, blist, d, q);
+  } else if (n <= 16) {
+    rank_pass_avx512_t<scalar_t, 16>(s, i, e, bk, gr, blist, d, q);
+  } else {
+    rank_pass_avx512_t<scalar_t, 0>(s, i, e, bk, gr, blist, d, q);
+  }
 }
 #else
 bool has_avx512() { return false; }
