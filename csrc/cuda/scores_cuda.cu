@@ -119,15 +119,15 @@ PlanOverrides overrides_from_env() {
   return ov;
 }
 
-template <class S, int C>
-void launch_item_c(const Params& P, cudaStream_t stream) {
+// kernel<<<P.grid, P.block, P.smem, stream>>>(P), after raising the kernel's dynamic shared-memory
+// limit when the plan needs more than the default 48 KB.
+void launch_planned(void (*kernel)(const Params), const Params& P, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
   const size_t smem = static_cast<size_t>(P.smem);
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(item_kernel<S, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  item_kernel<S, C><<<grid, block, smem, stream>>>(P);
+  kernel<<<grid, block, smem, stream>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -136,9 +136,9 @@ template <class S>
 void launch_item(const Params& P, cudaStream_t stream) {
   if constexpr (sizeof(S) != 8) {
     switch (P.C) {
-#define FB_ITEM_CASE(c)               \
-  case c:                             \
-    launch_item_c<S, c>(P, stream);   \
+#define FB_ITEM_CASE(c)                           \
+  case c:                                         \
+    launch_planned(item_kernel<S, c>, P, stream); \
     return;
       FB_ITEM_CLASSES(FB_ITEM_CASE)
 #undef FB_ITEM_CASE
@@ -149,26 +149,14 @@ void launch_item(const Params& P, cudaStream_t stream) {
   TORCH_CHECK(false, "fastbald::pool_scores: no item kernel for C = ", P.C);
 }
 
-template <class S, int NV, int kMode>
-void launch_strip_cfg(const Params& P, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
-  const size_t smem = static_cast<size_t>(P.smem);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(strip_kernel<S, NV, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  strip_kernel<S, NV, kMode><<<grid, block, smem, stream>>>(P);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // The strip kernel of the planned configuration (plan.h plans it for float/half/bf16 only).
 template <class S>
 void launch_strip(const Params& P, cudaStream_t stream) {
   if constexpr (sizeof(S) != 8) {
-#define FB_STRIP_LAUNCH(nv, mode)                \
-  if (P.st_nv == nv && P.st_mode == mode) {      \
-    launch_strip_cfg<S, nv, mode>(P, stream);    \
-    return;                                      \
+#define FB_STRIP_LAUNCH(nv, mode)                         \
+  if (P.st_nv == nv && P.st_mode == mode) {               \
+    launch_planned(strip_kernel<S, nv, mode>, P, stream); \
+    return;                                               \
   }
     FB_STRIP_CONFIGS(FB_STRIP_LAUNCH)
 #undef FB_STRIP_LAUNCH
@@ -178,26 +166,14 @@ void launch_strip(const Params& P, cudaStream_t stream) {
 
 template <class S, class A>
 void launch(const Params& P, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(P.grid)), block(static_cast<unsigned>(P.block));
-  const size_t smem = static_cast<size_t>(P.smem);
   if (P.path == kItemPath) {
     launch_item<S>(P, stream);
   } else if (P.path == kStripPath) {
     launch_strip<S>(P, stream);
   } else if (P.path == kTilePath) {
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(tile_kernel<S, A>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
-    tile_kernel<S, A><<<grid, block, smem, stream>>>(P);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_planned(tile_kernel<S, A>, P, stream);
   } else {
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel<S, A>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
-    stream_kernel<S, A><<<grid, block, smem, stream>>>(P);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_planned(stream_kernel<S, A>, P, stream);
   }
 }
 
