@@ -16,8 +16,8 @@ What it prints:
    an earlier label), its source loop (file:line and function, from the line info), its
    instructions by class and, where the loop's work per iteration is identifiable, its
    instructions per logit. Logits per iteration: the number of MUFU.EX2 in the body for the loops
-   that exponentiate every logit once (rows, columns in one-array mode, the item kernel's two
-   passes, the stream kernel's column passes); loaded bytes / element size for the global-load
+   that exponentiate every logit once (rows, columns in one-array mode, the item kernel's row
+   loop, the stream kernel's column passes); loaded bytes / element size for the global-load
    loops; shared loads / loads per logit for the tile kernel's max and column loops.
 4. The model: for each reference shape and dtype, the kernel the planner picks (the emulator in
    plan-only mode: the same plan.h), its instructions per logit from the counts above, and the
@@ -433,9 +433,11 @@ def plan_of(exe: Path, shape: tuple, dtype_code: int, **ov) -> dict:
 
 def item_cost(a: dict, src: Source, T: int, C: int, G: int, elem: int) -> tuple[float, float, dict]:
     """Instructions and MUFU operations per logit of the item kernel (a group of G lanes per
-    item): the two row passes (per row of C logits; a group whose lanes do not all have a row in
-    the last round still issues for it), the load loop, and the per-item code (straight-line code
-    of items() once per lane, each group-sum loop log2 G times per lane) times G / (T C)."""
+    item): the row loop (per row of C logits; a group whose lanes do not all have a row in the last
+    round still issues for it; two such loops, "pass1" and "pass2", in the two-pass kernel before
+    the one-pass rewrite), the load loop, and the per-item code (straight-line code of items(),
+    the lane's first row included, once per lane, each group-sum loop log2 G times per lane) times
+    G / (T C)."""
     ins, loops = a["ins"], a["loops"]
     inloop = set()
     for lp in loops:
@@ -447,7 +449,8 @@ def item_cost(a: dict, src: Source, T: int, C: int, G: int, elem: int) -> tuple[
             and lp not in passes]
     rows_factor = -(-T // G) * G / T  # lanes of a group with one row less idle in the last round
     mufu = 0.0
-    for name, lp in zip(("pass1", "pass2"), sorted(passes, key=lambda q: q.start), strict=False):
+    names = ("rows",) if len(passes) == 1 else ("pass1", "pass2")
+    for name, lp in zip(names, sorted(passes, key=lambda q: q.start), strict=False):
         body = ins[lp.start:lp.end + 1]
         n = logits_per_iter(body, lp.src, elem)
         parts[name] = len(body) / n * rows_factor
@@ -456,7 +459,7 @@ def item_cost(a: dict, src: Source, T: int, C: int, G: int, elem: int) -> tuple[
         lp = max(loads, key=lambda q: q.end - q.start)  # the vector loop (the scalar one is for odd shapes)
         body = ins[lp.start:lp.end + 1]
         parts["load"] = len(body) / logits_per_iter(body, lp.src, elem)
-    # Straight-line code of the per-item part (items(), outside the two passes and the shuffle
+    # Straight-line code of the per-item part (items(), outside the row loop(s) and the shuffle
     # loops) runs once per lane per item; each shuffle loop (a group sum) runs log2 G times.
     straight = [x for i, x in enumerate(ins) if i not in inloop and src.in_func(x.chain, "item_kernel.h", "items")]
     lg = max(0, G.bit_length() - 1)
@@ -551,7 +554,7 @@ def stream_cost(a: dict, T: int, C: int, elem: int) -> tuple[float, dict]:
 def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) -> tuple[float, float, dict]:
     """Instructions and MUFU operations per logit of the strip kernel (strip_kernel.h: G lanes per
     item, NV 4-class vectors per lane, rows streamed through registers). The row loop is the
-    smallest SASS loop holding the 2 K ex2 of a row (K = 4 NV classes per lane); its instructions
+    smallest SASS loop holding the K ex2 of a row (K = 4 NV classes per lane); its instructions
     are split by their inline chain: the NaN-vote path (nan_vote(), taken only for a warp with a
     NaN row) is not counted, the first-sample shifts (set_refs()) once per item, everything else
     once per row; a loop nested in it counts its iterations (the shuffle levels of fold(),
@@ -572,7 +575,7 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
     def fn_of(x):
         return [src.func_of(f, ln) for f, ln in x.chain if f == "strip_kernel.h"]
 
-    row = min((lp for lp in loops if ex2(lp) >= 2 * K), key=lambda q: q[1] - q[0])
+    row = min((lp for lp in loops if ex2(lp) >= K), key=lambda q: q[1] - q[0])
     outer = [lp for lp in loops if lp[0] <= row[0] and row[1] <= lp[1] and lp != row]
     item = min(outer, key=lambda q: q[1] - q[0]) if outer else row
 
@@ -729,7 +732,8 @@ def main() -> int:
                 kname = f"item_kernel<{tname}, {C}>"
                 a = by_short[kname]
                 tot, mufu, parts = item_cost(a, src, T, C, G, elem)
-                smem_b = 16.0  # float tile: load write, pass-1 read, lp2 write, pass-2 read (conflict-free plan)
+                # Float tile: the load's write and the row loop's read (one pass; conflict-free plan).
+                smem_b = 8.0
                 desc = f"item G={G} kk={p['kk']} smem={p['smem'] // 1024} KB"
             elif p["path"] == 3:
                 G = p["row_lanes"]

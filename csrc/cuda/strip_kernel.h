@@ -146,6 +146,14 @@ FB_DEV void pin_ptr(const P*& p) {
 #endif
 }
 
+FB_DEV void pin_fptr(float*& p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+l"(p));
+#else
+  (void)p;
+#endif
+}
+
 FB_DEV void ld_f4(const float* p, float* v) {
 #if defined(__CUDA_ARCH__)
   const float4 q = *reinterpret_cast<const float4*>(p);
@@ -318,20 +326,21 @@ struct StripKernel {
   // lp2 >= -8, and a class whose p is below 2^-8 contributes at most ~p |lp2| ulp.
   static constexpr float kShiftFloor = -8.0f;
 
-  // The item's per-class shifts from its first sample: K = max(lp2, kShiftFloor), p0 = 2^lp2
-  // (lane-private). p0 needs no floor: by Samuelson's inequality the variance's shifted sum keeps a
-  // relative error of at most ~T ulp whatever p0.
-  FB_DEV static void set_refs(const float (&z)[K], float ls2, float* refK, float* refP) {
+  // The item's per-class shifts from its first sample, in the exponent's units: Kd = max(d2,
+  // log2 s + kShiftFloor) (so that K = Kd - ls0 is its lp2 floored at kShiftFloor bits) and
+  // p0 = e / s (lane-private), and ls0 = its log2 s. p0 needs no floor: by Samuelson's inequality
+  // the variance's shifted sum keeps a relative error of at most ~T ulp whatever p0.
+  FB_DEV static void set_refs(const float (&z)[K], const float (&e)[K], float ls2, float inv, float* refK,
+                              float* refP) {
     FB_UNROLL
     for (int k = 0; k < NV; ++k) {
-      float lp[4], p[4];
+      float kd[4], p[4];
       FB_UNROLL
       for (int i = 0; i < 4; ++i) {
-        lp[i] = z[4 * k + i] - ls2;
-        p[i] = math::fast_exp2(lp[i]);
-        lp[i] = std::fmax(lp[i], kShiftFloor);
+        kd[i] = std::fmax(z[4 * k + i], ls2 + kShiftFloor);
+        p[i] = e[4 * k + i] * inv;
       }
-      strip::st_f4(refK + k * kStride * 4, lp);
+      strip::st_f4(refK + k * kStride * 4, kd);
       strip::st_f4(refP + k * kStride * 4, p);
     }
   }
@@ -351,7 +360,8 @@ struct StripKernel {
     const int tid = dev::tid(), B = dev::bdim();
     const int lg = P.it_glog2;
     const int G = 1 << lg;  // kBlock: G == B
-    const int l = tid & (G - 1);
+    int l = tid & (G - 1);
+    strip::pin_int(l);  // kept in a register (not recomputed from the block index in the row loop)
     const int g = tid >> lg;
     const int ngb = B >> lg;  // groups per block
     Red red{G, tid & 31, tid >> 5, B >> 5, reinterpret_cast<uint32_t*>(smem + P.st_off_red), 0};
@@ -362,6 +372,8 @@ struct StripKernel {
     // vectors, consecutive threads contiguous), the vote counters of class slot j at [j][tid].
     float* refK = reinterpret_cast<float*>(smem + P.st_off_ref) + tid * 4;
     float* refP = refK + NV * kStride * 4;
+    strip::pin_fptr(refK);
+    strip::pin_fptr(refP);
     int* cnt = reinterpret_cast<int*>(smem + P.st_off_cnt) + tid;
     FB_UNROLL
     for (int j = 0; j < K; ++j) cnt[j * kStride] = 0;
@@ -388,10 +400,12 @@ struct StripKernel {
       const int64_t nn = n0 + step + g < N ? n0 + step + g : N - 1;
       // After the last item: the last item again (a harmless reload; the loads stay unconditional).
       const S* next_item = xl + nn * TC;
-      float Sa[K], Ua[K], Va[K];
+      strip::pin_ptr(next_item);  // computed here, not in the row loop (where only its select needs it)
+      float Sa[K], Va[K];
       FB_UNROLL
-      for (int j = 0; j < K; ++j) Sa[j] = Ua[j] = Va[j] = 0.0f;
-      float h = 0.0f;
+      for (int j = 0; j < K; ++j) Sa[j] = Va[j] = 0.0f;
+      float Ut = 0.0f, ls0 = 0.0f;  // the lane's mean-KL sum (bits), log2 s of the first sample
+      const S* cur = item;
       bool bad = false;
       for (int t = 0; t < T; ++t) {
         float z[K];
@@ -399,7 +413,8 @@ struct StripKernel {
         for (int k = 0; k < NV; ++k) strip::to_float4<S>(pf[k], z + 4 * k);
         strip::pin(z);
         // Prefetch: the next row, or the first row of the group's next item.
-        const S* nxt = t + 1 < T ? item + static_cast<int64_t>(t + 1) * C : next_item;
+        const S* nxt = t + 1 < T ? cur + C : next_item;
+        cur = nxt;
         load_row(nxt, pf, off, nvl);
 
         // 1. max and argmax (slot j of the lane is class 4 (l + (j / 4) G) + j % 4: ascending in j).
@@ -445,51 +460,51 @@ struct StripKernel {
         if constexpr (!kBlock) vote(arg, l, lg, G, cnt);
         bad = bad || row_nonfinite(m);  // m is the same on every lane of the group
 
-        // 2. exps, row sums, row entropy.
+        // 2. exps, the row sum (the lane's part kept: sl).
         const float m2 = m * Base2<float>::log2e;
-        float s = 0.0f, a2 = 0.0f;
+        float s = 0.0f, e[K];
         FB_UNROLL
         for (int j = 0; j < K; ++j) {
           const float d2 = std::fmax(std::fma(z[j], Base2<float>::log2e, -m2), Base2<float>::exp2_floor);
-          const float e = fast_exp2(d2);
-          s += e;
-          a2 += e * d2;
+          e[j] = fast_exp2(d2);
+          s += e[j];
           z[j] = d2;
         }
+        const float sl = s;
         {
-          uint32_t v[3] = {strip::as_bits(s), strip::as_bits(a2), cand};
+          uint32_t v[2] = {strip::as_bits(s), cand};
           if constexpr (kBlock) {
             FB_UNROLL
             for (int o = 1; o < 32; o <<= 1) {
-              const float so = strip::as_float(dev::shfl_xor(v[0], o)), ao = strip::as_float(dev::shfl_xor(v[1], o));
-              v[0] = strip::as_bits(strip::as_float(v[0]) + so);
-              v[1] = strip::as_bits(strip::as_float(v[1]) + ao);
+              v[0] = strip::as_bits(strip::as_float(v[0]) + strip::as_float(dev::shfl_xor(v[0], o)));
             }
-            // The sums and the warps' candidate classes across the warps (one barrier).
-            fold_warps(v, red, [](uint32_t(&a)[3], const uint32_t(&b)[3]) {
+            // The sum and the warps' candidate classes across the warps (one barrier).
+            fold_warps(v, red, [](uint32_t(&a)[2], const uint32_t(&b)[2]) {
               a[0] = strip::as_bits(strip::as_float(a[0]) + strip::as_float(b[0]));
-              a[1] = strip::as_bits(strip::as_float(a[1]) + strip::as_float(b[1]));
-              a[2] = b[2] < a[2] ? b[2] : a[2];
+              a[1] = b[1] < a[1] ? b[1] : a[1];
             });
-            if (m == m) arg = static_cast<int>(v[2]);  // a NaN row's vote: nan_vote above
+            if (m == m) arg = static_cast<int>(v[1]);  // a NaN row's vote: nan_vote above
             vote(arg, l, lg, G, cnt);
           } else {
-            uint32_t w[2] = {v[0], v[1]};
-            fold(w, red, [](uint32_t(&a)[2], const uint32_t(&b)[2]) {
+            uint32_t w[1] = {v[0]};
+            fold(w, red, [](uint32_t(&a)[1], const uint32_t(&b)[1]) {
               a[0] = strip::as_bits(strip::as_float(a[0]) + strip::as_float(b[0]));
-              a[1] = strip::as_bits(strip::as_float(a[1]) + strip::as_float(b[1]));
             });
             v[0] = w[0];
-            v[1] = w[1];
           }
           s = strip::as_float(v[0]);
-          a2 = strip::as_float(v[1]);
         }
         const float inv = fast_rcp(s), ls2 = fast_log2(s);
-        h += row_entropy2(ls2, a2, inv);
 
-        // 3. per-class accumulators (the first sample sets the shifts).
-        if (t == 0) set_refs(z, ls2, refK, refP);
+        // 3. per-class accumulators (the first sample sets the shifts), with p = e / s:
+        // S_c += p, V_c += (p - p0_c)^2, and the lane's part of the row's mean-KL sum
+        // sum_c p (lp2 - K_c) = (1/s) (sum_c e (d2 - Kd_c) - (log2 s - ls0) sl) (bits; sl = the
+        // lane's sum of e): no per-class U, one FADD and one FFMA per class.
+        if (t == 0) {
+          set_refs(z, e, ls2, inv, refK, refP);
+          ls0 = ls2;
+        }
+        float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         FB_UNROLL
         for (int k = 0; k < NV; ++k) {
           float kr[4], pr[4];
@@ -498,18 +513,19 @@ struct StripKernel {
           FB_UNROLL
           for (int i = 0; i < 4; ++i) {
             const int j = 4 * k + i;
-            const float lp = z[j] - ls2;
-            const float p = fast_exp2(lp);
-            Sa[j] += p;
-            Ua[j] += p * (lp - kr[i]);
-            const float dv = p - pr[i];
-            Va[j] += dv * dv;
+            u[i] = std::fma(e[j], z[j] - kr[i], u[i]);
+            Sa[j] = std::fma(e[j], inv, Sa[j]);
+            const float dv = std::fma(e[j], inv, -pr[i]);
+            Va[j] = std::fma(dv, dv, Va[j]);
           }
         }
+        Ut = std::fma(std::fma(ls0 - ls2, sl, (u[0] + u[1]) + (u[2] + u[3])), inv, Ut);
       }
 
       // Per item, in float.
-      float ent = 0.0f, kl = 0.0f, sd = 0.0f, top1 = 0.0f, top2 = 0.0f;
+      // kl = U - sum_c S_c (log2 pbar_c - K_c), hn = U + sum_c K_c S_c (= sum_t sum_c p lp2), with
+      // K_c = Kd_c - ls0.
+      float ent = 0.0f, kl = Ut, hn = Ut, sd = 0.0f, top1 = 0.0f, top2 = 0.0f;
       {
         FB_UNROLL
         for (int k = 0; k < NV; ++k) {
@@ -524,7 +540,9 @@ struct StripKernel {
             const float lpb = log2_pbar(pb);
             ent += neg_plogp2(pb, lpb);
             top2_update_nb(pb, top1, top2);
-            kl += Ua[j] - Sa[j] * (lpb - kr[i]);
+            const float Kc = kr[i] - ls0;
+            kl -= Sa[j] * (lpb - Kc);
+            hn = std::fma(Kc, Sa[j], hn);
             const float dp = pb - pr[i];
             sd += fast_sqrt(std::fmax(Va[j] * inv_T - dp * dp, 0.0f));
           }
@@ -539,11 +557,12 @@ struct StripKernel {
           cnt[j * kStride] = 0;
         }
       }
-      uint32_t v[6] = {strip::as_bits(ent), strip::as_bits(kl), strip::as_bits(sd), strip::as_bits(top1),
-                       strip::as_bits(top2), modal};
-      fold(v, red, [](uint32_t(&a)[6], const uint32_t(&b)[6]) {
+      uint32_t v[7] = {strip::as_bits(ent), strip::as_bits(kl), strip::as_bits(sd), strip::as_bits(top1),
+                       strip::as_bits(top2), modal, strip::as_bits(hn)};
+      fold(v, red, [](uint32_t(&a)[7], const uint32_t(&b)[7]) {
         FB_UNROLL
         for (int i = 0; i < 3; ++i) a[i] = strip::as_bits(strip::as_float(a[i]) + strip::as_float(b[i]));
+        a[6] = strip::as_bits(strip::as_float(a[6]) + strip::as_float(b[6]));
         float t1 = strip::as_float(a[3]), t2 = strip::as_float(a[4]);
         top2_update_nb(strip::as_float(b[3]), t1, t2);
         top2_update_nb(strip::as_float(b[4]), t1, t2);
@@ -565,8 +584,9 @@ struct StripKernel {
         top1 = strip::as_float(v[3]);
         top2 = strip::as_float(v[4]);
         const float klv = kl * Base2<float>::ln2 * inv_T;
+        const float hv = -strip::as_float(v[6]) * Base2<float>::ln2 * inv_T;
         const float o[kNumMetrics] = {ent,
-                                      h * inv_T,
+                                      hv > 0.0f ? hv : 0.0f,
                                       klv > 0.0f ? klv : 0.0f,
                                       1.0f - static_cast<float>(v[5]) * inv_T,
                                       sd * static_cast<float>(P.inv_C),
