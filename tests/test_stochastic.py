@@ -341,9 +341,46 @@ def test_native_softrank_vectorized_equals_scalar_code():
 
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_scan_vectorized_equals_scalar_code(dtype, monkeypatch):
+    """Modes 0-2 (log-weights, power, softmax): the AVX-512 filter (16 items per step, thresholds by
+    permute; float64: classes >= 26 always to the exact step) and the scalar loop give the same
+    indices and keys, and the same draw as the PyTorch path; lengths around the vector width,
+    ties, non-positive scores, beta 0 and huge."""
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
+    op = st._native_op()
+    g = torch.Generator().manual_seed(5)
+    try:
+        for N in (1, 15, 16, 17, 50_003):
+            base = torch.rand(N, generator=g, dtype=torch.float64)
+            for s in (base * 3 - 0.5, (base * 20).floor(), base**3 * math.log(10)):
+                s = s.to(dtype)
+                for mode, code in (("logw", 0), ("power", 1), ("softmax", 2)):
+                    for k, beta, seed in [(1, 1.0, 0), (min(N, 10), 1.0, 7), (min(N, 300), 2.0, 2**40 + 3),
+                                          (min(N, 10), 0.0, 9), (min(N, 10), 1e300, 1)]:
+                        shift = 0.0 if code == 0 else math.nan
+                        runs = []
+                        for kernel in (0, 1):
+                            cpu._force_kernel(kernel)
+                            runs.append(op(s, k, code, beta, st._signed(seed), shift))
+                        assert torch.equal(runs[0][0], runs[1][0]), (N, mode, k, beta, seed)
+                        assert torch.equal(runs[0][1], runs[1][1]), (N, mode, k, beta, seed)
+            cpu._force_kernel(-1)
+            if N > 1000:
+                native = [stochastic_acquire(s, 40, m, 1.0, seed=3) for m in ("power", "softmax")]
+                with monkeypatch.context() as mp:
+                    mp.setitem(st._NATIVE, "op", None)
+                    ref = [stochastic_acquire(s, 40, m, 1.0, seed=3) for m in ("power", "softmax")]
+                assert all(torch.equal(a, b) for a, b in zip(native, ref, strict=True))
+    finally:
+        cpu._force_kernel(-1)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_softrank_names_the_first_bad_item_with_either_kernel(dtype):
     """The min/max pass (AVX-512: 64 floats / 32 doubles per step, then a scalar tail) is also the
-    finiteness check: a NaN or inf in the vector part or in the tail is found and named."""
+    finiteness check: a NaN or inf in the vector part or in the tail is found and named (softrank;
+    power and softmax: the max for the shift, then the per-chunk check)."""
     cpu = importlib.import_module("fastbald._stochastic_cpu")
     op = st._native_op()
     s = torch.rand(1000, generator=torch.Generator().manual_seed(2), dtype=dtype)
@@ -353,8 +390,9 @@ def test_native_softrank_names_the_first_bad_item_with_either_kernel(dtype):
             x = s.clone()
             x[where] = bad
             x[999] = bad
-            with pytest.raises(ValueError, match=f"pool item {where} "):
-                op(x, 3, 3, 1.0, 0, 0.0)
+            for code, shift in ((3, 0.0), (1, math.nan), (2, math.nan), (0, 0.0)):
+                with pytest.raises(ValueError, match=f"pool item {where} "):
+                    op(x, 3, code, 1.0, 0, shift)
     finally:
         cpu._force_kernel(-1)
 

@@ -17,6 +17,8 @@
 // score above a threshold that depends only on tau and that leading-zero count (a 64-entry table,
 // refreshed when tau changes). Per item: one 64-bit hash, a clz, a table load and a compare; only
 // the few items that pass (O(k log(N / k)) expected) compute their exact key (std::log, double).
+// With AVX-512 (chosen at run time) that filter runs on 16 items per step (splitmix64 by vpmullq,
+// vplzcntq, the table by a permute); the items that pass take the same scalar step (visit()).
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -72,7 +74,7 @@ inline bool better(const Entry& a, const Entry& b) {
 
 // Index of the first non-finite value in p[b, e), or -1. Branch-free blocks (vectorised).
 template <typename scalar_t>
-int64_t first_nonfinite(const scalar_t* p, int64_t b, int64_t e) {
+__attribute__((always_inline)) inline int64_t first_nonfinite(const scalar_t* p, int64_t b, int64_t e) {
   constexpr scalar_t kMax = std::numeric_limits<scalar_t>::max();
   for (int64_t i = b; i < e; i += 1024) {
     const int64_t j_end = std::min<int64_t>(i + 1024, e);
@@ -158,27 +160,47 @@ void thresholds(double tau, double beta, double shift, scalar_t* thr) {
   }
 }
 
+inline uint64_t noise_bits(uint64_t s0, int64_t i) {
+  return mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
+}
+
+// Modes 0-2 over one chunk: a running top-k (heap of the k best keys, thr from its worst). visit()
+// is the whole per-item step once the heap is full; the scalar loop (scan_rest) and the AVX-512
+// one only skip the items that fail x > thr[clz(m)], and visit() tests that again (the vector loop
+// tests 16 items against the thresholds of the block's start): the same heap updates either way.
 template <typename scalar_t, int kMode>
-void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta, double shift,
-          uint64_t s0, std::vector<Entry>& heap) {
-  heap.clear();
-  heap.reserve(static_cast<size_t>(k));
+struct TopScan {
+  int64_t k;
+  double beta, shift;
+  std::vector<Entry>& heap;
   scalar_t thr[64];
-  int64_t i = begin;
-  // Fill the heap with the first k items (exact keys).
-  for (; i < end && static_cast<int64_t>(heap.size()) < k; ++i) {
-    const uint64_t m = mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
-    const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;
-    heap.push_back(
-        {log_weight<kMode>(static_cast<double>(s[i]), beta, shift) - std::log(-std::log1p(-v)), i});
-    std::push_heap(heap.begin(), heap.end(), better);
+  int64_t version = 0;  // bumped by each change of thr
+
+  TopScan(int64_t k_, double beta_, double shift_, std::vector<Entry>& h) : k(k_), beta(beta_), shift(shift_), heap(h) {}
+
+  // Fills the heap with the first k items from begin (exact keys); returns the next item.
+  int64_t fill(const scalar_t* s, int64_t begin, int64_t end, uint64_t s0) {
+    heap.clear();
+    heap.reserve(static_cast<size_t>(k));
+    int64_t i = begin;
+    for (; i < end && static_cast<int64_t>(heap.size()) < k; ++i) {
+      const uint64_t m = noise_bits(s0, i);
+      const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;
+      heap.push_back(
+          {log_weight<kMode>(static_cast<double>(s[i]), beta, shift) - std::log(-std::log1p(-v)), i});
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+    if (static_cast<int64_t>(heap.size()) == k) {
+      thresholds<scalar_t, kMode>(heap.front().key, beta, shift, thr);
+      ++version;
+    }
+    return i;
   }
-  if (static_cast<int64_t>(heap.size()) < k) return;
-  thresholds<scalar_t, kMode>(heap.front().key, beta, shift, thr);
-  for (; i < end; ++i) {
-    const scalar_t x = s[i];
-    const uint64_t m = mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
-    if (!(x > thr[__builtin_clzll(m | 1)])) continue;  // cannot beat the heap's worst key
+
+  // Item i (score x, noise bits m) against the full heap. Not inlined: its double arithmetic must
+  // round the same way in every caller (no FMA contraction in the AVX-512 loop).
+  __attribute__((noinline)) void visit(int64_t i, scalar_t x, uint64_t m) {
+    if (!(x > thr[__builtin_clzll(m | 1)])) return;  // cannot beat the heap's worst key
     // m < 2^53: a signed conversion is exact (and one instruction, unlike uint64 -> double).
     const double v = (static_cast<double>(static_cast<int64_t>(m)) + 0.5) * 0x1p-53;  // in (0, 1)
     const Entry e{log_weight<kMode>(static_cast<double>(x), beta, shift) - std::log(-std::log1p(-v)),
@@ -188,7 +210,18 @@ void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta,
       heap.back() = e;
       std::push_heap(heap.begin(), heap.end(), better);
       thresholds<scalar_t, kMode>(heap.front().key, beta, shift, thr);
+      ++version;
     }
+  }
+};
+
+template <typename scalar_t, int kMode>
+void scan_rest(const scalar_t* s, int64_t i, int64_t end, uint64_t s0, TopScan<scalar_t, kMode>& ts) {
+  for (; i < end; ++i) {
+    const scalar_t x = s[i];
+    const uint64_t m = noise_bits(s0, i);
+    if (!(x > ts.thr[__builtin_clzll(m | 1)])) continue;  // cannot beat the heap's worst key
+    ts.visit(i, x, m);
   }
 }
 
@@ -324,10 +357,6 @@ struct RankScan {
     }
   }
 };
-
-inline uint64_t noise_bits(uint64_t s0, int64_t i) {
-  return mix64(s0 + static_cast<uint64_t>(i + 1) * kGamma) >> 11;
-}
 
 template <typename scalar_t>
 void rank_scan(const scalar_t* s, int64_t begin, int64_t end, uint64_t s0, RankScan& rs) {
@@ -585,6 +614,69 @@ FB_SR_AVX512 void rank_scan_avx512(const scalar_t* s, int64_t begin, int64_t end
   rank_scan(s, i, end, s0, rs);
 }
 
+// Modes 0-2: the filter x > thr[c] on 16 items at a time. float: the thresholds of classes 11..42
+// in two registers (one permute), an item of class >= 42 always goes to visit(); double: classes
+// 11..26 (one permute per 8 items), class >= 26 (2^-15 of the items) always to visit().
+template <typename scalar_t, int kMode>
+FB_SR_AVX512 void scan_rest_avx512(const scalar_t* s, int64_t i, int64_t end, uint64_t s0,
+                                   TopScan<scalar_t, kMode>& ts) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  constexpr int kTop = kFloat ? 42 : 26;  // classes 11 .. kTop - 1 by table
+  alignas(64) scalar_t tab[kFloat ? 32 : 16];
+  __m512i lo_i, hi_i;  // the table's two registers (as integer vectors)
+  int64_t seen;
+#define FB_SR_LOAD_TABLE()                                                                          \
+  do {                                                                                              \
+    for (int j = 0; j < (kFloat ? 32 : 16); ++j) tab[j] = ts.thr[11 + j];                           \
+    lo_i = _mm512_load_si512(tab);                                                                  \
+    hi_i = _mm512_load_si512(reinterpret_cast<const char*>(tab) + 64);                              \
+    seen = ts.version;                                                                              \
+  } while (0)
+  FB_SR_LOAD_TABLE();
+  const __m512i lane = _mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1);
+  const __m512i gam = _mm512_set1_epi64(static_cast<int64_t>(kGamma));
+  __m512i zlo = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(s0 + static_cast<uint64_t>(i) * kGamma)),
+                                 _mm512_mullo_epi64(lane, gam));
+  __m512i zhi = _mm512_add_epi64(zlo, _mm512_set1_epi64(static_cast<int64_t>(8 * kGamma)));
+  const __m512i step = _mm512_set1_epi64(static_cast<int64_t>(16 * kGamma));
+  for (; i + 16 <= end; i += 16) {
+    const __m512i clo = noise_class8(zlo), chi = noise_class8(zhi);
+    zlo = _mm512_add_epi64(zlo, step);
+    zhi = _mm512_add_epi64(zhi, step);
+    uint32_t mask;
+    if constexpr (kFloat) {
+      const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(clo)),
+                                           _mm512_cvtepi64_epi32(chi), 1);
+      const __m512i top = _mm512_set1_epi32(kTop);
+      const __m512i idx = _mm512_sub_epi32(_mm512_min_epu32(c, top), _mm512_set1_epi32(11));
+      const __m512 th = _mm512_permutex2var_ps(_mm512_castsi512_ps(lo_i), idx, _mm512_castsi512_ps(hi_i));
+      mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), th, _CMP_GT_OQ) | _mm512_cmpge_epu32_mask(c, top);
+    } else {
+      const __m512i top = _mm512_set1_epi64(kTop), c11 = _mm512_set1_epi64(11);
+      const __m512d tl = _mm512_castsi512_pd(lo_i), th_ = _mm512_castsi512_pd(hi_i);
+      const __m512d t0 = _mm512_permutex2var_pd(tl, _mm512_sub_epi64(_mm512_min_epu64(clo, top), c11), th_);
+      const __m512d t1 = _mm512_permutex2var_pd(tl, _mm512_sub_epi64(_mm512_min_epu64(chi, top), c11), th_);
+      const uint32_t m0 = _mm512_cmp_pd_mask(_mm512_loadu_pd(s + i), t0, _CMP_GT_OQ) | _mm512_cmpge_epu64_mask(clo, top);
+      const uint32_t m1 = _mm512_cmp_pd_mask(_mm512_loadu_pd(s + i + 8), t1, _CMP_GT_OQ) | _mm512_cmpge_epu64_mask(chi, top);
+      mask = m0 | (m1 << 8);
+    }
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const int64_t ij = i + j;
+      ts.visit(ij, s[ij], noise_bits(s0, ij));
+    }
+    if (seen != ts.version) FB_SR_LOAD_TABLE();
+  }
+#undef FB_SR_LOAD_TABLE
+  scan_rest(s, i, end, s0, ts);
+}
+
+template <typename scalar_t>
+FB_SR_AVX512 int64_t first_nonfinite_avx512(const scalar_t* p, int64_t b, int64_t e) {
+  return first_nonfinite(p, b, e);  // inlined: vectorised for AVX-512
+}
+
 // The rank pass on 16 items at a time. Which lanes lie in a candidates' bucket: compared with each
 // of them when there are at most 16 (the usual case: ~10 for k = 10 of 1M), else their bit of the
 // bucket bitmap by a gather. The items that pass are buffered (index and bucket) and counted by
@@ -793,6 +885,29 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
   return out;
 }
 
+template <typename scalar_t, int kMode>
+void scan(const scalar_t* s, int64_t begin, int64_t end, int64_t k, double beta, double shift, uint64_t s0,
+          std::vector<Entry>& heap, bool vec) {
+  TopScan<scalar_t, kMode> ts(k, beta, shift, heap);
+  const int64_t i = ts.fill(s, begin, end, s0);
+  if (static_cast<int64_t>(heap.size()) < k) return;
+#if FB_SR_X86
+  if (vec) {
+    scan_rest_avx512(s, i, end, s0, ts);
+    return;
+  }
+#endif
+  scan_rest(s, i, end, s0, ts);
+}
+
+template <typename scalar_t>
+int64_t first_nonfinite_any(const scalar_t* p, int64_t b, int64_t e, bool vec) {
+#if FB_SR_X86
+  if (vec) return first_nonfinite_avx512(p, b, e);
+#endif
+  return first_nonfinite(p, b, e);
+}
+
 std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores, int64_t k,
                                                        int64_t mode, double beta, int64_t seed,
                                                        double shift_) {
@@ -843,12 +958,13 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       }
     });
   } else if (k > 0) {
+    const bool vec = use_avx512();
     if (std::isnan(shift)) {  // the largest unscaled log-weight: max s (softmax), log max s (power)
       double m;
       if (N < 2 * std::max<int64_t>(1 << 20, 8 * k)) {  // serial, as the scan below
         AT_DISPATCH_FLOATING_TYPES(st, "fastbald_stochastic_max", [&] {
           double lo;
-          minmax_serial(x.const_data_ptr<scalar_t>(), N, lo, m);
+          minmax_any(x.const_data_ptr<scalar_t>(), N, lo, m, vec);
         });
       } else {
         m = x.max().item<double>();
@@ -862,14 +978,14 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         std::vector<Entry> heap;
-        const int64_t bad = first_nonfinite(p, b, e);
+        const int64_t bad = first_nonfinite_any(p, b, e, vec);
         if (bad < 0) {
           if (mode == 1) {
-            scan<scalar_t, 1>(p, b, e, k, beta, shift, s0, heap);
+            scan<scalar_t, 1>(p, b, e, k, beta, shift, s0, heap, vec);
           } else if (mode == 2) {
-            scan<scalar_t, 2>(p, b, e, k, beta, shift, s0, heap);
+            scan<scalar_t, 2>(p, b, e, k, beta, shift, s0, heap, vec);
           } else {
-            scan<scalar_t, 0>(p, b, e, k, beta, shift, s0, heap);
+            scan<scalar_t, 0>(p, b, e, k, beta, shift, s0, heap, vec);
           }
         } else {
           int64_t cur = first_bad.load();
