@@ -5,7 +5,9 @@ Stochastic batch acquisition (``fastbald.stochastic_acquire``, power / softmax /
 beta = 1) of k items from N scores (BALD-like float32 in [0, log 10]), against ``torch.topk`` of
 the same scores (what it replaces), ``fastbald.acquire`` (top-k with ties by lowest index: a topk,
 then the tied items) and baal's ``PowerSampling`` over precomputed scores (``np.random.choice`` without
-replacement). In-process, the methods interleaved within each repeat, median of repeats.
+replacement). In-process, the methods interleaved within each repeat, median of repeats. Where
+the native kernel runs AVX-512 loops, power and softrank are also timed with its scalar loops
+forced (what a CPU without AVX-512 runs).
 
 EPIG of N_p pool items against N_t target items (K posterior samples, C classes; MC-dropout-like
 log-probabilities, seed 0), each method fed the input it takes: ``fastbald.epig`` (log-probs
@@ -68,6 +70,23 @@ def bald_like_scores(N: int, seed: int = 0) -> torch.Tensor:
     return (torch.rand(N, generator=g) ** 3 * math.log(10)).float()
 
 
+def _stochastic_native() -> Any:
+    """The native stochastic extension module (``vectorized()``, ``_force_kernel()``), or None."""
+    from fastbald import stochastic as st
+
+    if st._native_op() is None:
+        return None
+    import importlib
+
+    return importlib.import_module("fastbald._stochastic_cpu")
+
+
+def stochastic_kernel() -> str:
+    """Which loops the native stochastic kernel runs here: "avx512", "scalar" or "not built"."""
+    native = _stochastic_native()
+    return "not built" if native is None else "avx512" if native.vectorized() else "scalar"
+
+
 def bench_stochastic(N: int, k: int, threads: Sequence[int], repeats: int, seed: int = 0) -> list[dict]:
     import fastbald
 
@@ -80,6 +99,21 @@ def bench_stochastic(N: int, k: int, threads: Sequence[int], repeats: int, seed:
         ("stochastic softmax", lambda: fastbald.stochastic_acquire(s, k, "softmax", 1.0, seed=1)),
         ("stochastic softrank", lambda: fastbald.stochastic_acquire(s, k, "softrank", 1.0, seed=1)),
     ]
+    native = _stochastic_native()
+    if native is not None and native.vectorized():
+        # The portable scalar loops (what a CPU without AVX-512 runs), forced for this call only.
+        def scalar(mode: str) -> Callable[[], Any]:
+            def run() -> Any:
+                native._force_kernel(0)
+                try:
+                    return fastbald.stochastic_acquire(s, k, mode, 1.0, seed=1)
+                finally:
+                    native._force_kernel(-1)
+
+            return run
+
+        methods += [("stochastic power, scalar loops", scalar("power")),
+                    ("stochastic softrank, scalar loops", scalar("softrank"))]
     try:
         from baal.active.heuristics import Precomputed
         from baal.active.heuristics.stochastics import PowerSampling
@@ -238,7 +272,8 @@ def to_markdown(res: dict) -> str:
         threads = sorted({r["threads"] for r in st["rows"]})
         out += [
             f"### Stochastic batch acquisition: k = {st['k']} of N = {st['N']:,} scores, beta = 1 "
-            f"(median of {st['repeats']} interleaved repeats; × = time / torch.topk)",
+            f"(median of {st['repeats']} interleaved repeats; × = time / torch.topk; native stochastic "
+            f"kernel: {st.get('kernel', 'not recorded')})",
             "",
             "| method | " + " | ".join(f"{t} thread" + ("s" if t > 1 else "") for t in threads) + " |",
             "|---|" + "---|" * len(threads),
@@ -324,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load0 = loadavg()
     if "stochastic" not in skip:
         print(f"stochastic acquisition, N={a.stochastic_n:,}, k={a.k} ...", file=sys.stderr, flush=True)
-        res["stochastic"] = dict(N=a.stochastic_n, k=a.k, repeats=a.repeats,
+        res["stochastic"] = dict(N=a.stochastic_n, k=a.k, repeats=a.repeats, kernel=stochastic_kernel(),
                                  rows=bench_stochastic(a.stochastic_n, a.k, a.threads, a.repeats))
     if "epig" not in skip:
         size = tuple(int(v) for v in a.epig_size.split("x"))
