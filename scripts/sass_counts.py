@@ -618,6 +618,19 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
     return sum(parts.values()), mufu, parts
 
 
+def item_conflict(stride: int, G: int, rw: int) -> int:
+    """plan.h's item_conflict: the most distinct 4-byte words a bank serves in one wavefront of a
+    warp's row reads (thread tid reads w words at (tid / G) stride + (tid % G) rw; strides in words)."""
+    w = 4 if rw % 4 == 0 else (2 if rw % 2 == 0 else 1)
+    per = 32 // w
+    worst = 1
+    for ph in range(0, 32, per):
+        words = {(t // G) * stride + (t % G) * rw + i for t in range(ph, ph + per) for i in range(w)}
+        for b in range(32):
+            worst = max(worst, sum(1 for x in words if x % 32 == b))
+    return worst
+
+
 def fraction(instr_per_logit: float, mufu_per_logit: float, elem: int, out_bytes_per_logit: float,
              smem_bytes_per_logit: float = 0.0) -> tuple[float, str]:
     m = MACHINE
@@ -732,9 +745,14 @@ def main() -> int:
                 kname = f"item_kernel<{tname}, {C}>"
                 a = by_short[kname]
                 tot, mufu, parts = item_cost(a, src, T, C, G, elem)
-                # Float tile: the load's write and the row loop's read (one pass; conflict-free plan).
-                smem_b = 8.0
-                desc = f"item G={G} kk={p['kk']} smem={p['smem'] // 1024} KB"
+                # The tile's write by the load and its read by the row loop (one pass), the read
+                # times the planned bank-conflict degree (plan.h item_conflict; te bytes per tile
+                # element: the raw 2-byte input for half / bf16 with C even, else float).
+                te = 2 if elem == 2 and C % 2 == 0 else 4
+                stride = p["smem"] // (p["kk"] * te)
+                conf = item_conflict(stride * te // 4, G, C * te // 4)
+                smem_b = te + te * conf
+                desc = f"item G={G} kk={p['kk']} smem={p['smem'] // 1024} KB ({'raw 2-byte' if te == 2 else 'float'} tile, {conf}-way conflicts)"
             elif p["path"] == 3:
                 G = p["row_lanes"]
                 nv, mode = p["st_nv"], p["st_mode"]

@@ -1404,10 +1404,18 @@ def test_emulated_item_kernel_bad_items(emulator: Path) -> None:
 
 def test_item_kernel_plans(emulator: Path) -> None:
     """Which problems take the item kernel, and its plan at GPU sizes (H100/H200 limits)."""
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
+    p = _plan(emulator, (1_000_000, 20, 10))
+    # float: 2 lanes per item, 128 items of 20 x 10 floats (padded to 204) per block, two blocks
+    # per SM.
+    assert (p["path"], p["row_lanes"], p["kk"], p["smem"]) == (ITEM, 2, 128, 128 * 204 * 4)
+    for dt in (torch.bfloat16, torch.float16):
+        # half / bf16, C even: the raw 2-byte tile, one lane per item, 256 items of 400 bytes per
+        # block, two blocks per SM (4-way bank conflicts of the row reads, accepted).
         p = _plan(emulator, (1_000_000, 20, 10), dt)
-        # 2 lanes per item: 128 items of 20 x 10 floats (padded to 204) per block, two blocks per SM.
-        assert (p["path"], p["row_lanes"], p["kk"], p["smem"]) == (ITEM, 2, 128, 128 * 204 * 4)
+        assert (p["path"], p["row_lanes"], p["kk"], p["smem"]) == (ITEM, 1, 256, 256 * 200 * 2)
+    # half / bf16 with C odd: a float tile.
+    p = _plan(emulator, (1_000_000, 20, 5), torch.bfloat16)
+    assert p["path"] == ITEM and p["smem"] >= p["kk"] * 20 * 5 * 4  # 4 bytes per element
     assert _plan(emulator, (1_000_000, 20, 10), limits=A100)["path"] == ITEM
     assert _plan(emulator, (1_000, 20, 16))["path"] == ITEM
     assert _plan(emulator, (1_000, 20, 17))["path"] == 0  # C > 16: no instantiation

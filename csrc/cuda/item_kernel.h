@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "../scores_math.h"
 #include "device_compat.h"
@@ -36,13 +37,38 @@ namespace item {
 // ---- shared-memory and async-copy primitives of this kernel ----
 #if defined(__CUDACC__)
 // 16 bytes global -> shared without a register round trip (sm_80+ cp.async, L2 only: .cg), to the
-// shared-window address sbase + 4 * off of a float tile at sbase (smem_base). No memory clobber:
+// shared-window address sbase + boff (bytes) of a tile at sbase (smem_base). No memory clobber:
 // the copies are ordered by cp_async_wait_all (which has one) and the barrier after it.
 using SmemBase = unsigned;
-FB_DEV SmemBase smem_base(float* tile) { return static_cast<unsigned>(__cvta_generic_to_shared(tile)); }
-FB_DEV void cp_async16(SmemBase sbase, int off, const void* gsrc) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sbase + 4u * static_cast<unsigned>(off)),
+FB_DEV SmemBase smem_base(void* tile) { return static_cast<unsigned>(__cvta_generic_to_shared(tile)); }
+FB_DEV void cp_async16(SmemBase sbase, int boff, const void* gsrc) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sbase + static_cast<unsigned>(boff)),
                "l"(gsrc));
+}
+FB_DEV float bits_float(uint32_t u) { return __uint_as_float(u); }
+// NW words at p (16-byte aligned when NW % 4 == 0, 8-byte when NW % 2 == 0).
+template <int NW>
+FB_DEV void load_words(const void* p, uint32_t (&w)[NW]) {
+  if constexpr (NW % 4 == 0) {
+    FB_UNROLL
+    for (int i = 0; i < NW / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (NW % 2 == 0) {
+    FB_UNROLL
+    for (int i = 0; i < NW / 2; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+      w[2 * i] = v.x;
+      w[2 * i + 1] = v.y;
+    }
+  } else {
+    FB_UNROLL
+    for (int i = 0; i < NW; ++i) w[i] = reinterpret_cast<const uint32_t*>(p)[i];
+  }
 }
 FB_DEV void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 FB_DEV void store4(float* dst, float a, float b, float c, float d) {
@@ -72,30 +98,27 @@ FB_DEV void load_row(const float* p, float (&z)[C]) {
     for (int i = 0; i < C; ++i) z[i] = p[i];
   }
 }
-template <int C>
-FB_DEV void store_row(float* p, const float (&z)[C]) {
-  if constexpr (C % 4 == 0) {
-    FB_UNROLL
-    for (int i = 0; i < C / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(z[4 * i], z[4 * i + 1], z[4 * i + 2], z[4 * i + 3]);
-  } else if constexpr (C % 2 == 0) {
-    FB_UNROLL
-    for (int i = 0; i < C / 2; ++i) reinterpret_cast<float2*>(p)[i] = make_float2(z[2 * i], z[2 * i + 1]);
-  } else {
-    FB_UNROLL
-    for (int i = 0; i < C; ++i) p[i] = z[i];
-  }
-}
 #else
 // Host emulation: the same alignment contract, checked (a misaligned vector access traps).
 inline void check_align(const void* p, uintptr_t a) {
   if (reinterpret_cast<uintptr_t>(p) % a != 0) __builtin_trap();
 }
-using SmemBase = float*;
-inline SmemBase smem_base(float* tile) { return tile; }
-inline void cp_async16(SmemBase sbase, int off, const void* gsrc) {
-  check_align(sbase + off, 16);
+using SmemBase = unsigned char*;
+inline SmemBase smem_base(void* tile) { return static_cast<unsigned char*>(tile); }
+inline void cp_async16(SmemBase sbase, int boff, const void* gsrc) {
+  check_align(sbase + boff, 16);
   check_align(gsrc, 16);
-  std::memcpy(sbase + off, gsrc, 16);
+  std::memcpy(sbase + boff, gsrc, 16);
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <int NW>
+inline void load_words(const void* p, uint32_t (&w)[NW]) {
+  check_align(p, NW % 4 == 0 ? 16 : (NW % 2 == 0 ? 8 : 4));
+  std::memcpy(w, p, 4 * NW);
 }
 inline void cp_async_wait_all() {}
 inline void store4(float* dst, float a, float b, float c, float d) {
@@ -110,17 +133,16 @@ inline void load_row(const float* p, float (&z)[C]) {
   check_align(p, C % 4 == 0 ? 16 : (C % 2 == 0 ? 8 : 4));
   for (int i = 0; i < C; ++i) z[i] = p[i];
 }
-template <int C>
-inline void store_row(float* p, const float (&z)[C]) {
-  check_align(p, C % 4 == 0 ? 16 : (C % 2 == 0 ? 8 : 4));
-  for (int i = 0; i < C; ++i) p[i] = z[i];
-}
 #endif
 
 }  // namespace item
 
 template <class S, int C>
 struct ItemKernel {
+  // The tile's element: the raw 2-byte input for half / bf16 with C even (a row is then C / 2
+  // whole words, converted when read), else float (converted on the way in).
+  static constexpr bool kRaw = sizeof(S) == 2 && C % 2 == 0;
+  using TE = std::conditional_t<kRaw, S, float>;
   static constexpr int VW = 16 / static_cast<int>(sizeof(S));  // elements per 16-byte load
   static constexpr int U = 4;                                   // loads in flight per thread
   static constexpr int NP = (C + 1) / 2;                        // packed vote counters
@@ -128,7 +150,7 @@ struct ItemKernel {
   static constexpr int kVoteRows = (1 << kVoteBits) - 1;          // rows per lane between unpacks
 
   // ---- 1. load the chunk [n0, n0 + kc) into the float tile ----
-  FB_DEV static void load(const Params& P, const S* x, int64_t n0, int kc, float* tile, int tid, int B) {
+  FB_DEV static void load(const Params& P, const S* x, int64_t n0, int kc, TE* tile, int tid, int B) {
     const int TC = P.it_tc, stride = P.it_stride;
     const S* src = x + n0 * P.sN;
     if (P.it_vec) {
@@ -136,7 +158,8 @@ struct ItemKernel {
       // The plan's values are copied to registers first (they are not reloaded per vector).
       const int nvi = P.it_nvi, total = kc * nvi, pad = stride - TC;
       const FastDiv dnvi = P.div_nvi;
-      if constexpr (sizeof(S) == 4) {
+      if constexpr (sizeof(S) == 4 || kRaw) {
+        // float, or the raw 2-byte elements: 16-byte copies, no conversion.
         const item::SmemBase sb = item::smem_base(tile);
         for (int w0 = tid; w0 < total; w0 += U * B) {
           // Unpredicated: past the end, a thread copies the chunk's last vector again (the same
@@ -144,8 +167,8 @@ struct ItemKernel {
           FB_UNROLL
           for (int u = 0; u < U; ++u) {
             const int w = w0 + u * B < total ? w0 + u * B : total - 1;
-            item::cp_async16(sb, w * VW + static_cast<int>(dnvi.div(static_cast<uint32_t>(w))) * pad,
-                             src + static_cast<int64_t>(w) * VW);
+            const int off = w * VW + static_cast<int>(dnvi.div(static_cast<uint32_t>(w))) * pad;
+            item::cp_async16(sb, off * static_cast<int>(sizeof(TE)), src + static_cast<int64_t>(w) * VW);
           }
         }
         item::cp_async_wait_all();
@@ -176,7 +199,7 @@ struct ItemKernel {
       const int total = kc * TC;
       for (int i = tid; i < total; i += B) {
         const int j = P.div_tc(i);
-        tile[j * stride + (i - j * TC)] = static_cast<float>(dev::load_elem(src + i));
+        tile[j * stride + (i - j * TC)] = static_cast<TE>(dev::load_elem(src + i));
       }
     }
   }
@@ -197,12 +220,34 @@ struct ItemKernel {
   // ls0) (sum_c p = 1): one FADD and one FFMA per logit, no per-class U. Identical rows give
   // d2 = Kd_c and log2 s = ls0 exactly (u = 0). Returns the argmax (the row's vote); an invalid row
   // (max NaN / +inf / -inf) makes s, hence every sum, NaN.
+  // A row of the tile as C floats.
+  FB_DEV static void load_z(const TE* rowp, float (&z)[C]) {
+    if constexpr (kRaw) {
+      uint32_t w[C / 2];
+      item::load_words<C / 2>(rowp, w);
+      FB_UNROLL
+      for (int i = 0; i < C / 2; ++i) {
+        if constexpr (StripIsBf16<S>::value) {
+          z[2 * i] = item::bits_float(w[i] << 16);
+          z[2 * i + 1] = item::bits_float(w[i] & 0xffff0000u);
+        } else {
+          S h[2];
+          std::memcpy(h, &w[i], 4);
+          z[2 * i] = static_cast<float>(h[0]);
+          z[2 * i + 1] = static_cast<float>(h[1]);
+        }
+      }
+    } else {
+      item::load_row<C>(rowp, z);
+    }
+  }
+
   template <bool kFirst>
-  FB_DEV static int row(const float* rowp, float (&Kd)[C], float (&P0)[C], float& ls0, float (&Sa)[C],
+  FB_DEV static int row(const TE* rowp, float (&Kd)[C], float (&P0)[C], float& ls0, float (&Sa)[C],
                         float (&Va)[C], float& Ut) {
     using namespace math;
     float z[C], e[C];
-    item::load_row<C>(rowp, z);
+    load_z(rowp, z);
     int arg = 0;
     const float m = row_max_arg_n<C, true>(z, arg);
     float s, a2;
@@ -247,7 +292,7 @@ struct ItemKernel {
   //   sum_t sum_c p lp2                 = U + sum_c K_c S_c   (minus the lane's row entropies)
   // exactly; in floating point the shifted sums cancel only in proportion to the spread of the
   // lane's rows around its first one (identical samples: U = 0 and V = 0 exactly).
-  FB_DEV static void items(const Params& P, float* tile, int64_t n0, int kc, int tid) {
+  FB_DEV static void items(const Params& P, TE* tile, int64_t n0, int kc, int tid) {
     using namespace math;
     const int G = P.row_lanes;
     const int l = tid & (G - 1);
@@ -255,7 +300,7 @@ struct ItemKernel {
     const bool active = j < kc;
     const int T = static_cast<int>(P.T);
     const int Te = active ? T : 0;  // an idle group still takes part in the shuffles
-    const float* it = tile + (active ? j : 0) * P.it_stride;
+    const TE* it = tile + (active ? j : 0) * P.it_stride;
     const float inv_T = static_cast<float>(P.inv_T);
 
     float Kd[C], P0[C], Sa[C], Va[C];
@@ -362,7 +407,7 @@ struct ItemKernel {
 
   FB_DEV static void run(const Params& P, unsigned char* smem) {
     const int tid = dev::tid(), B = dev::bdim();
-    float* tile = reinterpret_cast<float*>(smem);
+    TE* tile = reinterpret_cast<TE*>(smem);
     const S* x = static_cast<const S*>(P.x);
     for (int64_t chunk = dev::bid(); chunk < P.nchunks; chunk += dev::gdim()) {
       const int64_t n0 = chunk * P.kk;

@@ -64,6 +64,14 @@ inline bool item_has_classes(int64_t C) {
 // and input type.
 #define FB_STRIP_CONFIGS(X) X(4, 0) X(7, 0) X(8, 1) X(10, 2)
 constexpr int kStripMaxC = 4 * 10 * 256;
+// Which 2-byte storage types are bfloat16 (the strip and item kernels convert them by a shift and
+// a mask per element instead of the type's operator). Specialised by the CUDA glue
+// (c10::BFloat16) and the emulator.
+template <class S>
+struct StripIsBf16 {
+  static constexpr bool value = false;
+};
+
 constexpr int kStripStride = 256;  // thread stride of its lane-private shared arrays (>= block)
 
 // How the tile kernel copies a chunk of items from global to shared memory.
@@ -112,7 +120,8 @@ struct Params {
   int off_rm, off_args, off_red;
   // Item kernel (row_lanes = G lanes per item, kk = block / G items per chunk, nchunks).
   int it_tc;            // T * C
-  int it_stride;        // floats between consecutive items of the shared tile (>= T * C, % 4 == 0)
+  int it_raw;           // 1: the tile holds the raw 2-byte elements (half / bf16 with C even), 0: floats
+  int it_stride;        // tile elements between consecutive items (>= T * C, a 16-byte multiple)
   int it_vec;           // 16-byte loads (aligned start, T * C a multiple of 16 bytes of input)
   int it_nvi;           // 16-byte vectors per item
   int it_glog2;         // log2 G
@@ -223,16 +232,17 @@ inline int64_t row_stride(int64_t C, int G) {
 namespace plan_detail {
 // Conflict degree (the most distinct 4-byte words any bank serves in one shared-memory wavefront)
 // of the item kernel's row reads: thread tid reads, at the same time as the others, w words from
-// (tid / G) * stride + (tid % G) * C (a warp; wavefronts of 32 / w threads for w-word vectors).
-inline int item_conflict(int64_t stride, int G, int64_t C) {
-  const int w = C % 4 == 0 ? 4 : (C % 2 == 0 ? 2 : 1);
+// (tid / G) * stride + (tid % G) * rw (a warp; stride and the row's rw in words; w = the row's
+// vector width, 4, 2 or 1 words; wavefronts of 32 / w threads).
+inline int item_conflict(int64_t stride, int G, int64_t rw) {
+  const int w = rw % 4 == 0 ? 4 : (rw % 2 == 0 ? 2 : 1);
   const int per = 32 / w;
   int worst = 1;
   for (int ph = 0; ph < 32; ph += per) {
     int64_t words[32 * 4];
     int nw = 0;
     for (int tid = ph; tid < ph + per; ++tid) {
-      const int64_t base = (tid / G) * stride + (tid % G) * C;
+      const int64_t base = (tid / G) * stride + (tid % G) * rw;
       for (int i = 0; i < w; ++i) words[nw++] = base + i;
     }
     for (int b = 0; b < 32; ++b) {
@@ -252,10 +262,14 @@ inline int item_conflict(int64_t stride, int G, int64_t C) {
 }  // namespace plan_detail
 
 // The item kernel when it applies: float/half/bf16 logits or log-probs, C in FB_ITEM_CLASSES,
-// contiguous NTC, an item tile that fits, and no tile-kernel test override. G (lanes per item) is
-// the smallest power of 2 that gives >= 16 resident warps per SM (shared memory permitting) with
-// conflict-free row reads; the item stride is the smallest padding of T*C (a multiple of 4 floats)
-// with the least conflicts for that G.
+// contiguous NTC, an item tile that fits, and no tile-kernel test override. The tile holds floats,
+// or for half / bf16 with C even the raw 2-byte elements (converted when a row is read: half the
+// shared memory, so one lane per item reaches the occupancy target). G (lanes per item) is the
+// smallest power of 2 that gives >= 16 resident warps per SM (shared memory permitting) with at
+// most 4-way bank conflicts of the row reads (they cost shared-memory wavefronts, not issue
+// slots, while the per-item code issues once per lane: G lanes cost G times its share per logit;
+// NOTES.md 2.4); the item stride is the smallest padding of T*C (a 16-byte multiple) with the
+// least conflicts for that G.
 inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const DeviceLimits& lim,
                       const PlanOverrides& ov) {
   using namespace plan_detail;
@@ -269,6 +283,9 @@ inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const Devi
   if (!contiguous || T * C > (int64_t(1) << 20) || T > 65535) return false;
   const int B = P.block;
   const int64_t TC = T * C;
+  const bool raw = elem_size == 2 && C % 2 == 0;
+  const int64_t te = raw ? 2 : 4;        // bytes per tile element
+  const int64_t sv = 16 / te;             // tile elements per 16 bytes (the stride's multiple)
   int best_G = 0;
   int64_t best_stride = 0, best_res = -1;
   int best_conf = 1 << 30;
@@ -277,27 +294,27 @@ inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const Devi
     const int64_t kk = B / G;
     int64_t stride = 0;
     int conf = 1 << 30;
-    for (int64_t s = (TC + 3) / 4 * 4; s < (TC + 3) / 4 * 4 + 64; s += 4) {
-      const int c = item_conflict(s, G, C);
+    for (int64_t s = (TC + sv - 1) / sv * sv; s < (TC + sv - 1) / sv * sv + 16 * sv; s += sv) {
+      const int c = item_conflict(s * te / 4, G, C * te / 4);
       if (c < conf) {
         conf = c;
         stride = s;
       }
       if (c == 1) break;
     }
-    const int64_t smem = kk * stride * 4;
+    const int64_t smem = kk * stride * te;
     if (smem > lim.smem_optin) continue;
     const int64_t blocks = std::min<int64_t>(lim.smem_per_sm / (smem + 1024), 2048 / B);
     const int64_t res = std::min<int64_t>(blocks * B, 512);  // resident threads per SM (target 512)
-    // The first G that reaches the target without conflicts; else the most residents, then the
-    // fewest conflicts, then the smallest G.
+    // The first G that reaches the target with at most 4-way conflicts; else the most residents,
+    // then the fewest conflicts, then the smallest G.
     if (best_G == 0 || res > best_res || (res == best_res && conf < best_conf)) {
       best_G = G;
       best_stride = stride;
       best_res = res;
       best_conf = conf;
     }
-    if (res >= 512 && conf == 1) break;
+    if (res >= 512 && conf <= 4) break;
   }
   if (best_G == 0) return false;
   const int G = best_G;
@@ -309,6 +326,7 @@ inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const Devi
   P.kk = static_cast<int>(kk);
   P.Cp = static_cast<int>(C);
   P.it_tc = static_cast<int>(TC);
+  P.it_raw = raw ? 1 : 0;
   P.it_stride = static_cast<int>(best_stride);
   P.it_conflict = best_conf;
   const int64_t vw = 16 / elem_size;
@@ -316,7 +334,7 @@ inline bool plan_item(Params& P, int64_t elem_size, int64_t acc_size, const Devi
   P.it_nvi = static_cast<int>(TC / vw);
   P.div_nvi = make_fastdiv(std::max<int64_t>(1, P.it_nvi));
   P.div_tc = make_fastdiv(TC);
-  P.smem = kk * best_stride * 4;
+  P.smem = kk * best_stride * te;
   P.nchunks = cdiv(N, kk);
   const int64_t max_grid = ov.max_grid > 0 ? ov.max_grid : (int64_t(1) << 30);
   P.grid = std::max<int64_t>(1, std::min(P.nchunks, max_grid));

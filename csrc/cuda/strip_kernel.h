@@ -42,12 +42,7 @@
 namespace fastbald {
 namespace cuda {
 
-// Which 2-byte storage types are bfloat16 (converted by a shift and a mask per element instead of
-// the type's operator). Specialised by the CUDA glue (c10::BFloat16) and the emulator.
-template <class S>
-struct StripIsBf16 {
-  static constexpr bool value = false;
-};
+// StripIsBf16 (which 2-byte storage types are bfloat16): plan.h.
 
 namespace strip {
 
