@@ -1,19 +1,19 @@
 // Item kernel of fastbald::pool_scores: small C known at compile time (2..16), contiguous NTC input
 // (float, half, bfloat16; logits or log_probs). Design and instruction counts: NOTES.md section 2.4.
 //
-// A group of G lanes per pool item (G = 1: a thread per item; chosen by the planner for occupancy
-// and conflict-free shared-memory reads), lane l of the group taking the rows l, l + G, ... A block
-// of B threads scores chunks of kk = B / G items (grid-stride over chunks):
-//   1. load: the chunk (kk*T*C contiguous elements) is copied to a float tile in shared memory with
-//      coalesced 16-byte loads (cp.async for float; half/bf16 converted on the way), item j at
-//      j * stride (stride >= T*C, planned so that the lanes' row reads hit distinct banks);
-//   2. pass 1, per row in registers (csrc/scores_math.h, base-2 forms): max (+ argmax vote), the
-//      shifted logits scaled to bits, one ex2 each, s, the row entropy, pbar_c += e_c / s; the
-//      row's log-probabilities lp2 = d2 - log2 s are written back over the row;
-//   3. group sums (xor shuffles) of pbar, entropies and votes; log2 pbar per class;
-//   4. pass 2 (bald / mean_std only), per row: p = 2^lp2, the mean-KL sum p (lp2 - log2 pbar) and
-//      per-class (p - pbar)^2; group sums;
-//   5. per item in float: the 7 outputs, written by lane 0 of the group (NaN where not asked for).
+// A group of G lanes per pool item (G = 1: a thread per item; chosen by the planner for occupancy),
+// lane l of the group taking the rows l, l + G, ... A block of B threads scores chunks of
+// kk = B / G items (grid-stride over chunks):
+//   1. load: the chunk (kk*T*C contiguous elements) is copied to a tile in shared memory with
+//      coalesced 16-byte copies (cp.async: float, and half / bf16 with C even as the raw 2-byte
+//      elements; half / bf16 with C odd converted to floats on the way), item j at j * stride;
+//   2. one pass over the rows, per row in registers (csrc/scores_math.h, base-2 forms): max
+//      (+ argmax vote), the shifted logits scaled to bits, one ex2 each, s, log2 s, 1/s; per class
+//      S += p, V += (p - p0)^2 and the row's mean-KL terms sum_c p (lp2 - K_c), the lane's first
+//      row giving the shifts (K_c, p0_c: see row());
+//   3. group sums (xor shuffles) of S and the votes; log2 pbar; the lane's mean-KL, entropy and
+//      variance sums from its shifted sums, group sums;
+//   4. per item in float: the 7 outputs, written by lane 0 of the group (NaN where not asked for).
 // No per-(item, class) or per-row shared arrays, no block reductions: one barrier after the load
 // and one before the next chunk's load.
 #pragma once
@@ -291,7 +291,7 @@ struct ItemKernel {
   //   sum_t (p - pbar_c)^2              = V_c - 2 d (S_c - n_l p0_c) + n_l d^2,   d = pbar_c - p0_c
   //   sum_t sum_c p lp2                 = U + sum_c K_c S_c   (minus the lane's row entropies)
   // exactly; in floating point the shifted sums cancel only in proportion to the spread of the
-  // lane's rows around its first one (identical samples: U = 0 and V = 0 exactly).
+  // lane's rows around its first one (identical samples: U = 0 exactly where lp2 >= -8, V_c ~ (ulp p)^2).
   FB_DEV static void items(const Params& P, TE* tile, int64_t n0, int kc, int tid) {
     using namespace math;
     const int G = P.row_lanes;

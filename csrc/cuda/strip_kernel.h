@@ -12,18 +12,22 @@
 //   1. the row max (NaN-propagating) and argmax (ties: lowest class; a NaN row votes as the CPU
 //      op), a group reduction (xor shuffles; kBlock: then across warps in shared memory);
 //   2. d2 = max(z log2 e - m log2 e, exp_floor log2 e) (one FFMA, one FMNMX), e = 2^d2 (ex2), the
-//      group sums s = sum e and a2 = sum e d2: log2 s, the row entropy;
-//   3. the online per-class accumulators, with p = 2^(d2 - log2 s) and lp2 = d2 - log2 s:
-//        S_c = sum_t p,  U_c = sum_t p (lp2 - K_c),  V_c = sum_t (p - p0_c)^2,
-//      where p0_c is p of the item's first sample and K_c its lp2 floored at -8 bits (a per-class
-//      shift kept in shared memory, lane-private; the floor: kShiftFloor). With pbar_c = S_c / T:
-//        mean-KL_c (bits) = U_c - S_c (log2 pbar_c - K_c)       = sum_t p (lp2 - log2 pbar_c)
-//        T var_c          = V_c - T (pbar_c - p0_c)^2            = sum_t (p - pbar_c)^2
+//      group sum s = sum e (the lane's part s_l kept): log2 s, 1/s;
+//   3. the online per-class accumulators, with p = e / s and lp2 = d2 - log2 s:
+//        S_c = sum_t p,  V_c = sum_t (p - p0_c)^2,
+//      and the lane's mean-KL terms, summed over its classes in the exponent's units:
+//        U += sum_c p (lp2 - K_c) = (1/s) (sum_c e (d2 - Kd_c) - (log2 s - ls0) s_l),
+//      where p0_c is p of the item's first sample, ls0 its log2 s and Kd_c = max(d2, ls0 - 8) its
+//      d2, i.e. K_c = Kd_c - ls0 = its lp2 floored at -8 bits (per-class shifts kept in shared
+//      memory, lane-private; the floor: kShiftFloor). With pbar_c = S_c / T, over the group:
+//        mean-KL (bits) = U - sum_c S_c (log2 pbar_c - K_c)   = sum_t sum_c p (lp2 - log2 pbar_c)
+//        T var_c        = V_c - T (pbar_c - p0_c)^2           = sum_t (p - pbar_c)^2
+//        sum_t sum_c p lp2 = U + sum_c K_c S_c                (the expected entropy, negated)
 //      exactly; in floating point the shifted sums cancel only in proportion to the spread of
 //      the samples around the first one (identical samples: U = 0 exactly where lp2 >= -8), the
 //      floor keeps a first sample that disagrees by ~100 bits from scaling the mean-KL error by
 //      |lp2|, and by Samuelson's inequality (pbar - p0)^2 <= (T - 1) var, so the variance keeps a
-//      relative error of at most ~T ulp.
+//      relative error of at most ~T ulp. One ex2 per logit; no per-class U, no per-row entropy.
 // Votes: the lane owning the row's argmax class adds 1 to its counter in shared memory
 // (lane-private, reset per item). Per item, in float: the 7 outputs from the accumulators, one
 // group reduction, written by lane 0 of the group.
