@@ -288,14 +288,14 @@ def test_native_softrank_equals_mode0_on_sorted_ranks():
             torch.testing.assert_close(got_k, want_k, rtol=1e-13, atol=1e-13)
 
 
-def _softrank_both_kernels(s: torch.Tensor, k: int, beta: float, seed: int):
-    """Mode 3 with the scalar loops forced, then with the AVX-512 loops (scalar again where the CPU
-    lacks AVX-512), and mode 0 fed the sort-based log-weights: three (indices, keys)."""
+def _softrank_all_kernels(s: torch.Tensor, k: int, beta: float, seed: int):
+    """Mode 3 with the scalar loops forced, then the AVX-512 loops, then the AVX2 ones (each scalar
+    again where the CPU lacks it), and mode 0 fed the sort-based log-weights: four (indices, keys)."""
     cpu = importlib.import_module("fastbald._stochastic_cpu")
     op = st._native_op()
     out = []
     try:
-        for kernel in (0, 1):
+        for kernel in (0, 1, 2):
             cpu._force_kernel(kernel)
             out.append(op(s, k, 3, beta, st._signed(seed), 0.0))
     finally:
@@ -307,11 +307,19 @@ def _softrank_both_kernels(s: torch.Tensor, k: int, beta: float, seed: int):
 
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built")
 def test_native_softrank_vectorized_equals_scalar_code():
-    """Softrank's three passes have AVX-512 loops (16 items per step, chosen at run time) beside the
-    scalar loops: both give the draw and keys of mode 0 on sort-based ranks, bit for bit, for
+    """Softrank's three passes have AVX-512 loops (16 items per step) and AVX2 loops (8 per step),
+    chosen at run time, beside the scalar loops: all give the draw and keys of mode 0 on sort-based
+    ranks, bit for bit, for
     float32 and float64 pools with ties, signed zeros, distinct doubles that round to one float,
     the largest score repeated, and lengths that are not a multiple of 16 (shorter than one step,
     too)."""
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
+    try:  # what each forced kind runs (scalar where the CPU lacks it)
+        for kernel, names in ((0, {"scalar"}), (1, {"avx512", "scalar"}), (2, {"avx2", "scalar"})):
+            cpu._force_kernel(kernel)
+            assert cpu.kernel() in names and cpu.vectorized() == (cpu.kernel() == "avx512")
+    finally:
+        cpu._force_kernel(-1)
     g = torch.Generator().manual_seed(21)
     n = 100_003
     base = torch.rand(n, generator=g, dtype=torch.float64)
@@ -333,8 +341,9 @@ def test_native_softrank_vectorized_equals_scalar_code():
         N = s.shape[0]
         for k, beta, seed in [(1, 1.0, 0), (min(N, 10), 1.0, 7), (min(N, 300), 2.0, 2**40 + 3), (min(N, 10), 0.1, 9),
                               (min(N, 10), 30.0, 1)]:
-            (si, sk), (vi, vk), (wi, wk) = _softrank_both_kernels(s, k, beta, seed)
+            (si, sk), (vi, vk), (ai, ak), (wi, wk) = _softrank_all_kernels(s, k, beta, seed)
             assert torch.equal(si, vi) and torch.equal(sk, vk), (name, k, beta, seed)
+            assert torch.equal(si, ai) and torch.equal(sk, ak), (name, k, beta, seed)
             assert torch.equal(si, wi), (name, k, beta, seed)
             torch.testing.assert_close(sk, wk, rtol=1e-13, atol=1e-13)
 
@@ -385,7 +394,7 @@ def test_native_softrank_names_the_first_bad_item_with_either_kernel(dtype):
     op = st._native_op()
     s = torch.rand(1000, generator=torch.Generator().manual_seed(2), dtype=dtype)
     try:
-        for kernel, bad, where in itertools.product((0, 1), (math.nan, math.inf, -math.inf), (5, 500, 998)):
+        for kernel, bad, where in itertools.product((0, 1, 2), (math.nan, math.inf, -math.inf), (5, 500, 998)):
             cpu._force_kernel(kernel)
             x = s.clone()
             x[where] = bad
@@ -407,7 +416,7 @@ def test_native_softrank_chunks_and_threads(monkeypatch):
     prev = torch.get_num_threads()
     runs = []
     try:
-        for kernel in (0, 1):  # scalar loops, AVX-512 loops (where the CPU has them)
+        for kernel in (0, 1, 2):  # scalar loops, AVX-512 loops, AVX2 loops (where the CPU has them)
             cpu._force_kernel(kernel)
             torch.set_num_threads(1)
             runs.append(stochastic_acquire(s, 40, "softrank", 1.0, seed=3))

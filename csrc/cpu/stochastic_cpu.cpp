@@ -246,10 +246,11 @@ void scan_rest(const scalar_t* s, int64_t i, int64_t end, uint64_t s0, TopScan<s
 //      arrays.
 // The candidates' exact keys (the same double arithmetic as mode 0 on -beta (log r - log r_min),
 // so the same draw as mode 0 given those log-weights) then give the top k.
-// Each pass has a scalar loop and an AVX-512 one (16 items per step: order keys, buckets, the
-// splitmix64 noise class and the threshold by one permute, the bucket bitmap by a gather; chosen at
-// run time, use_avx512()); the vector loops only filter, and every item that passes goes through
-// the same scalar step, so both give the same candidates, counts and keys (tests force each).
+// Each pass has a scalar loop, an AVX-512 one (16 items per step: order keys, buckets, the
+// splitmix64 noise class and the threshold by one permute, the candidates' buckets by compares or a
+// bitmap gather) and an AVX2 one (8 per step); chosen at run time, kernel_kind(). The vector loops
+// only filter, and every item that passes goes through the same scalar step, so all give the same
+// candidates, counts and keys (tests force each).
 inline uint32_t order_key(float f) {
   f += 0.0f;  // -0.0 -> +0.0: equal scores, equal keys
   uint32_t b;
@@ -719,20 +720,24 @@ FB_SR_AVX512 void rank_pass_avx512_t(const scalar_t* s, int64_t i, int64_t e, co
   rank_pass(s, i, e, bk, gr, d, q);
 }
 
+// The candidates' distinct buckets (gbucket is sorted) into blist[16], padded by repeats; returns
+// their number, 17 if more than 16.
+inline int bucket_list(const std::vector<int64_t>& gbucket, int32_t* blist) {
+  int n = 0;
+  for (const int64_t b : gbucket) {
+    if (n > 0 && blist[n - 1] == b) continue;
+    if (n == 16) return 17;
+    blist[n++] = static_cast<int32_t>(b);
+  }
+  for (int t = n; t < 16; ++t) blist[t] = blist[0];
+  return n;
+}
+
 template <typename scalar_t>
 FB_SR_AVX512 void rank_pass_avx512(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
                                    const Groups<scalar_t>& gr, int64_t* d, int64_t* q) {
-  int32_t blist[16];  // the candidates' distinct buckets (gbucket is sorted), padded by repeats
-  int n = 0;
-  for (const int64_t b : gr.gbucket) {
-    if (n > 0 && blist[n - 1] == b) continue;
-    if (n == 16) {
-      n = 17;  // more than 16: the bitmap
-      break;
-    }
-    blist[n++] = static_cast<int32_t>(b);
-  }
-  for (int t = std::min(n, 16); t < 16; ++t) blist[t] = blist[0];
+  int32_t blist[16];
+  const int n = bucket_list(gr.gbucket, blist);
   if (n <= 4) {
     rank_pass_avx512_t<scalar_t, 4>(s, i, e, bk, gr, blist, d, q);
   } else if (n <= 8) {
@@ -745,29 +750,298 @@ FB_SR_AVX512 void rank_pass_avx512(const scalar_t* s, int64_t i, int64_t e, cons
     rank_pass_avx512_t<scalar_t, 0>(s, i, e, bk, gr, blist, d, q);
   }
 }
-#else
-bool has_avx512() { return false; }
-#endif
 
-// -1: automatic; 0: scalar code; 1: AVX-512 where the CPU has it (tests compare the two).
-std::atomic<int> g_force_kernel{-1};
+// ---------------------------------------------------------------------------------------------
+// AVX2 versions of softrank's passes (8 items per step), for CPUs without AVX-512. AVX2 has no
+// 64-bit vector multiply or leading-zero count: splitmix64's products from three 32-bit ones, the
+// class from the exponent of (m | 1) as a double (exact below 2^52; class 11 above). The thresholds
+// of classes 11..25 by two permutes; class >= 26 (2^-15 of the items) always goes to visit().
+// Power and softmax keep their scalar loops here (1.4-1.5x torch.topk).
+// ---------------------------------------------------------------------------------------------
+#define FB_SR_AVX2 __attribute__((target("avx2")))
 
-bool use_avx512() {
-  const int f = g_force_kernel.load();
-  return f < 0 ? has_avx512() : (f == 1 && has_avx512());
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+
+// Positions of the set bits of an 8-bit mask, in order (for a compress by permute).
+struct CompressLut {
+  uint8_t idx[256][8];
+  constexpr CompressLut() : idx() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) {
+        if (m & (1 << j)) idx[m][n++] = static_cast<uint8_t>(j);
+      }
+    }
+  }
+};
+constexpr CompressLut kCompressLut{};
+
+template <typename scalar_t>
+FB_SR_AVX2 inline __m256i order_keys8(const scalar_t* p) {
+  __m256 f;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    f = _mm256_loadu_ps(p);
+  } else {
+    f = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
+  }
+  const __m256i bits = _mm256_castps_si256(_mm256_add_ps(f, _mm256_setzero_ps()));  // -0 -> +0
+  return _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), _mm256_set1_epi32(INT32_MIN)));
 }
 
 template <typename scalar_t>
-bool minmax_any(const scalar_t* p, int64_t n, double& lo, double& hi, bool vec) {
+FB_SR_AVX2 inline uint32_t equal8(const scalar_t* p, scalar_t x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), _mm256_set1_ps(x), _CMP_EQ_OQ)));
+  } else {
+    const __m256d xv = _mm256_set1_pd(x);
+    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(p), xv, _CMP_EQ_OQ))) |
+           (static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(p + 4), xv, _CMP_EQ_OQ))) << 4);
+  }
+}
+
+// min, max and finiteness of p[0, n) (as minmax_serial).
+template <typename scalar_t>
+FB_SR_AVX2 bool minmax_avx2(const scalar_t* p, int64_t n, double& lo, double& hi) {
+  constexpr int W = 32 / sizeof(scalar_t);
+  if (n < 4 * W) return minmax_serial(p, n, lo, hi);
+  int64_t i = 0;
+  bool ok;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __m256 l[4], h[4], fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int j = 0; j < 4; ++j) l[j] = h[j] = _mm256_loadu_ps(p + j * W);
+    for (; i + 4 * W <= n; i += 4 * W) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_loadu_ps(p + i + j * W);
+        l[j] = _mm256_min_ps(l[j], v);
+        h[j] = _mm256_max_ps(h[j], v);
+        fin = _mm256_and_ps(fin, _mm256_cmp_ps(_mm256_and_ps(v, absm), big, _CMP_LE_OQ));
+      }
+    }
+    ok = _mm256_movemask_ps(fin) == 0xFF;
+    alignas(32) float lb[8], hb[8];
+    _mm256_store_ps(lb, _mm256_min_ps(_mm256_min_ps(l[0], l[1]), _mm256_min_ps(l[2], l[3])));
+    _mm256_store_ps(hb, _mm256_max_ps(_mm256_max_ps(h[0], h[1]), _mm256_max_ps(h[2], h[3])));
+    float lm = lb[0], hm = hb[0];
+    for (int j = 1; j < 8; ++j) {
+      lm = std::min(lm, lb[j]);
+      hm = std::max(hm, hb[j]);
+    }
+    lo = lm;
+    hi = hm;
+  } else {
+    __m256d l[4], h[4], fin = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
+    const __m256d big = _mm256_set1_pd(std::numeric_limits<double>::max());
+    const __m256d absm = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
+    for (int j = 0; j < 4; ++j) l[j] = h[j] = _mm256_loadu_pd(p + j * W);
+    for (; i + 4 * W <= n; i += 4 * W) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256d v = _mm256_loadu_pd(p + i + j * W);
+        l[j] = _mm256_min_pd(l[j], v);
+        h[j] = _mm256_max_pd(h[j], v);
+        fin = _mm256_and_pd(fin, _mm256_cmp_pd(_mm256_and_pd(v, absm), big, _CMP_LE_OQ));
+      }
+    }
+    ok = _mm256_movemask_pd(fin) == 0xF;
+    alignas(32) double lb[4], hb[4];
+    _mm256_store_pd(lb, _mm256_min_pd(_mm256_min_pd(l[0], l[1]), _mm256_min_pd(l[2], l[3])));
+    _mm256_store_pd(hb, _mm256_max_pd(_mm256_max_pd(h[0], h[1]), _mm256_max_pd(h[2], h[3])));
+    lo = std::min(std::min(lb[0], lb[1]), std::min(lb[2], lb[3]));
+    hi = std::max(std::max(hb[0], hb[1]), std::max(hb[2], hb[3]));
+  }
+  if (i < n) {
+    double l2 = 0, h2 = 0;
+    ok = minmax_serial(p + i, n - i, l2, h2) && ok;
+    lo = std::min(lo, l2);
+    hi = std::max(hi, h2);
+  }
+  return ok;
+}
+
+template <typename scalar_t>
+FB_SR_AVX2 int64_t hist_pass_avx2(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk, scalar_t hi,
+                                  uint32_t* h) {
+  const size_t nb = static_cast<size_t>(bk.nb);
+  const __m256i vmin = _mm256_set1_epi32(static_cast<int>(bk.umin));
+  const __m128i vsh = _mm_cvtsi32_si128(bk.sh);
+  alignas(32) uint32_t buf[8];
+  int64_t nm = 0;
+  for (; i + 8 <= e; i += 8) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(buf), _mm256_srl_epi32(_mm256_sub_epi32(order_keys8(s + i), vmin), vsh));
+    nm += __builtin_popcount(equal8(s + i, hi));
+    for (int j = 0; j < 8; j += 4) {
+      ++h[buf[j]];
+      ++h[nb + buf[j + 1]];
+      ++h[2 * nb + buf[j + 2]];
+      ++h[3 * nb + buf[j + 3]];
+    }
+  }
+  return nm + hist_pass(s, i, e, bk, hi, h);
+}
+
+// a * c mod 2^64 on 4 lanes, c = (chi << 32) + clo given as broadcast 64-bit lanes.
+FB_SR_AVX2 inline __m256i mul64_avx2(__m256i a, __m256i clo, __m256i chi) {
+  const __m256i lo = _mm256_mul_epu32(a, clo);
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a, 32), clo), _mm256_mul_epu32(a, chi));
+  return _mm256_add_epi64(lo, _mm256_slli_epi64(cross, 32));
+}
+
+// mix64 on 4 lanes, then clz of the top 53 bits (| 1), as 4 uint64.
+FB_SR_AVX2 inline __m256i noise_class4(__m256i z) {
+  const __m256i m1lo = _mm256_set1_epi64x(static_cast<int64_t>(0xBF58476D1CE4E5B9ull & 0xFFFFFFFFull));
+  const __m256i m1hi = _mm256_set1_epi64x(static_cast<int64_t>(0xBF58476D1CE4E5B9ull >> 32));
+  const __m256i m2lo = _mm256_set1_epi64x(static_cast<int64_t>(0x94D049BB133111EBull & 0xFFFFFFFFull));
+  const __m256i m2hi = _mm256_set1_epi64x(static_cast<int64_t>(0x94D049BB133111EBull >> 32));
+  z = mul64_avx2(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), m1lo, m1hi);
+  z = mul64_avx2(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), m2lo, m2hi);
+  z = _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+  const __m256i m = _mm256_or_si256(_mm256_srli_epi64(z, 11), _mm256_set1_epi64x(1));  // < 2^53
+  // m < 2^52: 2^52 + m exactly as a double; its exponent field e gives clz = 1086 - e.
+  const __m256d d = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(m, _mm256_set1_epi64x(0x4330000000000000ll))),
+                                  _mm256_set1_pd(0x1p52));
+  const __m256i c = _mm256_sub_epi64(_mm256_set1_epi64x(1086), _mm256_srli_epi64(_mm256_castpd_si256(d), 52));
+  const __m256i big = _mm256_cmpgt_epi64(m, _mm256_set1_epi64x((int64_t{1} << 52) - 1));  // bit 52 set: 11
+  return _mm256_blendv_epi8(c, _mm256_set1_epi64x(11), big);
+}
+
+template <typename scalar_t>
+FB_SR_AVX2 void rank_scan_avx2(const scalar_t* s, int64_t begin, int64_t end, uint64_t s0, RankScan& rs) {
+  alignas(32) uint32_t t32[16];
+  __m256i t0, t1;
+  int64_t seen;
+#define FB_SR_LOAD_THRESHOLDS2()                                                                    \
+  do {                                                                                              \
+    for (int j = 0; j < 16; ++j) t32[j] = static_cast<uint32_t>(std::min<uint64_t>(rs.uthr[11 + j], 0xFFFFFFFFu)); \
+    t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t32));                                  \
+    t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(t32 + 8));                              \
+    seen = rs.version;                                                                              \
+  } while (0)
+  FB_SR_LOAD_THRESHOLDS2();
+  int64_t i = begin;
+  auto z_of = [&](int64_t j) { return static_cast<int64_t>(s0 + static_cast<uint64_t>(j + 1) * kGamma); };
+  __m256i za = _mm256_set_epi64x(z_of(i + 3), z_of(i + 2), z_of(i + 1), z_of(i));
+  __m256i zb = _mm256_set_epi64x(z_of(i + 7), z_of(i + 6), z_of(i + 5), z_of(i + 4));
+  const __m256i step = _mm256_set1_epi64x(static_cast<int64_t>(8 * kGamma));
+  const __m256i even = _mm256_set_epi32(6, 4, 2, 0, 6, 4, 2, 0);
+  const __m256i c11 = _mm256_set1_epi32(11), c26 = _mm256_set1_epi32(26), c25 = _mm256_set1_epi32(25),
+                c7 = _mm256_set1_epi32(7);
+  for (; i + 8 <= end; i += 8) {
+    const __m256i u = order_keys8(s + i);
+    const __m256i ca = _mm256_permutevar8x32_epi32(noise_class4(za), even);
+    const __m256i cb = _mm256_permutevar8x32_epi32(noise_class4(zb), even);
+    za = _mm256_add_epi64(za, step);
+    zb = _mm256_add_epi64(zb, step);
+    const __m256i c = _mm256_permute2x128_si256(ca, cb, 0x20);  // classes of items i .. i + 7
+    const __m256i idx = _mm256_sub_epi32(_mm256_min_epu32(c, c26), c11);  // 0 .. 15
+    const __m256i thr = _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(t0, idx), _mm256_permutevar8x32_epi32(t1, idx),
+                                           _mm256_cmpgt_epi32(idx, c7));
+    const __m256i pass = _mm256_or_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(u, thr), u),  // u >= thr
+                                         _mm256_cmpgt_epi32(c, c25));
+    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(pass)));
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const int64_t ij = i + j;
+      rs.visit(ij, order_key(static_cast<float>(s[ij])), noise_bits(s0, ij));
+    }
+    if (seen != rs.version) FB_SR_LOAD_THRESHOLDS2();
+  }
+#undef FB_SR_LOAD_THRESHOLDS2
+  rank_scan(s, i, end, s0, rs);
+}
+
+template <typename scalar_t, int kList>
+FB_SR_AVX2 void rank_pass_avx2_t(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
+                                 const Groups<scalar_t>& gr, const int32_t* blist, int64_t* d, int64_t* q) {
+  const __m256i vmin = _mm256_set1_epi32(static_cast<int>(bk.umin));
+  const __m128i vsh = _mm_cvtsi32_si128(bk.sh);
+  const __m256i c31 = _mm256_set1_epi32(31), one = _mm256_set1_epi32(1);
+  const int* has = reinterpret_cast<const int*>(gr.has.data());
+  const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  constexpr int kBuf = 256;
+  alignas(32) int32_t bufi[kBuf + 8];
+  alignas(32) int32_t bufb[kBuf + 8];
+  int nbuf = 0;
+  int64_t i0 = i;
+  for (; i + 8 <= e; i += 8) {
+    const __m256i b = _mm256_srl_epi32(_mm256_sub_epi32(order_keys8(s + i), vmin), vsh);
+    __m256i hit;
+    if constexpr (kList > 0) {
+      hit = _mm256_cmpeq_epi32(b, _mm256_set1_epi32(blist[0]));
+      for (int t = 1; t < kList; ++t) hit = _mm256_or_si256(hit, _mm256_cmpeq_epi32(b, _mm256_set1_epi32(blist[t])));
+    } else {
+      const __m256i w = _mm256_i32gather_epi32(has, _mm256_srli_epi32(b, 5), 4);
+      hit = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srlv_epi32(w, _mm256_and_si256(b, c31)), one), one);
+    }
+    const uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(hit)));
+    // No branch on the mask: compress by a permute from a table, store 8 lanes, advance by the count.
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompressLut.idx[mask])));
+    const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(i - i0)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bufi + nbuf), _mm256_permutevar8x32_epi32(idx, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bufb + nbuf), _mm256_permutevar8x32_epi32(b, perm));
+    nbuf += __builtin_popcount(mask);
+    if (nbuf >= kBuf || i - i0 >= (int64_t{1} << 30)) {  // (indices relative to i0 fit an int32)
+      for (int j = 0; j < nbuf; ++j) rank_count(gr, s[i0 + bufi[j]], static_cast<size_t>(bufb[j]), d, q);
+      nbuf = 0;
+      i0 = i + 8;
+    }
+  }
+  for (int j = 0; j < nbuf; ++j) rank_count(gr, s[i0 + bufi[j]], static_cast<size_t>(bufb[j]), d, q);
+  rank_pass(s, i, e, bk, gr, d, q);
+}
+
+template <typename scalar_t>
+FB_SR_AVX2 void rank_pass_avx2(const scalar_t* s, int64_t i, int64_t e, const Buckets& bk,
+                               const Groups<scalar_t>& gr, int64_t* d, int64_t* q) {
+  int32_t blist[16];
+  const int n = bucket_list(gr.gbucket, blist);
+  if (n <= 4) {
+    rank_pass_avx2_t<scalar_t, 4>(s, i, e, bk, gr, blist, d, q);
+  } else if (n <= 8) {
+    rank_pass_avx2_t<scalar_t, 8>(s, i, e, bk, gr, blist, d, q);
+  } else if (n <= 16) {
+    rank_pass_avx2_t<scalar_t, 16>(s, i, e, bk, gr, blist, d, q);
+  } else {
+    rank_pass_avx2_t<scalar_t, 0>(s, i, e, bk, gr, blist, d, q);
+  }
+}
+#else
+bool has_avx512() { return false; }
+bool has_avx2() { return false; }
+#endif
+
+// The loops a call runs: 0 scalar, 1 AVX-512, 2 AVX2 (softrank only; power and softmax run their
+// scalar loops then). g_force_kernel: -1 automatic (the widest the CPU has), else that kind where
+// the CPU has it, scalar where not (tests compare them).
+enum Kernel : int { kScalar = 0, kAvx512 = 1, kAvx2 = 2 };
+std::atomic<int> g_force_kernel{-1};
+
+int kernel_kind() {
+  const int f = g_force_kernel.load();
+  if (f < 0) return has_avx512() ? kAvx512 : has_avx2() ? kAvx2 : kScalar;
+  if (f == kAvx512) return has_avx512() ? kAvx512 : kScalar;
+  if (f == kAvx2) return has_avx2() ? kAvx2 : kScalar;
+  return kScalar;
+}
+
+bool use_avx512() { return kernel_kind() == kAvx512; }
+
+template <typename scalar_t>
+bool minmax_any(const scalar_t* p, int64_t n, double& lo, double& hi, int kern) {
 #if FB_SR_X86
-  if (vec) return minmax_avx512(p, n, lo, hi);
+  if (kern == kAvx512) return minmax_avx512(p, n, lo, hi);
+  if (kern == kAvx2) return minmax_avx2(p, n, lo, hi);
 #endif
   return minmax_serial(p, n, lo, hi);
 }
 
 template <typename scalar_t>
 std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, int64_t N, int64_t k,
-                                 double beta, uint64_t s0, int64_t grain, bool vec) {
+                                 double beta, uint64_t s0, int64_t grain, int kern) {
   Buckets bk;
   bk.umin = order_key(static_cast<float>(lo));
   const uint32_t range = order_key(static_cast<float>(hi)) - bk.umin;
@@ -782,8 +1056,10 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
     std::vector<uint32_t> h(4 * nb, 0);
     int64_t nm;
 #if FB_SR_X86
-    if (vec) {
+    if (kern == kAvx512) {
       nm = hist_pass_avx512(s, b, e, bk, hi, h.data());
+    } else if (kern == kAvx2) {
+      nm = hist_pass_avx2(s, b, e, bk, hi, h.data());
     } else
 #endif
     {
@@ -806,8 +1082,10 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
   at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     RankScan rs(bk, k, beta, shift);
 #if FB_SR_X86
-    if (vec) {
+    if (kern == kAvx512) {
       rank_scan_avx512(s, b, e, s0, rs);
+    } else if (kern == kAvx2) {
+      rank_scan_avx2(s, b, e, s0, rs);
     } else
 #endif
     {
@@ -856,8 +1134,10 @@ std::vector<Entry> softrank_topk(scalar_t lo, scalar_t hi, const scalar_t* s, in
   at::parallel_for(0, N, grain, [&](int64_t b0, int64_t e0) {
     std::vector<int64_t> d(static_cast<size_t>(G) + 1, 0), q(static_cast<size_t>(G) + 1, 0);
 #if FB_SR_X86
-    if (vec) {
+    if (kern == kAvx512) {
       rank_pass_avx512(s, b0, e0, bk, gr, d.data(), q.data());
+    } else if (kern == kAvx2) {
+      rank_pass_avx2(s, b0, e0, bk, gr, d.data(), q.data());
     } else
 #endif
     {
@@ -939,11 +1219,11 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       // min and max are finite iff every score is (a NaN fails minmax_serial's check and propagates
       // through aminmax): the exact search for the first bad item only when they are not.
       const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
-      const bool vec = use_avx512();
+      const int kern = kernel_kind();
       double lo, hi;
       bool finite = true;
       if (N < 2 * grain) {  // every pass is serial then: so is this one
-        finite = minmax_any(p, N, lo, hi, vec);
+        finite = minmax_any(p, N, lo, hi, kern);
       } else {
         const auto mm = at::aminmax(x);
         lo = std::get<0>(mm).item<double>();
@@ -954,7 +1234,7 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
         first_bad = bad;
       } else {
         all = softrank_topk<scalar_t>(static_cast<scalar_t>(lo), static_cast<scalar_t>(hi), p, N, k, beta,
-                                      s0, grain, vec);
+                                      s0, grain, kern);
       }
     });
   } else if (k > 0) {
@@ -964,7 +1244,7 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       if (N < 2 * std::max<int64_t>(1 << 20, 8 * k)) {  // serial, as the scan below
         AT_DISPATCH_FLOATING_TYPES(st, "fastbald_stochastic_max", [&] {
           double lo;
-          minmax_any(x.const_data_ptr<scalar_t>(), N, lo, m, vec);
+          minmax_any(x.const_data_ptr<scalar_t>(), N, lo, m, vec ? kAvx512 : kScalar);
         });
       } else {
         m = x.max().item<double>();
@@ -1052,11 +1332,18 @@ static PyObject* fb_sr_force_kernel(PyObject*, PyObject* arg) {
   fastbald::stochastic::g_force_kernel = static_cast<int>(k);
   Py_RETURN_NONE;
 }
+static PyObject* fb_sr_kernel(PyObject*, PyObject*) {
+  static const char* names[] = {"scalar", "avx512", "avx2"};
+  return PyUnicode_FromString(names[fastbald::stochastic::kernel_kind()]);
+}
 static PyMethodDef fb_sr_methods[] = {
     {"vectorized", fb_sr_vectorized, METH_NOARGS,
-     "True when fastbald::stochastic_topk (softrank) runs its AVX-512 code on this CPU."},
+     "True when fastbald::stochastic_topk runs its AVX-512 loops on this CPU."},
+    {"kernel", fb_sr_kernel, METH_NOARGS,
+     "The loops fastbald::stochastic_topk runs: 'avx512', 'avx2' (softrank; power and softmax then "
+     "run the scalar loops) or 'scalar'."},
     {"_force_kernel", fb_sr_force_kernel, METH_O,
-     "Force the code path: -1 automatic, 0 scalar, 1 AVX-512 where available (tests)."},
+     "Force the code path: -1 automatic, 0 scalar, 1 AVX-512, 2 AVX2 where available (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 PyMODINIT_FUNC PyInit__stochastic_cpu(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_stochastic_cpu", nullptr, -1,
