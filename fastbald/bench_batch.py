@@ -7,7 +7,7 @@ the same scores (what it replaces), ``fastbald.acquire`` (top-k with ties by low
 then the tied items) and baal's ``PowerSampling`` over precomputed scores (``np.random.choice`` without
 replacement). In-process, the methods interleaved within each repeat, median of repeats. Where
 the native kernel runs AVX-512 loops, power and softrank are also timed with its scalar loops
-forced (what a CPU without AVX-512 runs).
+forced, and softrank with its AVX2 loops (what CPUs without AVX-512 run).
 
 EPIG of N_p pool items against N_t target items (K posterior samples, C classes; MC-dropout-like
 log-probabilities, seed 0), each method fed the input it takes: ``fastbald.epig`` (log-probs
@@ -45,7 +45,7 @@ import torch
 from fastbald.benchtools import (
     PeakRSS,
     fmt_ms,
-    interleaved_times,
+    interleaved_wall_cpu_times,
     loadavg,
     machine_info,
     median_time,
@@ -82,9 +82,9 @@ def _stochastic_native() -> Any:
 
 
 def stochastic_kernel() -> str:
-    """Which loops the native stochastic kernel runs here: "avx512", "scalar" or "not built"."""
+    """Which loops the native stochastic kernel runs here: "avx512", "avx2", "scalar" or "not built"."""
     native = _stochastic_native()
-    return "not built" if native is None else "avx512" if native.vectorized() else "scalar"
+    return "not built" if native is None else native.kernel()
 
 
 def bench_stochastic(N: int, k: int, threads: Sequence[int], repeats: int, seed: int = 0) -> list[dict]:
@@ -101,10 +101,10 @@ def bench_stochastic(N: int, k: int, threads: Sequence[int], repeats: int, seed:
     ]
     native = _stochastic_native()
     if native is not None and native.vectorized():
-        # The portable scalar loops (what a CPU without AVX-512 runs), forced for this call only.
-        def scalar(mode: str) -> Callable[[], Any]:
+        # The AVX2 and the portable scalar loops (what CPUs without AVX-512 run), forced per call.
+        def forced(mode: str, kernel: int) -> Callable[[], Any]:
             def run() -> Any:
-                native._force_kernel(0)
+                native._force_kernel(kernel)
                 try:
                     return fastbald.stochastic_acquire(s, k, mode, 1.0, seed=1)
                 finally:
@@ -112,8 +112,13 @@ def bench_stochastic(N: int, k: int, threads: Sequence[int], repeats: int, seed:
 
             return run
 
-        methods += [("stochastic power, scalar loops", scalar("power")),
-                    ("stochastic softrank, scalar loops", scalar("softrank"))]
+        methods += [("stochastic power, scalar loops", forced("power", 0)),
+                    ("stochastic softrank, scalar loops", forced("softrank", 0))]
+        native._force_kernel(2)
+        has_avx2 = native.kernel() == "avx2"
+        native._force_kernel(-1)
+        if has_avx2:
+            methods.append(("stochastic softrank, AVX2 loops", forced("softrank", 2)))
     try:
         from baal.active.heuristics import Precomputed
         from baal.active.heuristics.stochastics import PowerSampling
@@ -127,10 +132,12 @@ def bench_stochastic(N: int, k: int, threads: Sequence[int], repeats: int, seed:
     try:
         for t in threads:
             torch.set_num_threads(t)
-            times = interleaved_times([f for _, f in methods], repeats, warmup=1)
+            times, cpu = interleaved_wall_cpu_times([f for _, f in methods], repeats, warmup=1)
             meds = [float(np.median(ts)) * 1e3 for ts in times]
-            for (name, _), ms in zip(methods, meds, strict=True):
-                rows.append(dict(threads=t, method=name, time_ms=ms, x_topk=ms / meds[0]))
+            cmeds = [float(np.median(ts)) * 1e3 for ts in cpu]
+            for (name, _), ms, cms in zip(methods, meds, cmeds, strict=True):
+                rows.append(dict(threads=t, method=name, time_ms=ms, x_topk=ms / meds[0], cpu_ms=cms,
+                                 cpu_x_topk=cms / cmeds[0]))
     finally:
         torch.set_num_threads(prev)
     return rows
@@ -272,8 +279,8 @@ def to_markdown(res: dict) -> str:
         threads = sorted({r["threads"] for r in st["rows"]})
         out += [
             f"### Stochastic batch acquisition: k = {st['k']} of N = {st['N']:,} scores, beta = 1 "
-            f"(median of {st['repeats']} interleaved repeats; × = time / torch.topk; native stochastic "
-            f"kernel: {st.get('kernel', 'not recorded')})",
+            f"(median of {st['repeats']} interleaved repeats; × = time / torch.topk; CPU: the same for "
+            f"the process CPU time; native stochastic kernel: {st.get('kernel', 'not recorded')})",
             "",
             "| method | " + " | ".join(f"{t} thread" + ("s" if t > 1 else "") for t in threads) + " |",
             "|---|" + "---|" * len(threads),
@@ -282,7 +289,8 @@ def to_markdown(res: dict) -> str:
             cells = []
             for t in threads:
                 r = next((r for r in st["rows"] if r["method"] == name and r["threads"] == t), None)
-                cells.append(f"{fmt_ms(r['time_ms'])} ({r['x_topk']:.2f}×)" if r else "-")
+                cpu = f"; CPU {r['cpu_x_topk']:.2f}×" if r and "cpu_x_topk" in r else ""
+                cells.append(f"{fmt_ms(r['time_ms'])} ({r['x_topk']:.2f}×{cpu})" if r else "-")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     ep = res.get("epig")
