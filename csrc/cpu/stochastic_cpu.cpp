@@ -615,9 +615,9 @@ FB_SR_AVX512 void rank_scan_avx512(const scalar_t* s, int64_t begin, int64_t end
   rank_scan(s, i, end, s0, rs);
 }
 
-// Modes 0-2: the filter x > thr[c] on 16 items at a time. float: the thresholds of classes 11..42
-// in two registers (one permute), an item of class >= 42 always goes to visit(); double: classes
-// 11..26 (one permute per 8 items), class >= 26 (2^-15 of the items) always to visit().
+// Modes 0-2: the filter x > thr[c] on 16 items at a time. float: the thresholds of classes 11..41
+// in two registers (one permute), an item of class >= 42 (2^-31 of the items) always goes to
+// visit(); double: classes 11..25 (one permute per 8 items), class >= 26 (2^-15) always to visit().
 template <typename scalar_t, int kMode>
 FB_SR_AVX512 void scan_rest_avx512(const scalar_t* s, int64_t i, int64_t end, uint64_t s0,
                                    TopScan<scalar_t, kMode>& ts) {
