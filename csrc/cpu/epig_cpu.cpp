@@ -47,6 +47,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd_dispatch.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 // GCC 12 flags _mm512_undefined_ps() (`__m512 __Y = __Y;` in its own avx512fintrin.h) as
 // (maybe-)uninitialized once inlined: a known false positive (setup.py's AVX-512 flags say the same).
@@ -368,13 +370,8 @@ bool has_avx512() {
 bool has_avx512() { return false; }
 #endif
 
-// -1: automatic; 0: scalar code; 1: AVX-512 where the CPU has it (tests compare the two).
-std::atomic<int> g_force_kernel{-1};
-
-bool use_avx512() {
-  const int f = g_force_kernel.load();
-  return f < 0 ? has_avx512() : (f == 1 && has_avx512());
-}
+// AVX-512 or scalar code (Kernels::kind()); Kernels::forced makes the tests compare the two.
+using Kernels = simd::Dispatch<has_avx512>;
 
 template <typename scalar_t>
 bool prep_item(const scalar_t* xb, int64_t K, int64_t C, double tol, bool vec, scalar_t* buf, scalar_t* at,
@@ -449,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> epig_block_cpu(const at::Tensor& x_, const at
   cols = std::min(cols, M);
   at::Tensor out = at::empty({B}, x.options());
   std::atomic<int64_t> first_bad{B};
-  const bool vec = use_avx512();
+  const bool vec = Kernels::kind() == simd::kAvx512;
   const c10::OperatorHandle* dnn = (gemm == 1 && st == at::kFloat) ? onednn_linear() : nullptr;
   const int64_t n_tasks = (B + items - 1) / items;
   // At least two tasks, so that a pool of one task also runs inside an (active) parallel region
@@ -537,20 +534,11 @@ TORCH_LIBRARY_IMPL(fastbald, CPU, m) {
 }
 
 extern "C" {
-static PyObject* fb_epig_vectorized(PyObject*, PyObject*) {
-  if (fastbald::epig::use_avx512()) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
-}
-static PyObject* fb_epig_force_kernel(PyObject*, PyObject* arg) {
-  const long k = PyLong_AsLong(arg);
-  if (k == -1 && PyErr_Occurred()) return nullptr;
-  fastbald::epig::g_force_kernel = static_cast<int>(k);
-  Py_RETURN_NONE;
-}
+using FbEpigKernels = fastbald::epig::Kernels;
 static PyMethodDef fb_epig_methods[] = {
-    {"vectorized", fb_epig_vectorized, METH_NOARGS,
+    {"vectorized", FbEpigKernels::py_vectorized, METH_NOARGS,
      "True when fastbald::epig_block runs its AVX-512 code on this CPU."},
-    {"_force_kernel", fb_epig_force_kernel, METH_O,
+    {"_force_kernel", FbEpigKernels::py_force_kernel, METH_O,
      "Force the code path: -1 automatic, 0 scalar, 1 AVX-512 where available (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 PyMODINIT_FUNC PyInit__epig_cpu(void) {

@@ -39,6 +39,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd_dispatch.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // GCC 12 flags _mm512_undefined_ps() (`__m512 __Y = __Y;` in its own avx512fintrin.h) as
 // (maybe-)uninitialized once inlined: a known false positive (as in epig_cpu.cpp).
@@ -248,7 +250,7 @@ void scan_rest(const scalar_t* s, int64_t i, int64_t end, uint64_t s0, TopScan<s
 // so the same draw as mode 0 given those log-weights) then give the top k.
 // Each pass has a scalar loop, an AVX-512 one (16 items per step: order keys, buckets, the
 // splitmix64 noise class and the threshold by one permute, the candidates' buckets by compares or a
-// bitmap gather) and an AVX2 one (8 per step); chosen at run time, kernel_kind(). The vector loops
+// bitmap gather) and an AVX2 one (8 per step); chosen at run time, Kernels::kind(). The vector loops
 // only filter, and every item that passes goes through the same scalar step, so all give the same
 // candidates, counts and keys (tests force each).
 inline uint32_t order_key(float f) {
@@ -1014,21 +1016,12 @@ bool has_avx512() { return false; }
 bool has_avx2() { return false; }
 #endif
 
-// The loops a call runs: 0 scalar, 1 AVX-512, 2 AVX2 (softrank only; power and softmax run their
-// scalar loops then). g_force_kernel: -1 automatic (the widest the CPU has), else that kind where
-// the CPU has it, scalar where not (tests compare them).
-enum Kernel : int { kScalar = 0, kAvx512 = 1, kAvx2 = 2 };
-std::atomic<int> g_force_kernel{-1};
-
-int kernel_kind() {
-  const int f = g_force_kernel.load();
-  if (f < 0) return has_avx512() ? kAvx512 : has_avx2() ? kAvx2 : kScalar;
-  if (f == kAvx512) return has_avx512() ? kAvx512 : kScalar;
-  if (f == kAvx2) return has_avx2() ? kAvx2 : kScalar;
-  return kScalar;
-}
-
-bool use_avx512() { return kernel_kind() == kAvx512; }
+// The loops a call runs (Kernels::kind()): scalar, AVX-512 or AVX2 (softrank only; power and
+// softmax run their scalar loops then); Kernels::forced makes the tests compare them.
+using Kernels = simd::Dispatch<has_avx512, has_avx2>;
+using simd::kAvx2;
+using simd::kAvx512;
+using simd::kScalar;
 
 template <typename scalar_t>
 bool minmax_any(const scalar_t* p, int64_t n, double& lo, double& hi, int kern) {
@@ -1219,7 +1212,7 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       // min and max are finite iff every score is (a NaN fails minmax_serial's check and propagates
       // through aminmax): the exact search for the first bad item only when they are not.
       const int64_t grain = std::max<int64_t>(1 << 20, 8 * k);
-      const int kern = kernel_kind();
+      const int kern = Kernels::kind();
       double lo, hi;
       bool finite = true;
       if (N < 2 * grain) {  // every pass is serial then: so is this one
@@ -1238,7 +1231,7 @@ std::tuple<at::Tensor, at::Tensor> stochastic_topk_cpu(const at::Tensor& scores,
       }
     });
   } else if (k > 0) {
-    const bool vec = use_avx512();
+    const bool vec = Kernels::kind() == kAvx512;
     if (std::isnan(shift)) {  // the largest unscaled log-weight: max s (softmax), log max s (power)
       double m;
       if (N < 2 * std::max<int64_t>(1 << 20, 8 * k)) {  // serial, as the scan below
@@ -1322,27 +1315,14 @@ TORCH_LIBRARY_IMPL(fastbald, CPU, m) {
 }
 
 extern "C" {
-static PyObject* fb_sr_vectorized(PyObject*, PyObject*) {
-  if (fastbald::stochastic::use_avx512()) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
-}
-static PyObject* fb_sr_force_kernel(PyObject*, PyObject* arg) {
-  const long k = PyLong_AsLong(arg);
-  if (k == -1 && PyErr_Occurred()) return nullptr;
-  fastbald::stochastic::g_force_kernel = static_cast<int>(k);
-  Py_RETURN_NONE;
-}
-static PyObject* fb_sr_kernel(PyObject*, PyObject*) {
-  static const char* names[] = {"scalar", "avx512", "avx2"};
-  return PyUnicode_FromString(names[fastbald::stochastic::kernel_kind()]);
-}
+using FbSrKernels = fastbald::stochastic::Kernels;
 static PyMethodDef fb_sr_methods[] = {
-    {"vectorized", fb_sr_vectorized, METH_NOARGS,
+    {"vectorized", FbSrKernels::py_vectorized, METH_NOARGS,
      "True when fastbald::stochastic_topk runs its AVX-512 loops on this CPU."},
-    {"kernel", fb_sr_kernel, METH_NOARGS,
+    {"kernel", FbSrKernels::py_kernel, METH_NOARGS,
      "The loops fastbald::stochastic_topk runs: 'avx512', 'avx2' (softrank; power and softmax then "
      "run the scalar loops) or 'scalar'."},
-    {"_force_kernel", fb_sr_force_kernel, METH_O,
+    {"_force_kernel", FbSrKernels::py_force_kernel, METH_O,
      "Force the code path: -1 automatic, 0 scalar, 1 AVX-512, 2 AVX2 where available (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 PyMODINIT_FUNC PyInit__stochastic_cpu(void) {
