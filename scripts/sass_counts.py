@@ -551,6 +551,10 @@ def stream_cost(a: dict, T: int, C: int, elem: int) -> tuple[float, dict]:
     return sum(best.values()), best
 
 
+# Rows per block of the strip kernel's two-level sums (strip_kernel.h kFlush).
+STRIP_FLUSH = 64
+
+
 def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) -> tuple[float, float, dict]:
     """Instructions and MUFU operations per logit of the strip kernel (strip_kernel.h: G lanes per
     item, NV 4-class vectors per lane, rows streamed through registers). The row loop is the
@@ -562,8 +566,10 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
     argmax scan of the whole-block mode (owner_argmax()) counts once per row for the block's B / 32
     warps (only a warp holding the row's maximal class runs it; ties across warps are rare). The
     per-item code
-    (the item loop outside the row loop) is counted once per item the same way. Per lane-class,
-    times G K / C (the lanes' classes past C issue like the others)."""
+    (the item loop outside the row loop) is counted once per item the same way; the two-level
+    sums' flush (flush_sums(), a branch of the row loop taken every STRIP_FLUSH rows) counts
+    (T - 1) // STRIP_FLUSH times per item. Per lane-class, times G K / C (the lanes' classes past C
+    issue like the others)."""
     ins, loops = a["ins"], a["all_loops"]
     K = 4 * nv
     lgw = max(0, min(G, 32).bit_length() - 1)
@@ -580,8 +586,8 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
     item = min(outer, key=lambda q: q[1] - q[0]) if outer else row
 
     def count(lo, hi, skip):
-        """(per-pass instructions, set_refs instructions, MUFU) of ins[lo:hi+1] minus the ranges
-        in skip, nested loops weighted by their iteration counts."""
+        """(per-pass instructions, set_refs + flush instructions per item, MUFU) of ins[lo:hi+1]
+        minus the ranges in skip, nested loops weighted by their iteration counts."""
         mult = [1.0] * (hi - lo + 1)
         for lp in loops:
             if lo <= lp[0] and lp[1] <= hi and lp != (lo, hi) and not any(s0 <= lp[0] and lp[1] <= s1 for s0, s1 in skip):
@@ -602,6 +608,8 @@ def strip_cost(a: dict, src: Source, T: int, C: int, G: int, nv: int, B: int) ->
                 w /= max(1, B // 32)  # run by the warp holding the row's maximal class (kMode 2)
             if "set_refs" in f:
                 refs += w
+            elif "flush_sums" in f:
+                refs += w * ((T - 1) // STRIP_FLUSH)
             else:
                 per += w
                 mufu += w * x.op.startswith("MUFU")

@@ -1559,6 +1559,45 @@ def test_asan_strip_kernel_cases(emulator_asan: Path) -> None:
     assert not fails, msg + "\n".join(fails[:10])
 
 
+# Long items (T = 1000 / 2000): the strip kernel's running float sums over the samples must not
+# lose accuracy in proportion to T (README: BALD <= 1e-6 when all T samples are equal). Before the
+# two-level sums a single float S_c of 1000 equal p made BALD of identical samples 6.1e-6 at
+# C = 100. The disagreeing cases check that a first sample 10 nats off the others stays within
+# the reference tolerance at that length.
+STRIP_LONG_CASES = [
+    Case("strip-long-identical-T1000-C100", (6, 1000, 100), special="identical"),
+    Case("strip-long-identical-T2000-C100", (4, 2000, 100), special="identical"),
+    Case("strip-long-identical-T2000-C100-bf16", (4, 2000, 100), torch.bfloat16, special="identical"),
+    Case("strip-long-identical-T2000-C1000", (2, 2000, 1000), special="identical", block=256),
+    Case("strip-long-identical-T2000-C1000-bf16", (2, 2000, 1000), torch.bfloat16, special="identical",
+         block=256),
+    Case("strip-long-identical-T1000-C2000-block", (1, 1000, 2000), special="identical"),
+    Case("strip-long-disagree10-T1000-C100", (6, 1000, 100), scale=2.0, special="disagree10"),
+    Case("strip-long-disagree10-T1000-C1000", (2, 1000, 1000), scale=2.0, special="disagree10", block=256),
+    Case("strip-long-random-T2000-C100", (4, 2000, 100)),
+]
+
+
+@pytest.mark.parametrize("case", STRIP_LONG_CASES, ids=[c.id for c in STRIP_LONG_CASES])
+def test_emulated_strip_kernel_long_items(emulator: Path, case: Case) -> None:
+    """Every score within the reference tolerance at T = 1000 / 2000; identical samples: BALD and
+    mean_std <= 1e-6 (the README's promise) in float32 and bf16, 4 lanes, a warp and a block per item."""
+    x = make_input(case)
+    info, out = emu_run(emulator, x, seed=zlib.crc32(case.id.encode()), timeout=900, **_emu_plan(case))
+    assert (info["status"], info["path"]) == (0, STRIP), info
+    _check_long_item(case, x, out)
+
+
+def _check_long_item(case: Case, x: torch.Tensor, out: torch.Tensor) -> None:
+    check_against_reference(case, x, out)
+    if case.special == "identical":
+        ref = oracle(x.to(torch.float64), case.kind)
+        out = out.detach().cpu()
+        for i in (2, 4):  # bald, mean_std
+            err = (out[i].double() - ref[i]).abs().max().item()
+            assert err <= 1e-6, f"{METRICS[i]}: max abs error {err:.3e}"
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", STRIP_CASES, ids=[c.id for c in STRIP_CASES])
@@ -1569,3 +1608,14 @@ def test_cuda_strip_kernel_matches_reference(case: Case) -> None:
     plan = {**case.plan, "block": case.block}
     out = cuda_op(x.cuda(), INPUT_KINDS.index(case.kind), case.metrics, plan=plan)
     check_against_reference(case, x, out)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", STRIP_LONG_CASES, ids=[c.id for c in STRIP_LONG_CASES])
+def test_cuda_strip_kernel_long_items(case: Case) -> None:
+    """The long-item strip cases on the device (identical samples: BALD, mean_std <= 1e-6)."""
+    _cuda_native()
+    x = make_input(case)
+    out = cuda_op(x.cuda(), INPUT_KINDS.index(case.kind), case.metrics, plan={**case.plan, "block": case.block})
+    _check_long_item(case, x, out)

@@ -395,7 +395,9 @@ inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const Dev
       }
     }
     if (G == 0) continue;
-    const int64_t smem = a16(2 * int64_t(K) * kStripStride * 4) + a16(int64_t(K) * kStripStride * 4) + (blk ? 2048 : 0);
+    // Lane-private: the shifts and p0 of the first sample, the outer sums S_c (strip_kernel.h
+    // flush_sums), the vote counters; kBlock: the warps' partials.
+    const int64_t smem = a16(3 * int64_t(K) * kStripStride * 4) + a16(int64_t(K) * kStripStride * 4) + (blk ? 2048 : 0);
     if (smem > lim.smem_optin) continue;
     int lgw = 0;
     while ((1 << lgw) < std::min(G, 32)) ++lgw;
@@ -430,7 +432,7 @@ inline bool plan_strip(Params& P, int64_t elem_size, int64_t acc_size, const Dev
   P.st_nv = best_nv;
   P.st_mode = best_mode;
   P.st_off_ref = 0;
-  P.st_off_cnt = static_cast<int>(a16(2 * int64_t(K) * kStripStride * 4));
+  P.st_off_cnt = static_cast<int>(a16(3 * int64_t(K) * kStripStride * 4));
   P.st_off_red = P.st_off_cnt + static_cast<int>(a16(int64_t(K) * kStripStride * 4));
   P.smem = P.st_off_red + (best_mode == 2 ? 2048 : 0);
   P.nchunks = cdiv(N, P.kk);
