@@ -407,6 +407,32 @@ def test_native_softrank_names_the_first_bad_item_with_either_kernel(dtype):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+@pytest.mark.parametrize("dtype,beta", [(torch.float32, 1e300), (torch.float64, 1.7e308)])
+def test_native_scan_with_flushed_denormals(dtype, beta, monkeypatch):
+    """torch.set_flush_denormal(True) (DAZ: subnormal operands read as 0): a pool of zeros, softmax
+    with a huge beta (every item ties), puts the scan's thresholds within a subnormal of 0; none may
+    be subnormal (DAZ would read -1e-45 as -0 and skip x = 0 > thr), so every kernel draws as the
+    PyTorch path without DAZ (uniformly), not the first k items every time."""
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
+    x = torch.zeros(100, dtype=dtype)
+    seeds = range(40)
+    got = {}
+    try:
+        torch.set_flush_denormal(True)
+        for kernel in (0, 1, 2):
+            cpu._force_kernel(kernel)
+            got[kernel] = [stochastic_acquire(x, 10, "softmax", beta, seed=seed).tolist() for seed in seeds]
+    finally:
+        torch.set_flush_denormal(False)
+        cpu._force_kernel(-1)
+    monkeypatch.setitem(st._NATIVE, "op", None)
+    ref = [stochastic_acquire(x, 10, "softmax", beta, seed=seed).tolist() for seed in seeds]
+    assert len({tuple(sorted(r)) for r in ref}) > 30  # the reference draw is not the first k items
+    for kernel, runs in got.items():
+        assert runs == ref, kernel
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
 def test_native_softrank_chunks_and_threads(monkeypatch):
     """Softrank above 2^20 items: the histogram, scan and rank passes split into thread chunks;
     same draw as one thread and as the PyTorch path (sort-based ranks)."""

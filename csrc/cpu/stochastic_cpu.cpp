@@ -151,11 +151,16 @@ void thresholds(double tau, double beta, double shift, scalar_t* thr) {
     } else if constexpr (kMode == 2) {
       const double a = lmin / beta;
       t = shift + a;
-      t -= 1e-9 * (std::fabs(shift) + std::fabs(a));  // covers the rounding of both terms
+      // covers the rounding of both terms, and a flushed to 0 (FTZ: the sign of t would be lost)
+      t -= 1e-9 * (std::fabs(shift) + std::fabs(a)) + std::numeric_limits<double>::min();
     } else {
       t = lmin - 1e-9 * std::fabs(lmin);
     }
     if (std::isnan(t)) t = -kInf;  // never skip on an undefined bound
+    // No subnormal threshold: with flushed denormals (DAZ, torch.set_flush_denormal) a compare reads
+    // one as 0, and x = 0 > -1e-45 fails. t in (-min, min) goes down to -min or 0 (conservative).
+    constexpr double kMin = std::numeric_limits<scalar_t>::min();
+    if (!(std::fabs(t) >= kMin)) t = std::signbit(t) ? -kMin : 0.0;
     scalar_t ts = static_cast<scalar_t>(t);
     if (static_cast<double>(ts) > t) ts = std::nextafter(ts, -std::numeric_limits<scalar_t>::infinity());
     thr[c] = ts;
