@@ -218,6 +218,27 @@ def test_chunk_bytes_bounds_the_block_also_for_many_targets(path):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native EPIG kernel not built")
+def test_native_kernel_follows_fastbald_cpu_kernel(monkeypatch):
+    """FASTBALD_CPU_KERNEL=base|avx2 runs the scalar code (EPIG has no AVX2 loops), avx512 or unset
+    the widest; _force_kernel(k >= 0) takes precedence."""
+    cpu = importlib.import_module("fastbald._epig_cpu")
+    monkeypatch.delenv("FASTBALD_CPU_KERNEL", raising=False)
+    try:
+        cpu._force_kernel(1)
+        has512 = cpu.vectorized()
+        cpu._force_kernel(-1)
+        assert cpu.vectorized() == has512
+        for env, want in (("base", False), ("avx2", False), ("avx512", has512)):
+            monkeypatch.setenv("FASTBALD_CPU_KERNEL", env)
+            assert cpu.vectorized() == want, env
+        monkeypatch.setenv("FASTBALD_CPU_KERNEL", "base")
+        cpu._force_kernel(1)
+        assert cpu.vectorized() == has512
+    finally:
+        cpu._force_kernel(-1)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native EPIG kernel not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_equals_torch_path_scalar_code_and_threads(dtype, monkeypatch):
     """The native kernel (AVX-512 where the CPU has it, and its scalar code forced) against the

@@ -433,6 +433,31 @@ def test_native_scan_with_flushed_denormals(dtype, beta, monkeypatch):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built")
+def test_native_kernel_follows_fastbald_cpu_kernel(monkeypatch):
+    """FASTBALD_CPU_KERNEL (the switch of every CPU kernel) picks the loops unless _force_kernel does:
+    base the scalar ones, avx2 the AVX2 ones (scalar where the CPU lacks AVX2), avx512 the widest;
+    the draw is the same."""
+    cpu = importlib.import_module("fastbald._stochastic_cpu")
+    s = torch.rand(50_001, generator=torch.Generator().manual_seed(5))
+    monkeypatch.delenv("FASTBALD_CPU_KERNEL", raising=False)
+    try:
+        cpu._force_kernel(2)
+        avx2 = cpu.kernel()
+        cpu._force_kernel(-1)
+        auto = cpu.kernel()
+        ref = stochastic_acquire(s, 20, "softrank", 1.0, seed=4)
+        for env, want in (("base", "scalar"), ("avx2", avx2), ("avx512", auto)):
+            monkeypatch.setenv("FASTBALD_CPU_KERNEL", env)
+            assert cpu.kernel() == want and cpu.vectorized() == (want == "avx512"), env
+            assert torch.equal(stochastic_acquire(s, 20, "softrank", 1.0, seed=4), ref), env
+        monkeypatch.setenv("FASTBALD_CPU_KERNEL", "base")
+        cpu._force_kernel(2)
+        assert cpu.kernel() == avx2
+    finally:
+        cpu._force_kernel(-1)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built")
 def test_native_softrank_chunks_and_threads(monkeypatch):
     """Softrank above 2^20 items: the histogram, scan and rank passes split into thread chunks;
     same draw as one thread and as the PyTorch path (sort-based ranks)."""

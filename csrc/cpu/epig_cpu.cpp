@@ -539,7 +539,8 @@ static PyMethodDef fb_epig_methods[] = {
     {"vectorized", FbEpigKernels::py_vectorized, METH_NOARGS,
      "True when fastbald::epig_block runs its AVX-512 code on this CPU."},
     {"_force_kernel", FbEpigKernels::py_force_kernel, METH_O,
-     "Force the code path: -1 automatic, 0 scalar, 1 AVX-512 where available (tests)."},
+     "Force the code path: -1 automatic (FASTBALD_CPU_KERNEL=base|avx2: scalar, else the widest), 0 scalar, "
+     "1 AVX-512 where available (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 PyMODINIT_FUNC PyInit__epig_cpu(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_epig_cpu", nullptr, -1,

@@ -1,5 +1,6 @@
-// The run-time choice of a CPU extension's loops (scalar, AVX-512 or AVX2), its override for the
-// tests, and the Python functions that expose both: vectorized(), kernel(), _force_kernel(k).
+// The run-time choice of a CPU extension's loops (scalar, AVX-512 or AVX2), its overrides (the
+// FASTBALD_CPU_KERNEL variable, as for the scoring and BatchBALD kernels, and _force_kernel for the
+// tests), and the Python functions that expose them: vectorized(), kernel(), _force_kernel(k).
 // Shared by csrc/cpu/stochastic_cpu.cpp and csrc/cpu/epig_cpu.cpp; each passes its own CPU checks
 // (the features its target attributes need), and builds its own PyMethodDef table from these.
 #pragma once
@@ -7,6 +8,8 @@
 #include <Python.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 namespace fastbald {
 namespace simd {
@@ -15,13 +18,25 @@ enum Kernel : int { kScalar = 0, kAvx512 = 1, kAvx2 = 2 };
 
 inline bool no_avx2() { return false; }  // for a module without AVX2 loops
 
+// FASTBALD_CPU_KERNEL (read at each call): base -> scalar, avx2 -> the AVX2 loops, -1 (automatic)
+// when unset, avx512 or anything else.
+inline int env_kernel() {
+  const char* v = std::getenv("FASTBALD_CPU_KERNEL");
+  if (v == nullptr) return -1;
+  if (std::strcmp(v, "base") == 0) return kScalar;
+  if (std::strcmp(v, "avx2") == 0) return kAvx2;
+  return -1;
+}
+
 template <bool (*HasAvx512)(), bool (*HasAvx2)() = no_avx2>
 struct Dispatch {
-  // -1: automatic (the widest kind the CPU has); else that kind where the CPU has it, scalar where not.
+  // -1: FASTBALD_CPU_KERNEL, else automatic (the widest kind the CPU has); else that kind where the
+  // CPU has it, scalar where not.
   static inline std::atomic<int> forced{-1};
 
   static int kind() {
-    const int f = forced.load();
+    int f = forced.load();
+    if (f < 0) f = env_kernel();
     if (f < 0) return HasAvx512() ? kAvx512 : HasAvx2() ? kAvx2 : kScalar;
     if (f == kAvx512) return HasAvx512() ? kAvx512 : kScalar;
     if (f == kAvx2) return HasAvx2() ? kAvx2 : kScalar;

@@ -1328,7 +1328,8 @@ static PyMethodDef fb_sr_methods[] = {
      "The loops fastbald::stochastic_topk runs: 'avx512', 'avx2' (softrank; power and softmax then "
      "run the scalar loops) or 'scalar'."},
     {"_force_kernel", FbSrKernels::py_force_kernel, METH_O,
-     "Force the code path: -1 automatic, 0 scalar, 1 AVX-512, 2 AVX2 where available (tests)."},
+     "Force the code path: -1 automatic (FASTBALD_CPU_KERNEL=base|avx2|avx512, else the widest), 0 scalar, "
+     "1 AVX-512, 2 AVX2 where available (tests)."},
     {nullptr, nullptr, 0, nullptr}};
 PyMODINIT_FUNC PyInit__stochastic_cpu(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_stochastic_cpu", nullptr, -1,
