@@ -247,16 +247,11 @@ def _gumbel_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, keys) of the k largest ``log w_i + G_i(seed)``, best first."""
     op = _native_op()
-    code = "logw" if mode == "softrank" else mode
     if op is not None and s.device.type == "cpu":
-        if mode == "softrank":  # ranks in the kernel, O(N): no sort of the pool
-            return op(s.contiguous(), int(k), _MODE_CODE["softrank"], float(beta), _signed(seed), 0.0)
-        if code == "logw":
-            x, shift = _log_weights(s, mode, beta), 0.0
-        else:
-            # NaN: the kernel computes _shift's value itself, serially (no parallel region).
-            x, shift = s, math.nan if beta != 0 else 0.0
-        return op(x.contiguous(), int(k), _MODE_CODE[code], float(beta), _signed(seed), shift)
+        # softrank: ranks in the kernel, O(N), no sort of the pool (shift unused). power / softmax:
+        # NaN makes the kernel compute _shift's value itself, serially (no parallel region).
+        shift = 0.0 if mode == "softrank" or beta == 0 else math.nan
+        return op(s.contiguous(), int(k), _MODE_CODE[mode], float(beta), _signed(seed), shift)
     _check_finite(s)
     keys = _log_weights(s, mode, beta) + gumbel_noise(s.shape[0], seed, s.device)
     # Order by key, ties (only -inf keys: weight 0) by the lower index, as the native kernel.
