@@ -15,7 +15,7 @@ import pytest
 from fastbald.data import synthetic_mnist_like
 from fastbald.experiments import PAPER_TABLE1, csv_path, load_runs, report, run_mnist, state_dir
 from fastbald.experiments.mnist import PAPER_PROTOCOL, PRESETS, ProgressPrinter, make_protocol
-from fastbald.experiments.report import images_to_reach
+from fastbald.experiments.report import images_to_reach, mean_curve_to_reach
 from fastbald.loop import CSV_COLUMNS, LoopProtocol, read_csv
 
 
@@ -89,6 +89,31 @@ def test_images_to_reach_and_load_runs(tmp_path):
     assert images_to_reach(runs["random"][0], 0.10) is None
     with pytest.raises(ValueError, match="found twice"):
         load_runs([tmp_path, tmp_path / "bald_seed0.csv"])
+
+
+def test_mean_curve_to_reach(tmp_path):
+    # Seed 0 dips under 10% early (round 2) and comes back; seed 1 gets there at round 4. The
+    # mean of first crossings is 30 images; the mean curve first gets to 10% at round 4 (40).
+    write_fake_csv(tmp_path / "bald_seed0.csv", [0.5, 0.2, 0.09, 0.14, 0.08, 0.06])
+    write_fake_csv(tmp_path / "bald_seed1.csv", [0.5, 0.3, 0.2, 0.12, 0.10, 0.03, 0.02])
+    rs = load_runs([tmp_path])["bald"]
+    assert [images_to_reach(r, 0.10) for r in rs] == [20, 40]
+    assert mean_curve_to_reach(rs, 0.10) == 40  # (0.08 + 0.10) / 2 = 0.09
+    assert mean_curve_to_reach(rs, 0.05) == 50  # (0.06 + 0.03) / 2 = 0.045
+    # Only rounds both runs reached count: seed 1's round 6 (0.02) has no partner.
+    assert mean_curve_to_reach(rs, 0.03) is None
+    assert mean_curve_to_reach(rs[:1], 0.10) == images_to_reach(rs[0], 0.10)
+    with pytest.raises(ValueError, match="at least one run"):
+        mean_curve_to_reach([], 0.1)
+    text = report([tmp_path], plot=False)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| BALD"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:6] == ["30 ± 14", "40", "145"]
+    # At 5% only seed 1 crosses, yet the mean curve does: seed 0's 6% and seed 1's 3% at 50.
+    assert cells[6:9] == ["50 (1/2 seeds; others not reached by 50)", "50", "335"]
+    write_fake_csv(tmp_path / "bald_seed1.csv", [0.5, 0.3, 0.2, 0.12])  # still going
+    row = next(ln for ln in report([tmp_path], plot=False).splitlines() if ln.startswith("| BALD"))
+    assert "| not reached (> 30) |" in row
 
 
 def test_report_table_and_plot(tmp_path):

@@ -27,6 +27,7 @@ __all__ = [
     "Run",
     "images_to_reach",
     "load_runs",
+    "mean_curve_to_reach",
     "plot_runs",
     "report",
     "summary_table",
@@ -70,6 +71,24 @@ def images_to_reach(run: Run, threshold: float) -> int | None:
     """Acquired images at the first round whose test error is <= ``threshold`` (None if none)."""
     hit = np.nonzero(run.test_error <= threshold + 1e-12)[0]
     return int(run.acquired[hit[0]]) if hit.size else None
+
+
+def mean_curve_to_reach(runs: Sequence[Run], threshold: float) -> int | None:
+    """Acquired images at which the seed-averaged test-error curve first gets to ``threshold``.
+
+    The authors' code averaged the test accuracy over its repeats (``Average_Accuracy``), so
+    Table 1 can be read off the mean curve; with noisy single runs the mean curve crosses later
+    than the mean of the seeds' first crossings. Only rounds every run has reached are averaged;
+    None if the mean curve does not get there within them.
+    """
+    if not runs:
+        raise ValueError("mean_curve_to_reach needs at least one run")
+    common = sorted(set.intersection(*(set(r.acquired.tolist()) for r in runs)))
+    for a in common:
+        errs = [float(r.test_error[np.searchsorted(r.acquired, a)]) for r in runs]
+        if np.mean(errs) <= threshold + 1e-12:
+            return int(a)
+    return None
 
 
 def _csv_files(d: Path) -> list[Path]:
@@ -140,15 +159,18 @@ def _cell(values: list[int | None], runs: list[Run]) -> str:
 def summary_table(runs: dict[str, list[Run]]) -> str:
     """The markdown table (see :func:`report`)."""
     lines = [
-        "| Acquisition | Seeds | Acquired so far | 10% error: fastbald | 10%: paper "
-        "| 5% error: fastbald | 5%: paper | Final test error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Acquisition | Seeds | Acquired so far | 10% error: fastbald | 10%: mean curve "
+        "| 10%: paper | 5% error: fastbald | 5%: mean curve | 5%: paper | Final test error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for acq, rs in runs.items():
         paper = PAPER_TABLE1.get(acq)
         cells = []
         for i, thr in enumerate(THRESHOLDS):
             cells.append(_cell([images_to_reach(r, thr) for r in rs], rs))
+            mc = mean_curve_to_reach(rs, thr)
+            horizon = min(r.max_acquired for r in rs)
+            cells.append(str(mc) if mc is not None else f"not reached (> {horizon})")
             cells.append(str(paper[i]) if paper else "–")
         finals = [100 * float(r.test_error[-1]) for r in rs]
         final = (
@@ -160,8 +182,7 @@ def summary_table(runs: dict[str, list[Run]]) -> str:
         acq_s = str(acquired[0]) if len(acquired) == 1 else f"{acquired[0]}–{acquired[-1]}"
         seeds = ", ".join(str(r.seed) for r in rs)
         lines.append(
-            f"| {DISPLAY_NAMES[acq]} | {seeds} | {acq_s} | {cells[0]} | {cells[1]} "
-            f"| {cells[2]} | {cells[3]} | {final} |"
+            f"| {DISPLAY_NAMES[acq]} | {seeds} | {acq_s} | " + " | ".join(cells) + f" | {final} |"
         )
     return "\n".join(lines)
 
@@ -299,7 +320,8 @@ def report(
     Returns:
         The markdown (a table of images acquired to reach 10% / 5% test error per acquisition
         function, mean ± sample standard deviation over seeds, "not reached (> n)" when a run never
-        got there within its n acquired images; the paper's values alongside; the final test error).
+        got there within its n acquired images; the same on the seed-averaged curve
+        (:func:`mean_curve_to_reach`); the paper's values alongside; the final test error).
     """
     if isinstance(dirs, (str, os.PathLike)):
         dirs = [dirs]
@@ -316,7 +338,8 @@ def report(
         "",
         "Images acquired (beyond the 20 initial labelled images) until the test error first "
         "reaches 10% and 5%. fastbald: mean ± sample standard deviation over seeds "
-        "(a single number for one seed); paper: Table 1.",
+        "(a single number for one seed); mean curve: where the seed-averaged test error first "
+        "gets there (the authors' code averaged its repeats' curves); paper: Table 1.",
         "",
         summary_table(runs),
         "",
