@@ -111,9 +111,12 @@ def test_mean_curve_to_reach(tmp_path):
     assert cells[3:6] == ["30 ± 14", "40", "145"]
     # At 5% only seed 1 crosses, yet the mean curve does: seed 0's 6% and seed 1's 3% at 50.
     assert cells[6:9] == ["50 (1/2 seeds; others not reached by 50)", "50", "335"]
+    assert row.endswith("| 2.00% (1/2 seeds, at 60) |")  # seed 1's last round; seed 0 ends at 50
     write_fake_csv(tmp_path / "bald_seed1.csv", [0.5, 0.3, 0.2, 0.12])  # still going
     row = next(ln for ln in report([tmp_path], plot=False).splitlines() if ln.startswith("| BALD"))
     assert "| not reached (> 30) |" in row
+    # The final error is the furthest run's (6% at 50), not a mean with the run at 30 (12%).
+    assert row.endswith("| 6.00% (1/2 seeds, at 50) |")
 
 
 def test_report_table_and_plot(tmp_path):

@@ -172,12 +172,17 @@ def summary_table(runs: dict[str, list[Run]]) -> str:
             horizon = min(r.max_acquired for r in rs)
             cells.append(str(mc) if mc is not None else f"not reached (> {horizon})")
             cells.append(str(paper[i]) if paper else "–")
-        finals = [100 * float(r.test_error[-1]) for r in rs]
+        # The final error of the runs that got furthest: averaging a run still at round 3 with
+        # finished ones would mix two points of the curve.
+        furthest = max(r.max_acquired for r in rs)
+        finals = [100 * float(r.test_error[-1]) for r in rs if r.max_acquired == furthest]
         final = (
             f"{finals[0]:.2f}%"
             if len(finals) == 1
             else f"{np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f}%"
         )
+        if len(finals) < len(rs):
+            final += f" ({len(finals)}/{len(rs)} seeds, at {furthest})"
         acquired = sorted({r.max_acquired for r in rs})
         acq_s = str(acquired[0]) if len(acquired) == 1 else f"{acquired[0]}–{acquired[-1]}"
         seeds = ", ".join(str(r.seed) for r in rs)
@@ -321,7 +326,8 @@ def report(
         The markdown (a table of images acquired to reach 10% / 5% test error per acquisition
         function, mean ± sample standard deviation over seeds, "not reached (> n)" when a run never
         got there within its n acquired images; the same on the seed-averaged curve
-        (:func:`mean_curve_to_reach`); the paper's values alongside; the final test error).
+        (:func:`mean_curve_to_reach`); the paper's values alongside; the final test error, over
+        the seeds that got furthest when some are still running).
     """
     if isinstance(dirs, (str, os.PathLike)):
         dirs = [dirs]
