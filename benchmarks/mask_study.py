@@ -42,7 +42,8 @@ from fastbald.scores import scores
 def independent_mask_scores(
     model: torch.nn.Module, x: torch.Tensor, T: int, metric: str, seed: int, block: int = 64
 ) -> torch.Tensor:
-    """[N] scores from T MC-dropout passes with an independent mask per item and pass."""
+    """[N] scores from T MC-dropout passes with an independent mask per item and pass (torch's
+    dropout, after seeding torch's global RNG with ``seed``)."""
     trunk, head = model.split()
     trunk.eval()
     head.train()  # only dropout behaves differently in train mode (the head has no batch norm)

@@ -77,8 +77,9 @@ def mean_curve_to_reach(runs: Sequence[Run], threshold: float) -> int | None:
     """Acquired images at which the seed-averaged test-error curve first gets to ``threshold``.
 
     The authors' code averaged the test accuracy over its repeats (``Average_Accuracy``), so
-    Table 1 can be read off the mean curve; with noisy single runs the mean curve crosses later
-    than the mean of the seeds' first crossings. Only rounds every run has reached are averaged;
+    Table 1 can be read off the mean curve; a run's first crossing can be an early dip, so the
+    mean curve usually crosses later than the seeds' first crossings do on average. Only rounds
+    every run has reached are averaged;
     None if the mean curve does not get there within them.
     """
     if not runs:
