@@ -31,7 +31,13 @@ import torch
 from batch_redundancy import batch_stats, parse_range
 
 from fastbald.data import load_mnist
-from fastbald.loop import _SEED_SCORE, LoopProtocol, default_model_factory, train_from_scratch
+from fastbald.loop import (
+    _SEED_SCORE,
+    LabelledPool,
+    LoopProtocol,
+    default_model_factory,
+    train_from_scratch,
+)
 from fastbald.mc import mix_seed
 from fastbald.metrics import acquisition
 from fastbald.pool import score_pool
@@ -98,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{f}: needs a whole-pool top-k run (got {acq.name}, pool_subset {p.pool_subset})"
             )
         labelled = st["labelled_indices"]
-        taken = torch.zeros(data.x_train.shape[0], dtype=torch.bool)
-        taken[torch.tensor(st["validation_indices"], dtype=torch.int64)] = True
         a, b = args.rounds
         for r in range(a, min(b, st["rounds_done"] - 1) + 1):
             have = p.initial + (r - 1) * p.per_round
@@ -112,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 data.y_train[idx],
                 r - 1,
             )
-            t = taken.clone()
-            t[idx] = True
-            pool = (~t).nonzero().reshape(-1)
+            pool = LabelledPool(
+                data.x_train.shape[0], labelled[:have], st["validation_indices"]
+            ).pool_indices()
             acquired = labelled[have : have + p.per_round]
             picks = {}
             seed = mix_seed(p.seed, r, _SEED_SCORE)
