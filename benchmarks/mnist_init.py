@@ -1,23 +1,30 @@
-"""Does the paper CNN learn faster from a few MNIST labels with Keras 1's initialisation?
+"""Does the paper CNN learn as fast from a few MNIST labels under another training variant?
 
-fastbald's :class:`~fastbald.models.BayesianCNN` uses PyTorch's default initialisation
-(Kaiming-uniform with ``a=sqrt(5)``, uniform biases); the authors' Keras 1 code got Glorot-uniform
-weights and zero biases. This script trains the model exactly as one round of ``fastbald
-experiment mnist`` does (:func:`fastbald.loop.train_from_scratch`: 50 epochs of Adam, batch 128,
-L2 ``3.5 / N`` on the dense layer) on random labelled sets of ``n`` images (2 per class, then
-uniformly random: what Random acquisition sees after ``n - 20`` acquisitions) and prints the test
-error (the official 10,000 test images) for both initialisations, on the same labelled set and
-training seed per repeat, so the per-repeat difference is paired.
+Variants: ``torch``, the experiment's own training (:class:`~fastbald.models.BayesianCNN` with
+PyTorch's default initialisation, Kaiming-uniform with ``a=sqrt(5)`` and uniform biases, float32);
+``keras``, the authors' Keras 1 initialisation (Glorot-uniform weights, zero biases); ``bf16``,
+PyTorch init trained under bfloat16 autocast (``LoopProtocol(train_bf16=True)``). This script
+trains the model exactly as one round of ``fastbald experiment mnist`` does
+(:func:`fastbald.loop.train_from_scratch`: 50 epochs of Adam, batch 128, L2 ``3.5 / N`` on the
+dense layer) on random labelled sets of ``n`` images (2 per class, then uniformly random: what
+Random acquisition sees after ``n - 20`` acquisitions) and prints the test error (the official
+10,000 test images) per variant, on the same labelled set and training seed per repeat, so the
+differences to the first variant are paired; and the median CPU seconds per training (measured
+side by side, interleaved).
 
     python benchmarks/mnist_init.py --n 20 70 120 170 270 420 --repeats 6 [--out FILE.md]
+    python benchmarks/mnist_init.py --variants torch bf16 --n 20 120 270 520 1020 --repeats 6
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +44,12 @@ def keras_init_factory(protocol: LoopProtocol, num_classes: int) -> nn.Module:
     return model
 
 
-FACTORIES = {"torch": default_model_factory, "keras": keras_init_factory}
+#: variant -> (model factory, LoopProtocol overrides)
+VARIANTS: dict[str, tuple[Callable[[LoopProtocol, int], nn.Module], dict[str, Any]]] = {
+    "torch": (default_model_factory, {}),
+    "keras": (keras_init_factory, {}),
+    "bf16": (default_model_factory, {"train_bf16": True}),
+}
 
 
 def labelled_set(y: torch.Tensor, n: int, repeat: int, num_classes: int = 10) -> torch.Tensor:
@@ -64,36 +76,49 @@ def main(argv: list[str] | None = None) -> int:
         help="labelled-set sizes (>= 20)",
     )
     ap.add_argument("--repeats", type=int, default=6, help="labelled sets (and seeds) per size")
-    ap.add_argument("--init", nargs="+", choices=sorted(FACTORIES), default=["torch", "keras"])
+    ap.add_argument(
+        "--variants",
+        "--init",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=["torch", "keras"],
+        help="training variants; the first is the baseline of the paired differences",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     a = ap.parse_args(argv)
-    if min(a.n) < 20 or a.repeats < 2:
-        ap.error("--n must be >= 20 and --repeats >= 2")
+    if min(a.n) < 20 or a.repeats < 2 or len(set(a.variants)) != len(a.variants):
+        ap.error("--n must be >= 20, --repeats >= 2 and the variants distinct")
     torch.set_num_threads(a.threads)
     d = load_mnist()
-    lines = [
-        "| labelled n | "
-        + " | ".join(f"{i} init: test error % (mean ± sd)" for i in a.init)
-        + (" | torch - keras, paired (mean ± sd) |" if a.init == ["torch", "keras"] else " |"),
-        "|---" * (len(a.init) + 1 + (a.init == ["torch", "keras"])) + "|",
-    ]
+    base, others = a.variants[0], a.variants[1:]
+    head = (
+        [f"{v}: test error % (mean ± sd)" for v in a.variants]
+        + [f"{base} - {v}, paired (mean ± sd)" for v in others]
+        + ["CPU s per training (median): " + " / ".join(a.variants)]
+    )
+    lines = ["| labelled n | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     print(lines[0], lines[1], sep="\n", flush=True)
     for n in a.n:
-        errs: dict[str, list[float]] = {i: [] for i in a.init}
+        errs: dict[str, list[float]] = {v: [] for v in a.variants}
+        cpu: dict[str, list[float]] = {v: [] for v in a.variants}
         t0 = time.perf_counter()
         for rep in range(a.repeats):
             idx = labelled_set(d.y_train, n, rep)
-            p = LoopProtocol(acquisition="random", seed=rep)
-            for init in a.init:
+            for v in a.variants:
+                factory, overrides = VARIANTS[v]
+                p = LoopProtocol(acquisition="random", seed=rep, **overrides)
+                c0 = time.process_time()
                 model, _ = train_from_scratch(
-                    FACTORIES[init], p, d.num_classes, d.x_train[idx], d.y_train[idx], 1
+                    factory, p, d.num_classes, d.x_train[idx], d.y_train[idx], 1
                 )
-                errs[init].append(100 * _error_rate(model, d.x_test, d.y_test))
+                cpu[v].append(time.process_time() - c0)
+                errs[v].append(100 * _error_rate(model, d.x_test, d.y_test))
         cells = [f"{np.mean(e):.2f} ± {np.std(e, ddof=1):.2f}" for e in errs.values()]
-        if a.init == ["torch", "keras"]:
-            diff = np.array(errs["torch"]) - np.array(errs["keras"])
+        for v in others:
+            diff = np.array(errs[base]) - np.array(errs[v])
             cells.append(f"{diff.mean():+.2f} ± {diff.std(ddof=1):.2f}")
+        cells.append(" / ".join(f"{statistics.median(cpu[v]):.1f}" for v in a.variants))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
         print(
             lines[-1],

@@ -145,6 +145,10 @@ class LoopProtocol:
         score_block_size: items per MC-dropout compute block (part of the scores' seed key).
         test_subset: evaluate on this many test images only (a fixed random subset, the same
             for every seed; for quick demos); ``None`` uses the whole test set.
+        train_bf16: train under bfloat16 autocast (forward and backward matmuls and
+            convolutions in bf16, weights, optimiser and loss in float32): ~1.6x faster steps on
+            CPUs with AVX512-BF16/AMX. Test error matched float32 training within seed noise
+            (``benchmarks/mnist_train_bf16.py``); off by default, as the paper trained in float32.
     """
 
     acquisition: str = "bald"
@@ -164,6 +168,7 @@ class LoopProtocol:
     deterministic_model: bool = False
     score_block_size: int = 256
     test_subset: int | None = None
+    train_bf16: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "acquisition", canonical_acquisition(self.acquisition))
@@ -419,6 +424,13 @@ def _deterministic_algorithms(on: bool) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+def _train_autocast(protocol: LoopProtocol, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass when ``protocol.train_bf16``, else a no-op."""
+    if not protocol.train_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def train_from_scratch(
     model_factory: ModelFactory,
     protocol: LoopProtocol,
@@ -434,7 +446,8 @@ def train_from_scratch(
     generator, so the result depends only on the arguments (on one machine, software and number
     of threads). Adam (``protocol.lr``), ``protocol.epochs`` epochs of shuffled minibatches of
     ``protocol.batch_size``, L2 weight decay :func:`fastbald.models.paper_weight_decay`
-    ``(len(x), c)`` (on the dense layer for models with ``param_groups``).
+    ``(len(x), c)`` (on the dense layer for models with ``param_groups``); the forward pass under
+    bf16 autocast when ``protocol.train_bf16`` (the loss in float32).
 
     Returns:
         ``(model in eval mode, on x's device; mean training loss of the last epoch)``. Raises
@@ -461,7 +474,9 @@ def train_from_scratch(
         for s in range(0, n, p.batch_size):
             b = perm[s : s + p.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[b]), y[b])
+            with _train_autocast(p, x.device):
+                logits = model(x[b])
+            loss = F.cross_entropy(logits.float(), y[b])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * b.numel()

@@ -331,3 +331,54 @@ def test_resume_from_a_trimmed_state(data, tmp_path):
     (st2 / "state.json").write_text(json.dumps(state))
     with pytest.warns(RuntimeWarning, match="retrained on resume"):
         ActiveLearningLoop(data, p, state_dir=st2)
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16-autocast training (LoopProtocol.train_bf16)
+def test_train_bf16_is_off_by_default_and_old_states_still_resume():
+    p = LoopProtocol()
+    assert p.train_bf16 is False
+    old = p.to_dict()
+    del old["train_bf16"]  # a state.json written before the field existed
+    assert LoopProtocol.from_dict(old) == p
+    assert p.differences(LoopProtocol(train_bf16=True)) == ["train_bf16: False != True"]
+
+
+def test_train_bf16_runs_the_forward_in_bf16_and_learns(data):
+    from fastbald.loop import default_model_factory, train_from_scratch
+
+    x, y = data.x_train[:256], data.y_train[:256]
+    seen: dict[bool, set[torch.dtype]] = {}
+
+    def factory(protocol, num_classes):
+        model = default_model_factory(protocol, num_classes)
+        dtypes = seen.setdefault(protocol.train_bf16, set())
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        return model
+
+    models, losses = {}, {}
+    for bf16 in (False, True):
+        p = LoopProtocol(acquisition="random", epochs=8, train_bf16=bf16)
+        models[bf16], losses[bf16] = train_from_scratch(factory, p, 10, x, y, 1)
+    assert seen[False] == {torch.float32} and seen[True] == {torch.bfloat16}
+    # Weights stay float32 (autocast casts per op); the two trainings really differ.
+    for a, b in zip(models[False].parameters(), models[True].parameters(), strict=True):
+        assert a.dtype == b.dtype == torch.float32
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(models[False].parameters(), models[True].parameters(), strict=True)
+    )
+    # Both learn the synthetic task about equally well: the last epoch's loss is far below
+    # log(10) = 2.30 and within 0.1 nats of each other.
+    assert losses[False] < 1.0 and abs(losses[True] - losses[False]) < 0.1, losses
+
+
+def test_train_bf16_is_recorded_in_the_state(data, tmp_path):
+    st = tmp_path / "st"
+    p = LoopProtocol(acquisition="random", **{**TINY, "rounds": 1}, train_bf16=True)
+    ActiveLearningLoop(data, p, state_dir=st).run()
+    assert json.loads((st / "state.json").read_text())["protocol"]["train_bf16"] is True
+    with pytest.raises(StateMismatchError, match="train_bf16: False != True"):
+        ActiveLearningLoop(data, LoopProtocol(acquisition="random", **TINY), state_dir=st)

@@ -76,3 +76,16 @@ def test_independent_masks_differ_per_item_and_agree_in_expectation() -> None:
     # Both estimate the same per-item BALD (~0.2 nats here): at T = 500 they differ by <= 6%.
     assert float(cons.min()) > 0.01
     torch.testing.assert_close(ind, cons.to(ind.dtype), rtol=0.15, atol=0.0)
+
+
+def test_training_variants_are_what_their_names_say() -> None:
+    """mnist_init's variants: torch = the experiment's own training, keras = another init only,
+    bf16 = the experiment's model trained under bf16 autocast (LoopProtocol.train_bf16)."""
+    from fastbald.loop import default_model_factory
+
+    assert set(mi.VARIANTS) == {"torch", "keras", "bf16"}
+    assert mi.VARIANTS["torch"] == (default_model_factory, {})
+    assert mi.VARIANTS["keras"] == (mi.keras_init_factory, {})
+    factory, overrides = mi.VARIANTS["bf16"]
+    assert factory is default_model_factory
+    assert LoopProtocol(**overrides).differences(LoopProtocol()) == ["train_bf16: True != False"]
