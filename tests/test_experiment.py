@@ -109,7 +109,7 @@ def test_mean_curve_to_reach(tmp_path):
     text = report([tmp_path], plot=False)
     row = next(ln for ln in text.splitlines() if ln.startswith("| BALD"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3:6] == ["30 ± 14", "40", "145"]
+    assert cells[3:6] == ["30 ± 14 (-79%)", "40", "145"]  # 30 / 145 - 1 = -79%
     # At 5% only seed 1 crosses, yet the mean curve does: seed 0's 6% and seed 1's 3% at 50.
     assert cells[6:9] == ["50 (1/2 seeds; others not reached by 50)", "50", "335"]
     assert row.endswith("| 2.00% (1/2 seeds, at 60) |")  # seed 1's last round; seed 0 ends at 50
@@ -131,6 +131,7 @@ def test_report_table_and_plot(tmp_path):
     write_fake_csv(d / "random_seed0.csv", curve(0.5, 0.012))
     write_fake_csv(d / "mean_std_seed0.csv", [0.4, 0.3, 0.25])  # a run still going
     write_fake_csv(d / "margin_seed0.csv", curve(0.5, 0.03))
+    write_fake_csv(d / "variation_ratio_seed0.csv", [0.5, 0.2, 0.09, 0.04])  # 20 / 30 acquired
     md = tmp_path / "REPORT.md"
     text = report([d], out=md)
     assert md.read_text() == text
@@ -139,11 +140,13 @@ def test_report_table_and_plot(tmp_path):
     lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
     bald = lines["BALD"]
     assert "| 0, 1, 2 |" in bald
-    assert "150 ± 10" in bald and "| 145 |" in bald and "| 335 |" in bald
+    assert "| 150 ± 10 (+3%) |" in bald and "| 145 |" in bald and "| 335 |" in bald
     assert "335 ± 7 (2/3 seeds; others not reached by 1000)" in bald
     assert "not reached (> 20)" in lines["Mean STD"] and "| 230 |" in lines["Mean STD"]
     assert "| Random | 0 | 1000 |" in lines["Random"]
-    assert "| – |" in lines["Margin"]  # no paper value
+    assert "| – |" in lines["Margin"] and "%)" not in lines["Margin"]  # no paper value
+    # one seed: its own value vs the paper's (Var Ratios: 120 / 295)
+    assert "| 20 (-83%) | 20 | 120 | 30 (-90%) | 30 | 295 |" in lines["Var Ratios"]
     order = [k for k in lines if k in ("BALD", "Mean STD", "Margin", "Random")]
     assert order == ["BALD", "Mean STD", "Margin", "Random"]  # the paper's order, then extras
     assert "![test error vs acquired images](test_error.png)" in text
