@@ -3,6 +3,7 @@ and the bench/selftest hooks."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import types
@@ -104,6 +105,17 @@ def test_experiment_state_dir_and_stop_after(tmp_path, capsys):
     assert main(args) == 0
     assert read_csv(out / "bald_seed0.csv")["round"].tolist() == [0, 1, 2]
     assert capsys.readouterr().out == ""  # --quiet
+
+
+def test_experiment_train_bf16_banner_and_state(tmp_path, capsys):
+    out = tmp_path / "res"
+    args = ["experiment", "mnist", *TINY, "--rounds", "0", "--out", str(out)]
+    assert main([*args, "--train-bf16"]) == 0
+    assert "2 epochs (bf16 autocast), batch 128" in capsys.readouterr().out
+    state = json.loads((out / "state" / "bald_seed0" / "state.json").read_text())
+    assert state["protocol"]["train_bf16"] is True
+    assert main(args) == 1  # the saved run trained in bf16: a float32 resume is refused
+    assert "train_bf16: False != True" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".npy"])
