@@ -146,13 +146,15 @@ def _cell(values: list[int | None], runs: list[Run], paper: int | None = None) -
     horizon = max(r.max_acquired for r in runs)
     if not reached:
         return f"not reached (> {horizon})"
+    mean = float(np.mean(reached))
     if len(reached) == 1:
         s = f"{reached[0]}"
     else:
-        s = f"{np.mean(reached):.0f} ± {np.std(reached, ddof=1):.0f}"
-    if paper and len(reached) == len(values):  # every seed there: the mean vs the paper's value
-        s += f" ({100 * (float(np.mean(reached)) / paper - 1):+.0f}%)"
-    if len(reached) < len(values):
+        s = f"{mean:.0f} ± {np.std(reached, ddof=1):.0f}"
+    if len(reached) == len(values):
+        if paper:  # every seed got there: the mean vs the paper's value
+            s += f" ({100 * (mean / paper - 1):+.0f}%)"
+    else:
         missing = [r for r, v in zip(runs, values, strict=True) if v is None]
         hz = max(r.max_acquired for r in missing)
         s += f" ({len(reached)}/{len(values)} seeds; others not reached by {hz})"
