@@ -261,7 +261,8 @@ def _add_report(sub: Any) -> None:
         help="table and plot of MNIST runs next to the paper's Table 1",
         description="Read <acquisition>_seed<k>.csv files and print a markdown table of the "
         "images acquired to reach 10% and 5% test error (mean ± standard deviation over seeds, "
-        "and where the seed-averaged curve gets there) next to the paper's Table 1; draw test "
+        "and where the seed-averaged curve gets there) next to the paper's Table 1, and how "
+        "many times as many images Random acquisition needed as each function; draw test "
         "error against acquired images.",
     )
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR",

@@ -137,7 +137,10 @@ def test_report_table_and_plot(tmp_path):
     assert md.read_text() == text
     png = tmp_path / "test_error.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    lines: dict[str, str] = {}
+    for ln in text.splitlines():  # the main table's rows (the ratio table repeats the names)
+        if ln.startswith("| "):
+            lines.setdefault(ln.split("|")[1].strip(), ln)
     bald = lines["BALD"]
     assert "| 0, 1, 2 |" in bald
     assert "| 150 ± 10 (+3%) |" in bald and "| 145 |" in bald and "| 335 |" in bald
@@ -150,6 +153,48 @@ def test_report_table_and_plot(tmp_path):
     order = [k for k in lines if k in ("BALD", "Mean STD", "Margin", "Random")]
     assert order == ["BALD", "Mean STD", "Margin", "Random"]  # the paper's order, then extras
     assert "![test error vs acquired images](test_error.png)" in text
+
+
+def step_curve(at10: int | None, at5: int | None, n: int = 101) -> list[float]:
+    """Test error 12% until round ``at10``, 7% until round ``at5``, then 3% (None: never)."""
+    return [
+        0.12 if at10 is None or r < at10 else (0.07 if at5 is None or r < at5 else 0.03)
+        for r in range(n)
+    ]
+
+
+def test_random_ratio_table(tmp_path):
+    from fastbald.experiments.report import random_ratio_table
+
+    # Random reaches 10% / 5% at 300 / 900 (seed 0) and 280 / 860 (seed 1): means 290 / 880.
+    write_fake_csv(tmp_path / "random_seed0.csv", step_curve(30, 90))
+    write_fake_csv(tmp_path / "random_seed1.csv", step_curve(28, 86))
+    # BALD: 150 / 400 and 140 / 480 (means 145 / 440); seed 2 has no Random partner.
+    write_fake_csv(tmp_path / "bald_seed0.csv", step_curve(15, 40))
+    write_fake_csv(tmp_path / "bald_seed1.csv", step_curve(14, 48))
+    write_fake_csv(tmp_path / "bald_seed2.csv", step_curve(15, 44))
+    # Var Ratios seed 1 never gets to 5%: no ratio of means there, "–" for that seed.
+    write_fake_csv(tmp_path / "variation_ratio_seed0.csv", step_curve(10, 30))
+    write_fake_csv(tmp_path / "variation_ratio_seed1.csv", step_curve(12, None))
+    write_fake_csv(tmp_path / "margin_seed0.csv", step_curve(20, 45))  # not in the paper
+    runs = load_runs([tmp_path])
+    table = random_ratio_table(runs)
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")][1:]
+            for ln in table.splitlines()[2:]}
+    assert list(rows) == ["BALD", "Var Ratios", "Margin"]  # no Random row
+    # BALD means 146.7 / 440 (three seeds): 290 / 146.7 = 1.98x, 880 / 440 = 2.00x; per seed
+    # 300 / 150, 280 / 140 and 900 / 400, 860 / 480; seed 2 has no Random run.
+    assert rows["BALD"] == ["1.98x (per seed: 2.00, 2.00)", "1.76x",
+                            "2.00x (per seed: 2.25, 1.79)", "2.49x"]  # paper 255/145, 835/335
+    assert rows["Var Ratios"] == ["2.64x (per seed: 3.00, 2.33)", "2.12x",
+                                  "– (per seed: 3.00, –)", "2.83x"]
+    assert rows["Margin"] == ["1.45x (per seed: 1.50)", "–", "1.96x (per seed: 2.00)", "–"]
+    text = report([tmp_path], plot=False)
+    assert table in text and "How many times as many images Random" in text
+    (tmp_path / "random_seed0.csv").unlink()
+    (tmp_path / "random_seed1.csv").unlink()
+    assert random_ratio_table(load_runs([tmp_path])) == ""
+    assert "How many times" not in report([tmp_path], plot=False)
 
 
 def test_report_plot_options_and_errors(tmp_path):

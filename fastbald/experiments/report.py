@@ -3,8 +3,10 @@
 :func:`report` reads the per-round CSVs (``<acquisition>_seed<k>.csv``) of one or more
 directories and returns a markdown table of the number of acquired images each acquisition
 function needed to reach 10% and 5% test error (mean ± standard deviation over seeds), next to
-the paper's Table 1, and draws test error against acquired images, one curve per acquisition
-function (the paper's Figure 1, which plots the same curves as test accuracy).
+the paper's Table 1, then how many times as many images Random acquisition needed as each
+function (:func:`random_ratio_table`, the paper's headline comparison), and draws test error
+against acquired images, one curve per acquisition function (the paper's Figure 1, which plots
+the same curves as test accuracy).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "load_runs",
     "mean_curve_to_reach",
     "plot_runs",
+    "random_ratio_table",
     "report",
     "summary_table",
 ]
@@ -199,6 +202,51 @@ def summary_table(runs: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+def _mean_if_all(values: list[int | None]) -> float | None:
+    """The mean of ``values`` when every one is known (every seed reached the threshold)."""
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
+def random_ratio_table(runs: dict[str, list[Run]]) -> str:
+    """A markdown table of how many times as many images Random acquisition needed as each
+    other function to reach 10% and 5% test error (the paper's headline comparison), next to
+    the same ratio in the paper's Table 1; "" when there are no Random runs.
+
+    Each cell is Random's mean over its seeds divided by the function's mean over its seeds
+    (the means of :func:`summary_table`; "–" unless every seed of both reached the threshold),
+    then the ratio seed by seed for the seeds both have (same seed: same initial labelled set),
+    "–" for a seed where either run has not got there.
+    """
+    if "random" not in runs:
+        return ""
+    rand = {r.seed: r for r in runs["random"]}
+    lines = [
+        "| Acquisition | 10%: Random / function | 10%: paper | 5%: Random / function | 5%: paper |",
+        "|---|---|---|---|---|",
+    ]
+    for acq, rs in runs.items():
+        if acq == "random":
+            continue
+        paper = PAPER_TABLE1.get(acq)
+        cells = []
+        for i, thr in enumerate(THRESHOLDS):
+            num = _mean_if_all([images_to_reach(r, thr) for r in rand.values()])
+            den = _mean_if_all([images_to_reach(r, thr) for r in rs])
+            cell = f"{num / den:.2f}x" if num is not None and den else "–"
+            per_seed = []
+            for r in rs:
+                if r.seed not in rand:
+                    continue
+                a, b = images_to_reach(rand[r.seed], thr), images_to_reach(r, thr)
+                per_seed.append(f"{a / b:.2f}" if a is not None and b else "–")
+            if per_seed:
+                cell += " (per seed: " + ", ".join(per_seed) + ")"
+            cells.append(cell)
+            cells.append(f"{PAPER_TABLE1['random'][i] / paper[i]:.2f}x" if paper else "–")
+        lines.append(f"| {DISPLAY_NAMES[acq]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_runs(
     runs: dict[str, list[Run]],
     path: str | os.PathLike[str],
@@ -335,7 +383,8 @@ def report(
         per cent (when every seed got there), "not reached (> n)" when a run never got there
         within its n acquired images; the same on the seed-averaged curve
         (:func:`mean_curve_to_reach`); the paper's values alongside; the final test error, over
-        the seeds that got furthest when some are still running).
+        the seeds that got furthest when some are still running); then, when there are Random
+        runs, :func:`random_ratio_table`.
     """
     if isinstance(dirs, (str, os.PathLike)):
         dirs = [dirs]
@@ -359,6 +408,16 @@ def report(
         summary_table(runs),
         "",
     ]
+    ratios = random_ratio_table(runs)
+    if ratios:
+        parts += [
+            "How many times as many images Random acquisition needed as each function (Random's "
+            "mean / the function's mean, then seed by seed for the seeds both have; paper: the "
+            "same ratio in Table 1):",
+            "",
+            ratios,
+            "",
+        ]
     plot_path: Path | None = None
     if plot is not False:
         if plot is None or plot is True:
