@@ -197,6 +197,51 @@ def test_random_ratio_table(tmp_path):
     assert "How many times" not in report([tmp_path], plot=False)
 
 
+def test_report_keeps_hand_written_text_and_links_the_plot(tmp_path):
+    from fastbald.experiments.report import BEGIN_MARK, END_MARK
+
+    d = tmp_path / "runs"
+    write_fake_csv(d / "bald_seed0.csv", step_curve(15, 40))
+    md = tmp_path / "docs" / "REPORT.md"
+    md.parent.mkdir()
+    first = report([d], out=md, plot=tmp_path / "figs" / "x.png")
+    assert md.read_text() == first and first.count(BEGIN_MARK) == 1 and first.count(END_MARK) == 1
+    assert "![test error vs acquired images](../figs/x.png)" in first  # relative to docs/
+    # Prose written around the generated block survives a regeneration with new data.
+    edited = "# My analysis\n\nIntro.\n\n" + first.split("\n", 2)[2] + "\n## Discussion\n\nKept.\n"
+    md.write_text(edited)
+    write_fake_csv(d / "bald_seed0.csv", step_curve(12, 40))
+    report([d], out=md, plot=tmp_path / "figs" / "x.png")
+    after = md.read_text()
+    assert after.startswith("# My analysis\n\nIntro.\n\n" + BEGIN_MARK)
+    assert after.endswith(END_MARK + "\n\n## Discussion\n\nKept.\n")
+    assert "| 120 (-17%) |" in after and "| 150 (+3%) |" not in after  # the new table
+    # No markers (an old report): the file is replaced whole.
+    md.write_text("old text\n")
+    assert md.read_text() != report([d], out=md, plot=False) == md.read_text()
+
+
+def test_load_runs_rejects_inconsistent_csvs(tmp_path):
+    write_fake_csv(tmp_path / "bald_seed0.csv", step_curve(15, 40, n=5))
+    dup = tmp_path / "bald_seed0.csv"
+    lines = dup.read_text().splitlines()
+    dup.write_text("\n".join(lines + lines[1:]) + "\n")  # every round twice
+    with pytest.raises(ValueError, match=r"bald_seed0.csv: 0 acquired images appear in more"):
+        load_runs([tmp_path])
+    write_fake_csv(dup, [0.5, float("nan"), 0.1])
+    with pytest.raises(ValueError, match=r"test_error of round 1 is nan, not a rate"):
+        load_runs([tmp_path])
+    write_fake_csv(dup, [0.5, 1.5, 0.1])
+    with pytest.raises(ValueError, match=r"round 1 is 1.5"):
+        load_runs([tmp_path])
+    write_fake_csv(dup, [0.5, 0.2, 0.1])
+    write_fake_csv(tmp_path / "bald_seed1.csv", [0.5, 0.2, 0.1], per_round=20)
+    with pytest.raises(ValueError, match=r"10 per round\) and .*bald_seed1.csv \(20 initial, 20 per"):
+        load_runs([tmp_path])
+    write_fake_csv(tmp_path / "bald_seed1.csv", [0.5])  # one round: nothing to compare yet
+    assert [r.seed for r in load_runs([tmp_path])["bald"]] == [0, 1]
+
+
 def test_report_plot_options_and_errors(tmp_path):
     write_fake_csv(tmp_path / "bald_seed0.csv", curve(0.5, 0.02))
     report(tmp_path, plot=False)

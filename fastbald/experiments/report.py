@@ -24,6 +24,8 @@ from ..loop import read_csv
 from ..metrics import ACQUISITIONS, DISPLAY_NAMES, canonical_acquisition
 
 __all__ = [
+    "BEGIN_MARK",
+    "END_MARK",
     "PAPER_TABLE1",
     "THRESHOLDS",
     "Run",
@@ -44,6 +46,11 @@ PAPER_TABLE1: dict[str, tuple[int, int]] = {
     "mean_std": (230, 695),
     "random": (255, 835),
 }
+
+#: Markers around the generated part of a report file: ``report(out=...)`` on an existing file
+#: that holds both replaces only what lies between them, keeping hand-written text around it.
+BEGIN_MARK = "<!-- fastbald report: generated, do not edit by hand (begin) -->"
+END_MARK = "<!-- fastbald report: generated (end) -->"
 
 #: Test-error thresholds of the table.
 THRESHOLDS: tuple[float, float] = (0.10, 0.05)
@@ -128,6 +135,7 @@ def load_runs(dirs: Sequence[str | os.PathLike[str]]) -> dict[str, list[Run]]:
                 warnings.warn(f"{path}: no rounds yet, skipped", stacklevel=2)
                 continue
             order = np.argsort(cols["acquired"], kind="stable")
+            _check_run_columns(path, cols, order)
             runs.setdefault(acq, []).append(
                 Run(
                     acq,
@@ -141,7 +149,50 @@ def load_runs(dirs: Sequence[str | os.PathLike[str]]) -> dict[str, list[Run]]:
                 )
             )
     ordered = {a: sorted(runs[a], key=lambda r: r.seed) for a in ACQUISITIONS if a in runs}
+    for rs in ordered.values():
+        _check_same_schedule(rs)
     return ordered
+
+
+def _check_run_columns(path: Path, cols: dict[str, np.ndarray], order: np.ndarray) -> None:
+    """A run's CSV must have one row per acquired count and test errors in [0, 1]."""
+    acquired = cols["acquired"][order]
+    rep = np.nonzero(np.diff(acquired) == 0)[0]
+    if rep.size:
+        raise ValueError(
+            f"{path}: {int(acquired[rep[0]])} acquired images appear in more than one row "
+            "(a CSV holds one row per round)"
+        )
+    err = cols["test_error"]
+    bad = np.nonzero(~(np.isfinite(err) & (err >= 0) & (err <= 1)))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{path}: test_error of round {int(cols['round'][i])} is {float(err[i])!r}, "
+            "not a rate in [0, 1]"
+        )
+
+
+def _schedule(run: Run) -> tuple[int, int | None]:
+    """``(initial labelled images, images acquired per round)`` of a run (None: one round)."""
+    initial = int(run.labelled[0] - run.acquired[0])
+    step = int(run.acquired[1] - run.acquired[0]) if run.acquired.size > 1 else None
+    return initial, step
+
+
+def _check_same_schedule(runs: list[Run]) -> None:
+    """The seeds of one acquisition function are averaged: they must share the initial set size
+    and the images acquired per round."""
+    first = runs[0]
+    i0, s0 = _schedule(first)
+    for r in runs[1:]:
+        i1, s1 = _schedule(r)
+        if i1 != i0 or (s0 is not None and s1 is not None and s1 != s0):
+            raise ValueError(
+                f"{first.path} ({i0} initial, {s0} per round) and {r.path} ({i1} initial, {s1} "
+                "per round) cannot be averaged: put runs of different protocols in different "
+                "reports"
+            )
 
 
 def _cell(values: list[int | None], runs: list[Run], paper: int | None = None) -> str:
@@ -215,7 +266,8 @@ def random_ratio_table(runs: dict[str, list[Run]]) -> str:
     Each cell is Random's mean over its seeds divided by the function's mean over its seeds
     (the means of :func:`summary_table`; "–" unless every seed of both reached the threshold),
     then the ratio seed by seed for the seeds both have (same seed: same initial labelled set),
-    "–" for a seed where either run has not got there.
+    "–" for a seed where either run has not got there (or the function was there before
+    acquiring anything: no ratio).
     """
     if "random" not in runs:
         return ""
@@ -373,7 +425,10 @@ def report(
 
     Args:
         dirs: directories holding ``<acquisition>_seed<k>.csv`` files (or the files).
-        out: also write the markdown there (e.g. ``benchmarks/results/mnist/REPORT.md``).
+        out: also write the markdown there (e.g. ``benchmarks/results/mnist/REPORT.md``). A
+            file there that holds :data:`BEGIN_MARK` and :data:`END_MARK` keeps everything
+            outside them (a hand-written analysis around the generated tables); otherwise it is
+            replaced.
         plot: where to draw the test-error plot (PNG). Default: ``test_error.png`` next to
             ``out``, else in the first directory; ``False``: no plot.
 
@@ -396,9 +451,8 @@ def report(
             "no results found: expected <acquisition>_seed<k>.csv files in "
             + ", ".join(str(d) for d in dirs)
         )
+    title = "# MNIST active learning: fastbald vs Gal, Islam & Ghahramani (2017), Table 1"
     parts = [
-        "# MNIST active learning: fastbald vs Gal, Islam & Ghahramani (2017), Table 1",
-        "",
         "Images acquired (beyond the 20 initial labelled images) until the test error first "
         "reaches 10% and 5%. fastbald: mean ± sample standard deviation over seeds "
         "(a single number for one seed) and, once every seed got there, its difference to the "
@@ -429,12 +483,21 @@ def report(
         else:
             plot_path = Path(plot)
         plot_runs(runs, plot_path)
-        rel = plot_path.name if out is not None and plot_path.parent == Path(out).parent else plot_path
-        parts += [f"![test error vs acquired images]({rel})", ""]
-    text = "\n".join(parts)
+        # The link is read relative to the markdown file (or to here when printed).
+        rel = os.path.relpath(plot_path, Path(out).parent if out is not None else Path.cwd())
+        parts += [f"![test error vs acquired images]({Path(rel).as_posix()})"]
+    body = "\n".join(parts).rstrip("\n")
+    text = f"{title}\n\n{BEGIN_MARK}\n{body}\n{END_MARK}\n"
     if out is not None:
         from .._io import atomic_write_bytes
 
-        atomic_write_bytes(Path(out), text.encode())
+        out = Path(out)
+        old = out.read_text() if out.is_file() else ""
+        if BEGIN_MARK in old and END_MARK in old.split(BEGIN_MARK, 1)[1]:
+            head, rest = old.split(BEGIN_MARK, 1)
+            tail = rest.split(END_MARK, 1)[1]
+            atomic_write_bytes(out, f"{head}{BEGIN_MARK}\n{body}\n{END_MARK}{tail}".encode())
+        else:
+            atomic_write_bytes(out, text.encode())
     return text
 
