@@ -41,8 +41,9 @@ Presets (explicit options override them):
 Each run writes DIR/<acquisition>_seed<k>.csv (round, labelled, acquired, test_error,
 train_seconds, score_seconds) and its resumable state under DIR/state/ (or --state-dir),
 atomically after every round. A run that was interrupted resumes at the next round when the
-same command is run again (and gives exactly the result of an uninterrupted run); --restart
-discards the saved state.
+same command is run again (and gives exactly the result of an uninterrupted run on the same
+machine, software and --threads; resuming under different ones warns); --restart discards the
+saved state.
 
 examples:
   fastbald experiment mnist --acquisition bald --seed 0
@@ -357,14 +358,25 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)
         return 2
 
-    if args.synthetic is not None:
-        from .data import synthetic_mnist_like
+    from .data import MNISTUnavailableError
+    from .loop import split_initial
 
-        data: Any = synthetic_mnist_like(args.synthetic, seed=0)
-    else:
-        from .data import load_mnist
+    try:
+        if args.synthetic is not None:
+            from .data import synthetic_mnist_like
 
-        data = load_mnist(args.data_root, args.cache_dir)
+            data: Any = synthetic_mnist_like(args.synthetic, seed=0)
+        else:
+            from .data import load_mnist
+
+            data = load_mnist(args.data_root, args.cache_dir)
+        # Every run's initial split, checked before the first run starts (a run that cannot
+        # start should not wait behind hours of others).
+        for proto in protocols:
+            split_initial(data.y_train, proto, int(getattr(data, "num_classes", 10)))
+    except (FileNotFoundError, MNISTUnavailableError, ValueError) as e:
+        print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)
+        return 2
     if not args.quiet:
         p0 = protocols[0]
         subset = f"{p0.pool_subset} random pool images" if p0.pool_subset else "the whole pool"

@@ -655,7 +655,9 @@ class ActiveLearningLoop:
     that needs the last round's model (to score the next round's pool) loads its checkpoint, or,
     when the checkpoint is gone (a finished run whose ``rounds`` is raised), retrains it from the
     saved labelled set and warns if it does not reproduce the recorded loss and test error.
-    ``model`` is the last round's model (None after a resume that does not need it).
+    ``model`` is the last round's model (None after a resume that does not need it). The state
+    records the environment (:meth:`environment`) each round ran in; resuming under another one
+    warns.
     """
 
     def __init__(
@@ -688,21 +690,49 @@ class ActiveLearningLoop:
             raise ValueError("data.x_train and data.y_train differ in length")
         if data.x_test.shape[0] != data.y_test.shape[0]:
             raise ValueError("data.x_test and data.y_test differ in length")
+        for name in ("x_train", "x_test"):
+            if not getattr(data, name).is_floating_point():
+                raise TypeError(f"data.{name} must hold floating-point images, got {getattr(data, name).dtype}")
+        if data.x_test.dtype != data.x_train.dtype:
+            raise TypeError(
+                f"data.x_train ({data.x_train.dtype}) and data.x_test ({data.x_test.dtype}) differ in dtype"
+            )
+        if model_factory is None and data.x_train.dtype != torch.float32:
+            raise TypeError(
+                f"the default model (BayesianCNN, float32 weights) needs float32 images, data.x_train "
+                f"is {data.x_train.dtype}: convert the images with .float() or pass a model_factory"
+            )
+        for name in ("y_train", "y_test"):
+            y = getattr(data, name)
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise TypeError(f"data.{name} must hold integer class labels, got {y.dtype}")
+            if y.dim() != 1:
+                raise ValueError(f"data.{name} must be 1-D (one label per image), got shape {tuple(y.shape)}")
         if num_classes is None:
             num_classes = getattr(data, "num_classes", None) or int(data.y_train.max()) + 1
         self.num_classes = int(num_classes)
+        for name in ("y_train", "y_test"):
+            y = getattr(data, name)
+            bad = torch.nonzero((y < 0) | (y >= self.num_classes)).flatten()
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(
+                    f"data.{name}[{i}] = {int(y[i])} is not a class label in [0, {self.num_classes}) "
+                    f"({bad.numel()} such labels)"
+                )
         self.fingerprint = data_fingerprint(data)
         self.x_train = data.x_train.to(self.device)
-        self.y_train = data.y_train.to(self.device)
+        self.y_train = data.y_train.to(self.device, torch.int64)
         x_test, y_test = data.x_test, data.y_test
         ts = self.protocol.test_subset
         if ts is not None and ts < x_test.shape[0]:
             keep = torch.randperm(x_test.shape[0], generator=_generator(0, _SEED_TEST))[:ts]
             x_test, y_test = x_test[keep.sort().values], y_test[keep.sort().values]
         self.x_test = x_test.to(self.device)
-        self.y_test = y_test.to(self.device)
+        self.y_test = y_test.to(self.device, torch.int64)
 
         self.records: list[RoundRecord] = []
+        self.environments: list[dict[str, Any]] = []
         self.model: nn.Module | None = None
         initial, val = split_initial(data.y_train, self.protocol, self.num_classes)
         self.split = LabelledPool(int(data.x_train.shape[0]), initial.tolist(), val.tolist())
@@ -846,11 +876,35 @@ class ActiveLearningLoop:
         val_err = _error_rate(model, self.x_train[vidx], self.y_train[vidx]) if vidx.numel() else None
         return test_err, val_err
 
+    def environment(self) -> dict[str, Any]:
+        """What besides the protocol and data decides a round's numbers: the torch and fastbald
+        versions, torch's thread count and CPU capability (its kernels' instruction set), the
+        device."""
+        from . import __version__
+
+        return {
+            "torch": torch.__version__,
+            "fastbald": __version__,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": str(self.device),
+        }
+
+    def _note_environment(self, round_: int) -> None:
+        """Record the environment from ``round_`` on in the state when it changed."""
+        env = self.environment()
+        last = dict(self.environments[-1]) if self.environments else None
+        if last is not None:
+            last.pop("from_round", None)
+        if last != env:
+            self.environments.append({"from_round": round_, **env})
+
     def step(self) -> RoundRecord:
         """Run the next round, commit the state and call the callbacks; returns its record."""
         r, p = self.next_round, self.protocol
         if r > p.rounds:
             raise RuntimeError(f"the run is complete ({p.rounds} rounds)")
+        self._note_environment(r)
         with _deterministic_algorithms(self.deterministic):
             new, score_s, pool_size, scored = self._acquire(r)
             labelled = self.split.extended(new)
@@ -897,6 +951,7 @@ class ActiveLearningLoop:
             "rounds_done": self.next_round,
             "checkpoint": None,
             "records": [r.to_dict() for r in self.records],
+            "environments": list(self.environments),
         }
 
     def _resume(self) -> None:
@@ -916,6 +971,19 @@ class ActiveLearningLoop:
             raise StateMismatchError(f"{path}: the initial split does not match the seed")
         self.records = [RoundRecord.from_dict(d) for d in st["records"]]
         self.split.labelled = [int(i) for i in st["labelled_indices"]]
+        self.environments = list(st.get("environments", []))  # states before 2026-12-03: none
+        if self.environments and not self.done:
+            last = {k: v for k, v in self.environments[-1].items() if k != "from_round"}
+            now = self.environment()
+            diff = [f"{k} {last.get(k)!r} -> {now[k]!r}" for k in now if last.get(k) != now[k]]
+            if diff:
+                warnings.warn(
+                    f"{path}: resuming at round {self.next_round} with {'; '.join(diff)}: the "
+                    "rounds from here on may differ from an uninterrupted run (the state records "
+                    "each environment and the round it started at)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         if self.records and self._needs_model(self.next_round):
             weights = self.store.read_model(st.get("checkpoint"), self.next_round - 1)
             if weights is not None:

@@ -60,6 +60,9 @@ def test_version(capsys):
         (["experiment", "mnist", "--lr", "-1"], "expected a positive number"),
         (["experiment", "mnist", "--preset", "fast"], "invalid choice"),
         (["experiment", "mnist", "--pool-subset", "5", "--synthetic", "100"], "pool_subset"),
+        # Data that cannot hold the protocol, or a missing MNIST root: an error line, no traceback.
+        (["experiment", "mnist", "--synthetic", "500", "-q"], "the training set has 500 images"),
+        (["experiment", "mnist", "-q", "--data-root", "/nonexistent/mnist"], "/nonexistent/mnist"),
         (["score"], "required"),
         (["score", "x.pt", "--input", "odds"], "invalid choice"),
     ],

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastbald
 from fastbald.data import synthetic_mnist_like
 from fastbald.loop import (
     ACQUISITIONS,
@@ -210,6 +211,42 @@ def test_resume_after_simulated_kill_matches_uninterrupted(data, tmp_path, acq):
         [r.test_error for r in full], abs=1e-6)
 
 
+def test_environment_is_recorded_and_a_changed_one_warns_on_resume(data, tmp_path):
+    p = LoopProtocol(**{**TINY, "rounds": 3})
+    st = tmp_path / "st"
+    threads = torch.get_num_threads()
+    with pytest.raises(Boom):
+        ActiveLearningLoop(data, p, state_dir=st, callbacks=[_stop_after(1)]).run()
+    envs = json.loads((st / "state.json").read_text())["environments"]
+    assert envs == [{"from_round": 0, "torch": torch.__version__, "fastbald": fastbald.__version__,
+                     "threads": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "device": "cpu"}]
+    with warnings.catch_warnings():  # same environment: silent
+        warnings.simplefilter("error", RuntimeWarning)
+        ActiveLearningLoop(data, p, state_dir=st)
+    other = 2 if threads == 1 else 1
+    torch.set_num_threads(other)
+    try:
+        with pytest.warns(RuntimeWarning, match=rf"resuming at round 2 with threads {threads} -> {other}"):
+            loop = ActiveLearningLoop(data, p, state_dir=st)
+        loop.run()
+    finally:
+        torch.set_num_threads(threads)
+    envs = json.loads((st / "state.json").read_text())["environments"]
+    assert [(e["from_round"], e["threads"]) for e in envs] == [(0, threads), (2, other)]
+    # A finished run does not warn (nothing more will run), nor does a state from before the
+    # environments were recorded.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ActiveLearningLoop(data, p, state_dir=st)
+        raw = json.loads((st / "state.json").read_text())
+        del raw["environments"]
+        raw["records"], raw["rounds_done"] = raw["records"][:2], 2
+        raw["labelled_indices"] = raw["labelled_indices"][: raw["records"][-1]["labelled"]]
+        (st / "state.json").write_text(json.dumps(raw))
+        assert ActiveLearningLoop(data, p, state_dir=st).environments == []
+
+
 def test_rounds_can_be_extended_but_protocol_must_match(data, tmp_path):
     """A finished run keeps no model; raising its rounds retrains the last round's model from the
     saved labelled set (it reproduces the recorded loss and error: no warning) and continues
@@ -242,6 +279,33 @@ def test_corrupt_state_is_reported(data, tmp_path):
     (st / "state.json").write_text("{not json")
     with pytest.raises(StateMismatchError, match="cannot read"):
         ActiveLearningLoop(data, LoopProtocol(**TINY), state_dir=st)
+
+
+def test_bad_data_is_named(data):
+    from dataclasses import replace
+
+    proto = LoopProtocol(**TINY)
+    cases = [
+        (replace(data, x_train=data.x_train.double(), x_test=data.x_test.double()), TypeError,
+         r"needs float32 images, data.x_train is torch.float64"),
+        (replace(data, x_test=data.x_test.double()), TypeError, r"differ in dtype"),
+        (replace(data, x_train=(data.x_train * 255).to(torch.uint8)), TypeError,
+         r"data.x_train must hold floating-point images, got torch.uint8"),
+        (replace(data, y_train=data.y_train.float()), TypeError,
+         r"data.y_train must hold integer class labels, got torch.float32"),
+        (replace(data, y_test=data.y_test[:, None]), ValueError, r"data.y_test must be 1-D"),
+    ]
+    y = data.y_train.clone()
+    y[[7, 9]] = torch.tensor([10, -1])
+    cases.append((replace(data, y_train=y), ValueError,
+                  r"data.y_train\[7\] = 10 is not a class label in \[0, 10\) \(2 such labels\)"))
+    for bad, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            ActiveLearningLoop(bad, proto)
+    # int32 labels are fine (trained on as int64): the same run as with int64 labels.
+    a = ActiveLearningLoop(replace(data, y_train=data.y_train.int(), y_test=data.y_test.int()), proto)
+    b = ActiveLearningLoop(data, proto)
+    assert _key(a.run(1)) == _key(b.run(1))
 
 
 def test_training_is_stopped_cleanly_by_an_exception(data, tmp_path, monkeypatch):

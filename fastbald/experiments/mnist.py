@@ -10,8 +10,9 @@ the ``"authors"`` preset scores a random 2,000-image subset as they did.
 
 Outputs, under ``out``: ``<acquisition>_seed<k>.csv`` (one row per round: round, labelled,
 acquired, test_error, train_seconds, score_seconds; rewritten atomically after every round) and
-``state/<acquisition>_seed<k>/`` (the resumable state: ``state.json`` with the labelled indices
-and all per-round metrics, and the last round's model checkpoint; ``state_root`` puts it
+``state/<acquisition>_seed<k>/`` (the resumable state: ``state.json`` with the labelled indices,
+all per-round metrics and the software each round ran with, and, while the run is part-way and
+its next round scores the pool, the last round's model checkpoint; ``state_root`` puts it
 elsewhere).
 """
 
