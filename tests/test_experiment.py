@@ -61,6 +61,23 @@ def test_run_mnist_tiny_and_resume(tmp_path, capsys):
     again = run_mnist("bald", 0, tmp_path, data=data, **kw)  # complete: nothing re-run
     assert [r.to_dict() for r in again] == [r.to_dict() for r in recs]
     assert "complete" in capsys.readouterr().out
+    # Interrupted after round 0, killed between its state and CSV writes (the CSV lags one round)
+    # and leaving an orphan checkpoint: the same call resumes to the uninterrupted result.
+    d = tmp_path / "interrupted"
+    first = run_mnist("bald", 0, d, data=data, stop_after=1, progress=False, **kw)
+    assert [r.round for r in first] == [0, 1]
+    csv, st = d / "bald_seed0.csv", d / "state" / "bald_seed0"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:2]))  # header + round 0
+    (st / "round_0000.pt").write_bytes((st / "round_0001.pt").read_bytes())
+    run_mnist("bald", 0, d, data=data, stop_after=1, progress=False, **kw)  # opens, runs nothing
+    assert read_csv(csv)["round"].tolist() == [0, 1]  # the lagging CSV rewritten from the state
+    resumed = run_mnist("bald", 0, d, data=data, progress=False, **kw)
+    timing = ("train_seconds", "score_seconds", "eval_seconds")
+    def key(rs):
+        return [{k: v for k, v in r.to_dict().items() if k not in timing} for r in rs]
+    assert key(resumed) == key(recs)
+    assert read_csv(csv)["test_error"].tolist() == read_csv(tmp_path / "bald_seed0.csv")["test_error"].tolist()
+    assert sorted(f.name for f in st.iterdir()) == ["state.json"]  # no checkpoint left
 
 
 def test_progress_printer_line():
@@ -75,7 +92,11 @@ def test_progress_printer_line():
     line = buf.getvalue()
     assert line.startswith("[x] round   3/100") and "labelled    50" in line
     assert "12.34%" in line and "train   12.0s" in line and "score   80.0s" in line
-    assert "eta" in line
+    # 97 rounds left at 97 s each, the training part (12 s at 50 labels) growing with the mean
+    # labelled set still to come (50 + 10 * 98 / 2 = 540): 97 * (85 + 12 * 540 / 50) = 20,816 s.
+    assert line.rstrip().endswith("eta 5:46:56")
+    pp(L(), RoundRecord(100, 1020, 1000, 0.02, 0.1, 0.5, 40.0, 80.0, 5.0, [1], 59000, 59000))
+    assert buf.getvalue().splitlines()[-1].endswith("eta 0:00:00")  # the last round
 
 
 def test_images_to_reach_and_load_runs(tmp_path):
