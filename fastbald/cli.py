@@ -386,7 +386,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             f"  protocol: {p0.initial} initial + {p0.rounds} rounds x {p0.per_round}, "
             f"{p0.validation} validation, {p0.epochs} epochs"
             + (" (bf16 autocast)" if p0.train_bf16 else "")
-            + f", batch {p0.batch_size}, T={p0.T}, scoring {subset}"
+            + f", batch {p0.batch_size}" + (" (equal minibatches)" if p0.equal_batches else "")
+            + f", T={p0.T}, scoring {subset}"
             + (f", {p0.test_subset} test images" if p0.test_subset else ""),
             flush=True,
         )

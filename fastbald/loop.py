@@ -150,6 +150,12 @@ class LoopProtocol:
             per training on CPUs with AVX512-BF16/AMX; paired test-error differences to float32
             training within 0.4 points from 20 to 1,020 labels (``benchmarks/mnist_init.py
             --variants torch bf16``). Off by default: the paper trained in float32.
+        equal_batches: split each epoch into ``ceil(n / batch_size)`` minibatches of equal size
+            (within one image) instead of full minibatches of ``batch_size`` and the remainder.
+            The paper's Keras training (the default, off) ends every epoch on the remainder: at
+            130 labelled images half of all Adam steps follow 2 images, and the committed
+            active runs' 130-image sets test at 38-44% error instead of 20-27% with two
+            minibatches of 65 (``benchmarks/minibatch_study.py``, 4 training seeds each).
     """
 
     acquisition: str = "bald"
@@ -170,6 +176,7 @@ class LoopProtocol:
     score_block_size: int = 256
     test_subset: int | None = None
     train_bf16: bool = False
+    equal_batches: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "acquisition", canonical_acquisition(self.acquisition))
@@ -432,6 +439,18 @@ def _train_autocast(protocol: LoopProtocol, device: torch.device) -> contextlib.
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def epoch_batches(n: int, batch_size: int, equal: bool = False) -> list[int]:
+    """Minibatch boundaries of one epoch over ``n`` images: full minibatches of ``batch_size``
+    and the remainder last, or (``equal``) ``ceil(n / batch_size)`` minibatches whose sizes
+    differ by at most one."""
+    if n <= 0:
+        return [0]
+    if not equal:
+        return [*range(0, n, batch_size), n]
+    k = -(-n // batch_size)
+    return [(i * n) // k for i in range(k + 1)]
+
+
 def train_from_scratch(
     model_factory: ModelFactory,
     protocol: LoopProtocol,
@@ -446,7 +465,8 @@ def train_from_scratch(
     initialisation and the training dropout) and draws the minibatch order from its own
     generator, so the result depends only on the arguments (on one machine, software and number
     of threads). Adam (``protocol.lr``), ``protocol.epochs`` epochs of shuffled minibatches of
-    ``protocol.batch_size``, L2 weight decay :func:`fastbald.models.paper_weight_decay`
+    ``protocol.batch_size`` (or of equal size, ``protocol.equal_batches``; see
+    :func:`epoch_batches`), L2 weight decay :func:`fastbald.models.paper_weight_decay`
     ``(len(x), c)`` (on the dense layer for models with ``param_groups``); the forward pass under
     bf16 autocast when ``protocol.train_bf16`` (the loss in float32).
 
@@ -469,11 +489,12 @@ def train_from_scratch(
     g = _generator(p.seed, round_, _SEED_TRAIN, 1)
     model.train()
     last = float("nan")
+    bounds = epoch_batches(n, p.batch_size, p.equal_batches)
     for _ in range(p.epochs):
         perm = torch.randperm(n, generator=g).to(x.device)
         total, seen = 0.0, 0
-        for s in range(0, n, p.batch_size):
-            b = perm[s : s + p.batch_size]
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            b = perm[s:e]
             opt.zero_grad(set_to_none=True)
             with _train_autocast(p, x.device):
                 logits = model(x[b])

@@ -193,13 +193,13 @@ def test_protocol_flags_cover_every_field_and_reach_the_protocol(tmp_path, monke
             "--rounds", "3", "--epochs", "4", "--batch-size", "16", "--lr", "0.01",
             "--weight-decay-c", "0", "--weight-decay-scope", "dense", "-T", "9",
             "--pool-subset", "50", "--deterministic-model", "--score-block-size", "64",
-            "--test-subset", "40", "--train-bf16", "--seed", "2"]
+            "--test-subset", "40", "--train-bf16", "--equal-batches", "--seed", "2"]
     assert main(argv) == 0
     want = LoopProtocol(acquisition="bald", seed=2, initial=30, balanced_initial=False,
                         validation=7, per_round=5, rounds=3, epochs=4, batch_size=16, lr=0.01,
                         weight_decay_c=0.0, weight_decay_scope="dense", T=9, pool_subset=50,
                         deterministic_model=True, score_block_size=64, test_subset=40,
-                        train_bf16=True)
+                        train_bf16=True, equal_batches=True)
     assert seen == [want]
     # every field but acquisition differs from the default: the argv above covers them all
     assert LoopProtocol().differences(want, ignore=()) and len(LoopProtocol().differences(want, ignore=())) == len(fields) - 1

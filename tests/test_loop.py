@@ -446,3 +446,44 @@ def test_train_bf16_is_recorded_in_the_state(data, tmp_path):
     assert json.loads((st / "state.json").read_text())["protocol"]["train_bf16"] is True
     with pytest.raises(StateMismatchError, match="train_bf16: False != True"):
         ActiveLearningLoop(data, LoopProtocol(acquisition="random", **TINY), state_dir=st)
+
+
+# ------------------------------------------------------------------------------------------------
+# Equal-size minibatches (LoopProtocol.equal_batches)
+def test_epoch_batches():
+    from fastbald.loop import epoch_batches
+
+    assert epoch_batches(130, 128) == [0, 128, 130]  # the paper's: a 2-image remainder
+    assert epoch_batches(130, 128, equal=True) == [0, 65, 130]
+    assert epoch_batches(257, 128, equal=True) == [0, 85, 171, 257]
+    assert epoch_batches(256, 128, equal=True) == epoch_batches(256, 128) == [0, 128, 256]
+    assert epoch_batches(20, 128, equal=True) == epoch_batches(20, 128) == [0, 20]
+    assert epoch_batches(0, 128) == epoch_batches(0, 128, equal=True) == [0]
+    for n in range(1, 1100, 7):
+        b = epoch_batches(n, 128, equal=True)
+        sizes = [e - s for s, e in zip(b[:-1], b[1:], strict=True)]
+        assert sum(sizes) == n and len(sizes) == -(-n // 128) and max(sizes) - min(sizes) <= 1
+        assert max(sizes) <= 128
+
+
+def test_equal_batches_changes_only_the_minibatch_sizes(data):
+    from fastbald.loop import default_model_factory, train_from_scratch
+
+    x, y = data.x_train[:130], data.y_train[:130]
+    sizes: dict[bool, list[int]] = {}
+
+    def factory(protocol, num_classes):
+        model = default_model_factory(protocol, num_classes)
+        seen = sizes.setdefault(protocol.equal_batches, [])
+        model.register_forward_hook(lambda _m, inp, _o: seen.append(int(inp[0].shape[0])))
+        return model
+
+    for eq in (False, True):
+        train_from_scratch(factory, LoopProtocol(epochs=3, equal_batches=eq), 10, x, y, 1)
+    assert sizes[False] == [128, 2] * 3 and sizes[True] == [65, 65] * 3
+    p = LoopProtocol()
+    assert p.equal_batches is False
+    old = p.to_dict()
+    del old["equal_batches"]  # a state.json written before the field existed
+    assert LoopProtocol.from_dict(old) == p
+    assert p.differences(LoopProtocol(equal_batches=True)) == ["equal_batches: False != True"]
