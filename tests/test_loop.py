@@ -399,13 +399,14 @@ def test_resume_from_a_trimmed_state(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # bf16-autocast training (LoopProtocol.train_bf16)
-def test_train_bf16_is_off_by_default_and_old_states_still_resume():
+@pytest.mark.parametrize("field", ["train_bf16", "equal_batches"])
+def test_training_flags_are_off_by_default_and_old_states_still_resume(field):
     p = LoopProtocol()
-    assert p.train_bf16 is False
+    assert getattr(p, field) is False
     old = p.to_dict()
-    del old["train_bf16"]  # a state.json written before the field existed
+    del old[field]  # a state.json written before the field existed
     assert LoopProtocol.from_dict(old) == p
-    assert p.differences(LoopProtocol(train_bf16=True)) == ["train_bf16: False != True"]
+    assert p.differences(LoopProtocol(**{field: True})) == [f"{field}: False != True"]
 
 
 def test_train_bf16_runs_the_forward_in_bf16_and_learns(data):
@@ -481,9 +482,3 @@ def test_equal_batches_changes_only_the_minibatch_sizes(data):
     for eq in (False, True):
         train_from_scratch(factory, LoopProtocol(epochs=3, equal_batches=eq), 10, x, y, 1)
     assert sizes[False] == [128, 2] * 3 and sizes[True] == [65, 65] * 3
-    p = LoopProtocol()
-    assert p.equal_batches is False
-    old = p.to_dict()
-    del old["equal_batches"]  # a state.json written before the field existed
-    assert LoopProtocol.from_dict(old) == p
-    assert p.differences(LoopProtocol(equal_batches=True)) == ["equal_batches: False != True"]
