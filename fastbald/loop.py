@@ -147,9 +147,10 @@ class LoopProtocol:
             for every seed; for quick demos); ``None`` uses the whole test set.
         train_bf16: train under bfloat16 autocast (forward and backward matmuls and
             convolutions in bf16, weights, optimiser and loss in float32): 1.4-1.8x less CPU time
-            per training on CPUs with AVX512-BF16/AMX; paired test-error differences to float32
-            training within 0.4 points from 20 to 1,020 labels (``benchmarks/mnist_init.py
-            --variants torch bf16``). Off by default: the paper trained in float32.
+            per training on CPUs with AVX512-BF16/AMX; mean paired test-error differences to
+            float32 training within 0.4 points from 20 to 1,020 labels over 6 repeats
+            (``benchmarks/mnist_init.py --variants torch bf16``). Off by default: the paper
+            trained in float32.
         equal_batches: split each epoch into ``ceil(n / batch_size)`` minibatches of equal size
             (within one image) instead of full minibatches of ``batch_size`` and the remainder.
             The paper's Keras training (the default, off) ends every epoch on the remainder: at
