@@ -263,6 +263,32 @@ def test_load_runs_rejects_inconsistent_csvs(tmp_path):
     assert [r.seed for r in load_runs([tmp_path])["bald"]] == [0, 1]
 
 
+def test_plot_gives_every_function_its_own_colour(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from fastbald.experiments.report import plot_runs
+
+    seen: dict[str, tuple] = {}
+    plot = Axes.plot
+
+    def record(self, *args, **kw):
+        if "seed" in str(kw.get("label", "")):
+            seen[kw["label"]] = (kw.get("color"), kw.get("ls"))
+        return plot(self, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", record)
+    for acq in ("bald", "variation_ratio", "random", "power_bald", "batchbald", "margin"):
+        write_fake_csv(tmp_path / f"{acq}_seed0.csv", curve(0.5, 0.02, n=30))
+    plot_runs(load_runs([tmp_path]), tmp_path / "p.png")
+    assert len(seen) == 6
+    colours = [c for c, _ in seen.values()]
+    assert None not in colours and len(set(colours)) == 6, seen  # PowerBALD is not Var Ratios' blue
+    assert seen["Var Ratios (seed 0)"][1] == "-" and seen["PowerBALD (seed 0)"][1] == "--"
+
+
 def test_report_plot_options_and_errors(tmp_path):
     write_fake_csv(tmp_path / "bald_seed0.csv", curve(0.5, 0.02))
     report(tmp_path, plot=False)
@@ -294,9 +320,16 @@ def test_report_on_real_loop_output(tmp_path):
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mnist"
 
 
-@pytest.mark.parametrize("results, complete", [(RESULTS, True), (RESULTS.parent / "mnist_full", False)],
-                         ids=["mnist", "mnist_full"])
-def test_committed_results_state_is_trimmed_and_consistent(results, complete):
+FULL = RESULTS.parent / "mnist_full"
+
+
+@pytest.mark.parametrize(
+    "results, complete, pool_subset",
+    [(RESULTS, True, 2000), (FULL, False, None), (FULL / "subset_bald", False, 2000),
+     (FULL / "equal_batches", False, None)],
+    ids=["mnist", "mnist_full", "mnist_full/subset_bald", "mnist_full/equal_batches"],
+)
+def test_committed_results_state_is_trimmed_and_consistent(results, complete, pool_subset):
     """The committed MNIST states hold what a resume or a reader needs (state.json: protocol,
     split, labelled indices, records) and no model checkpoint; they agree with the CSVs. The
     whole-pool runs (mnist_full) may be part-way (they resume across sessions)."""
@@ -318,11 +351,13 @@ def test_committed_results_state_is_trimmed_and_consistent(results, complete):
         assert st["rounds_done"] <= st["protocol"]["rounds"] + 1, name
         if complete or st["rounds_done"] == st["protocol"]["rounds"] + 1:
             assert st["checkpoint"] is None, name
+        elif st["protocol"]["acquisition"] == "random":  # never scores: needs no model
+            assert st["checkpoint"] is None, name
         else:  # named, gitignored: a fresh clone resumes by retraining that round
             assert st["checkpoint"] == f"round_{st['rounds_done'] - 1:04d}.pt", name
         if complete:
             assert st["rounds_done"] == st["protocol"]["rounds"] + 1, name
-        assert st["protocol"]["pool_subset"] == (2000 if complete else None), name
+        assert st["protocol"]["pool_subset"] == pool_subset, name
         assert len(st["labelled_indices"]) == st["records"][-1]["labelled"], name
         cols = read_csv(results / f"{name}.csv")
         assert cols["labelled"].tolist() == [r["labelled"] for r in st["records"]], name

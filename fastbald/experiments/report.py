@@ -334,9 +334,13 @@ def plot_runs(
         "entropy": "tab:green",
         "mean_std": "tab:purple",
         "random": "black",
-        "margin": "tab:orange",
-        "least_confidence": "tab:brown",
     }
+    # Functions outside Table 1 (checks, extras): each its own colour, dashed.
+    spare = iter(["tab:orange", "tab:cyan", "tab:brown", "tab:olive", "tab:pink", "tab:gray",
+                  "gold", "navy", "lime", "maroon"])
+    for acq in runs:
+        if acq not in colors:
+            colors[acq] = next(spare, None)  # None: matplotlib's cycle, past ten extras
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     clipped = False
     marked = False
@@ -360,7 +364,8 @@ def plot_runs(
         color = colors.get(acq)
         seeds = f"{len(rs)} seeds" if len(rs) > 1 else f"seed {rs[0].seed}"
         label = f"{DISPLAY_NAMES[acq]} ({seeds})"
-        ax.plot(grid, mean, color=color, lw=1.6, label=label)
+        ax.plot(grid, mean, color=color, lw=1.6, label=label,
+                ls="-" if acq in PAPER_TABLE1 else "--")
         if len(rs) > 1:
             band = n_seeds > 1
             ax.fill_between(grid[band], lo[band], hi[band], color=color, alpha=0.15, lw=0)
