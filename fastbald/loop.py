@@ -912,13 +912,16 @@ class ActiveLearningLoop:
             "device": str(self.device),
         }
 
+    def _last_environment(self) -> dict[str, Any] | None:
+        """The environment recorded last (without its ``from_round``), None if none."""
+        if not self.environments:
+            return None
+        return {k: v for k, v in self.environments[-1].items() if k != "from_round"}
+
     def _note_environment(self, round_: int) -> None:
         """Record the environment from ``round_`` on in the state when it changed."""
         env = self.environment()
-        last = dict(self.environments[-1]) if self.environments else None
-        if last is not None:
-            last.pop("from_round", None)
-        if last != env:
+        if self._last_environment() != env:
             self.environments.append({"from_round": round_, **env})
 
     def step(self) -> RoundRecord:
@@ -994,8 +997,8 @@ class ActiveLearningLoop:
         self.records = [RoundRecord.from_dict(d) for d in st["records"]]
         self.split.labelled = [int(i) for i in st["labelled_indices"]]
         self.environments = list(st.get("environments", []))  # states before 2026-12-03: none
-        if self.environments and not self.done:
-            last = {k: v for k, v in self.environments[-1].items() if k != "from_round"}
+        last = self._last_environment()
+        if last is not None and not self.done:
             now = self.environment()
             diff = [f"{k} {last.get(k)!r} -> {now[k]!r}" for k in now if last.get(k) != now[k]]
             if diff:

@@ -272,6 +272,7 @@ def random_ratio_table(runs: dict[str, list[Run]]) -> str:
     if "random" not in runs:
         return ""
     rand = {r.seed: r for r in runs["random"]}
+    rand_mean = [_mean_if_all([images_to_reach(r, thr) for r in rand.values()]) for thr in THRESHOLDS]
     lines = [
         "| Acquisition | 10%: Random / function | 10%: paper | 5%: Random / function | 5%: paper |",
         "|---|---|---|---|---|",
@@ -282,7 +283,7 @@ def random_ratio_table(runs: dict[str, list[Run]]) -> str:
         paper = PAPER_TABLE1.get(acq)
         cells = []
         for i, thr in enumerate(THRESHOLDS):
-            num = _mean_if_all([images_to_reach(r, thr) for r in rand.values()])
+            num = rand_mean[i]
             den = _mean_if_all([images_to_reach(r, thr) for r in rs])
             cell = f"{num / den:.2f}x" if num is not None and den else "–"
             per_seed = []
@@ -497,12 +498,12 @@ def report(
         from .._io import atomic_write_bytes
 
         out = Path(out)
-        old = out.read_text() if out.is_file() else ""
-        if BEGIN_MARK in old and END_MARK in old.split(BEGIN_MARK, 1)[1]:
-            head, rest = old.split(BEGIN_MARK, 1)
-            tail = rest.split(END_MARK, 1)[1]
-            atomic_write_bytes(out, f"{head}{BEGIN_MARK}\n{body}\n{END_MARK}{tail}".encode())
+        head, begin, rest = (out.read_text() if out.is_file() else "").partition(BEGIN_MARK)
+        _, end, tail = rest.partition(END_MARK)
+        if begin and end:  # keep the hand-written text around the generated block
+            text_out = f"{head}{BEGIN_MARK}\n{body}\n{END_MARK}{tail}"
         else:
-            atomic_write_bytes(out, text.encode())
+            text_out = text
+        atomic_write_bytes(out, text_out.encode())
     return text
 
