@@ -43,7 +43,8 @@ train_seconds, score_seconds) and its resumable state under DIR/state/ (or --sta
 atomically after every round. A run that was interrupted resumes at the next round when the
 same command is run again (and gives exactly the result of an uninterrupted run on the same
 machine, software and --threads; resuming under different ones warns); --restart discards the
-saved state.
+saved state. A run's state directory is locked while it runs: the same run started twice
+stops the second at once with an error.
 
 examples:
   fastbald experiment mnist --acquisition bald --seed 0
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments.mnist import DEFAULT_OUT, PRESETS, make_protocol, run_mnist
-    from .loop import StateMismatchError
+    from .loop import StateLockedError, StateMismatchError
 
     preset = PRESETS[args.preset]
     acquisitions = args.acquisition or list(preset.get("acquisitions", ("bald",)))
@@ -410,7 +411,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                 device=args.device,
             )
             done_round[proto.name] = len(recs) - 1
-    except StateMismatchError as e:
+    except (StateMismatchError, StateLockedError) as e:
         print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_torch_save, atomic_write_bytes
+from ._io import DirectoryLock, DirectoryLockedError, atomic_torch_save, atomic_write_bytes
 from .mc import mix_seed
 from .metrics import ACQUISITIONS, ALIASES, DISPLAY_NAMES, acquisition, canonical_acquisition
 from .models import BayesianCNN, paper_weight_decay
@@ -62,6 +62,7 @@ __all__ = [
     "LoopProtocol",
     "RoundRecord",
     "RunStore",
+    "StateLockedError",
     "StateMismatchError",
     "canonical_acquisition",
     "read_csv",
@@ -84,6 +85,10 @@ _STATE_JSON = "state.json"
 # Purposes of the per-round seeds (mixed with the protocol seed and the round number).
 _SEED_SPLIT, _SEED_TRAIN, _SEED_SCORE, _SEED_SUBSET, _SEED_RANDOM, _SEED_TEST = range(6)
 _SEED_STOCHASTIC = 6  # the draw of a stochastic acquisition (power_bald)
+
+
+#: Raised when another process runs on the same state directory (see :meth:`RunStore.lock`).
+StateLockedError = DirectoryLockedError
 
 
 class StateMismatchError(RuntimeError):
@@ -561,6 +566,11 @@ class RunStore:
       the run is complete: a finished run's state is ``state.json`` alone. A resume that needs a
       model whose checkpoint is gone retrains it (see :class:`ActiveLearningLoop`).
     * ``csv_path``: the per-round CSV (:data:`CSV_COLUMNS`), rewritten after the commit.
+
+    One process at a time: :meth:`lock` (held by :meth:`ActiveLearningLoop.run` and
+    :meth:`ActiveLearningLoop.step`) makes a second process on the same state directory fail at
+    once with :data:`StateLockedError`, and :meth:`commit` refuses to write over a state that
+    moved on since this process read it.
     """
 
     def __init__(
@@ -568,6 +578,13 @@ class RunStore:
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.csv_path = Path(csv_path) if csv_path is not None else None
+        self._lock = DirectoryLock(self.state_dir, "run state directory") if self.state_dir else None
+
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Hold the state directory against other processes (re-entrant; a no-op without a
+        state directory). Raises :data:`StateLockedError`, naming the holder, when another
+        process holds it; the kernel releases it when the holder dies, however it dies."""
+        return self._lock if self._lock is not None else contextlib.nullcontext()
 
     @property
     def state_path(self) -> Path | None:
@@ -624,6 +641,13 @@ class RunStore:
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             r = int(state["rounds_done"]) - 1
+            on_disk = int(self.read()["rounds_done"]) if self.exists() else 0
+            if on_disk != r:
+                raise StateMismatchError(
+                    f"{self.state_path} holds {on_disk} round(s), but this run read it at {r}: "
+                    f"another process changed it meanwhile; round {r} is not saved (run again to "
+                    "resume from the state on disk)"
+                )
             keep = self.checkpoint_path(r).name if model is not None else None
             if model is not None:
                 weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -759,7 +783,8 @@ class ActiveLearningLoop:
         initial, val = split_initial(data.y_train, self.protocol, self.num_classes)
         self.split = LabelledPool(int(data.x_train.shape[0]), initial.tolist(), val.tolist())
         if restart:
-            self.store.clear()
+            with self.store.lock():
+                self.store.clear()
         elif self.store.exists():
             self._resume()
 
@@ -925,7 +950,13 @@ class ActiveLearningLoop:
             self.environments.append({"from_round": round_, **env})
 
     def step(self) -> RoundRecord:
-        """Run the next round, commit the state and call the callbacks; returns its record."""
+        """Run the next round, commit the state and call the callbacks; returns its record.
+
+        Holds the state directory's lock (:meth:`RunStore.lock`) meanwhile."""
+        with self.store.lock():
+            return self._step()
+
+    def _step(self) -> RoundRecord:
         r, p = self.next_round, self.protocol
         if r > p.rounds:
             raise RuntimeError(f"the run is complete ({p.rounds} rounds)")
@@ -958,8 +989,9 @@ class ActiveLearningLoop:
         Resumed runs continue where the state left off; a finished run returns at once.
         """
         last = self.protocol.rounds if rounds is None else min(int(rounds), self.protocol.rounds)
-        while self.next_round <= last:
-            self.step()
+        with self.store.lock():
+            while self.next_round <= last:
+                self.step()
         return list(self.records)
 
     # -- state -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from fastbald.loop import (
     CSV_COLUMNS,
     ActiveLearningLoop,
     LoopProtocol,
+    StateLockedError,
     StateMismatchError,
     canonical_acquisition,
     read_csv,
@@ -367,6 +368,8 @@ def test_kill_and_resume_subprocess(tmp_path):
     ca, cb = read_csv(killed / "bald_seed0.csv"), read_csv(clean / "bald_seed0.csv")
     assert ca["test_error"].tolist() == cb["test_error"].tolist()
     assert ca["round"].tolist() == [0, 1, 2, 3]
+    # The killed run's lock file did not block the resume, which removed it when it finished.
+    assert sorted(f.name for f in (killed / "state" / "bald_seed0").iterdir()) == ["state.json"]
 
 
 def test_resume_from_a_trimmed_state(data, tmp_path):
@@ -482,3 +485,105 @@ def test_equal_batches_changes_only_the_minibatch_sizes(data):
     for eq in (False, True):
         train_from_scratch(factory, LoopProtocol(epochs=3, equal_batches=eq), 10, x, y, 1)
     assert sizes[False] == [128, 2] * 3 and sizes[True] == [65, 65] * 3
+
+
+# ------------------------------------------------------------------------------------------------
+# One process per state directory
+# ------------------------------------------------------------------------------------------------
+_HOLD_LOCK = """
+import sys, time
+from fastbald._io import DirectoryLock
+with DirectoryLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _lock_holder(directory):
+    """A subprocess holding ``directory``'s lock (wait until it says so)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(directory)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "locked":
+        proc.kill()
+        pytest.fail(f"the lock holder did not start: {line!r} {proc.stderr.read()}")
+    return proc
+
+
+def test_a_second_process_on_the_same_state_is_refused(data, tmp_path):
+    """While another process holds the state directory, step/run/restart fail at once, naming
+    it, and change nothing; once it is SIGKILLed (its lock file stays behind) the run goes on,
+    and a finished run leaves no lock file."""
+    p = LoopProtocol(**{**TINY, "rounds": 2})
+    st = tmp_path / "st"
+    with pytest.raises(Boom):
+        ActiveLearningLoop(data, p, state_dir=st, callbacks=[_stop_after(0)]).run()
+    before = (st / "state.json").read_bytes()
+    holder = _lock_holder(st)
+    try:
+        loop = ActiveLearningLoop(data, p, state_dir=st)  # reading the state needs no lock
+        assert loop.next_round == 1
+        for call in (loop.step, loop.run,
+                     lambda: ActiveLearningLoop(data, p, state_dir=st, restart=True)):
+            with pytest.raises(StateLockedError, match=rf"in use by pid {holder.pid} on "):
+                call()
+        assert (st / "state.json").read_bytes() == before
+        assert loop.next_round == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (st / ".fastbald.lock").exists()  # SIGKILL: nobody removed it, the kernel unlocked it
+    loop.run()
+    assert loop.done
+    assert sorted(f.name for f in st.iterdir()) == ["state.json"]
+
+
+def test_a_stale_loop_does_not_overwrite_a_newer_state(data, tmp_path):
+    """Two loops opened on one state (one process after the other): the one that read it first
+    refuses to commit over the rounds the other added, and the state keeps them."""
+    p = LoopProtocol(**{**TINY, "rounds": 3})
+    st = tmp_path / "st"
+    with pytest.raises(Boom):
+        ActiveLearningLoop(data, p, state_dir=st, callbacks=[_stop_after(0)]).run()
+    stale = ActiveLearningLoop(data, p, state_dir=st)
+    fresh = ActiveLearningLoop(data, p, state_dir=st)
+    fresh.step()
+    fresh.step()
+    after = (st / "state.json").read_bytes()
+    with pytest.raises(StateMismatchError, match=r"holds 3 round\(s\), but this run read it at 1"):
+        stale.step()
+    assert (st / "state.json").read_bytes() == after
+    assert json.loads(after)["rounds_done"] == 3
+
+
+def test_directory_lock_is_reentrant_and_exclusive(tmp_path):
+    from fastbald._io import DirectoryLock
+
+    a, b = DirectoryLock(tmp_path / "d"), DirectoryLock(tmp_path / "d")
+    with a:
+        with a:  # nested on one instance
+            assert a.held
+            with pytest.raises(StateLockedError, match=rf"in use by pid {os.getpid()} "):
+                b.__enter__()  # another holder, even in this process
+        assert a.held and (tmp_path / "d" / ".fastbald.lock").exists()
+    assert not a.held and not (tmp_path / "d" / ".fastbald.lock").exists()
+    with b:  # free again
+        assert b.held
+
+
+def test_cli_refuses_a_locked_run(tmp_path, capsys):
+    from fastbald.cli import main
+
+    out = tmp_path / "out"
+    holder = _lock_holder(out / "state" / "bald_seed0")
+    try:
+        rc = main(["experiment", "mnist", "--synthetic", "400", "--rounds", "1", "--epochs", "1",
+                   "-T", "2", "--validation", "20", "--quiet", "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "error: the run state directory" in err and f"in use by pid {holder.pid}" in err
+    assert not (out / "state" / "bald_seed0" / "state.json").exists()
