@@ -1049,7 +1049,10 @@ class ActiveLearningLoop:
                 self.model = model.to(self.device).eval()
             else:
                 self.model = self._retrain_last_model()
-        self.store.write_csv(self.records)  # the CSV may lag the state by one round after a kill
+        # The CSV may lag the state by one round after a kill; a process running on this state
+        # keeps its own CSV, and rewriting it from here could put back a round-old copy.
+        with contextlib.suppress(StateLockedError), self.store.lock():
+            self.store.write_csv(self.records)
 
     def _retrain_last_model(self) -> nn.Module:
         """The last committed round's model, trained again (its checkpoint is not kept)."""

@@ -516,14 +516,16 @@ def test_a_second_process_on_the_same_state_is_refused(data, tmp_path):
     it, and change nothing; once it is SIGKILLed (its lock file stays behind) the run goes on,
     and a finished run leaves no lock file."""
     p = LoopProtocol(**{**TINY, "rounds": 2})
-    st = tmp_path / "st"
+    st, csv = tmp_path / "st", tmp_path / "r.csv"
     with pytest.raises(Boom):
-        ActiveLearningLoop(data, p, state_dir=st, callbacks=[_stop_after(0)]).run()
+        ActiveLearningLoop(data, p, state_dir=st, csv_path=csv, callbacks=[_stop_after(0)]).run()
     before = (st / "state.json").read_bytes()
+    csv.write_text(",".join(CSV_COLUMNS) + "\n")  # a lagging CSV: the holder's to rewrite
     holder = _lock_holder(st)
     try:
-        loop = ActiveLearningLoop(data, p, state_dir=st)  # reading the state needs no lock
+        loop = ActiveLearningLoop(data, p, state_dir=st, csv_path=csv)  # reading needs no lock
         assert loop.next_round == 1
+        assert read_csv(csv)["round"].tolist() == []  # left to the process that holds the state
         for call in (loop.step, loop.run,
                      lambda: ActiveLearningLoop(data, p, state_dir=st, restart=True)):
             with pytest.raises(StateLockedError, match=rf"in use by pid {holder.pid} on "):
@@ -534,6 +536,8 @@ def test_a_second_process_on_the_same_state_is_refused(data, tmp_path):
         holder.kill()
         holder.wait()
     assert (st / ".fastbald.lock").exists()  # SIGKILL: nobody removed it, the kernel unlocked it
+    assert ActiveLearningLoop(data, p, state_dir=st, csv_path=csv).next_round == 1
+    assert read_csv(csv)["round"].tolist() == [0]  # now the resume rewrote the lagging CSV
     loop.run()
     assert loop.done
     assert sorted(f.name for f in st.iterdir()) == ["state.json"]
