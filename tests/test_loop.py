@@ -580,14 +580,21 @@ def test_cli_refuses_a_locked_run(tmp_path, capsys):
     from fastbald.cli import main
 
     out = tmp_path / "out"
+    args = ["experiment", "mnist", "--synthetic", "400", "--rounds", "1", "--epochs", "1", "-T", "2",
+            "--validation", "20", "--out", str(out)]
+    assert main([*args, "--stop-after", "0", "--quiet"]) == 0  # round 0 saved: resumable
+    state = (out / "state" / "bald_seed0" / "state.json").read_bytes()
+    capsys.readouterr()
     holder = _lock_holder(out / "state" / "bald_seed0")
     try:
-        rc = main(["experiment", "mnist", "--synthetic", "400", "--rounds", "1", "--epochs", "1",
-                   "-T", "2", "--validation", "20", "--quiet", "--out", str(out)])
+        rc = main(args)
     finally:
         holder.kill()
         holder.wait()
     assert rc == 1
-    err = capsys.readouterr().err
+    out_text, err = capsys.readouterr()
     assert "error: the run state directory" in err and f"in use by pid {holder.pid}" in err
-    assert not (out / "state" / "bald_seed0" / "state.json").exists()
+    assert "resuming" not in out_text  # refused before it says it resumes
+    assert (out / "state" / "bald_seed0" / "state.json").read_bytes() == state
+    assert main(args) == 0  # the holder is gone: it resumes
+    assert "resuming at round 1" in capsys.readouterr().out

@@ -239,11 +239,12 @@ def run_mnist(
         callbacks=cbs,
         score_progress=score_progress,
     )
-    if progress is True and loop.next_round > 0:
-        what = "complete" if loop.done else f"resuming at round {loop.next_round}"
-        print(
-            f"[{DISPLAY_NAMES[protocol.acquisition]} seed {seed}] {what} "
-            f"({loop.next_round} round(s) saved in {loop.state_dir})",
-            flush=True,
-        )
-    return loop.run(stop_after)
+    with loop.store.lock():  # a run another process holds fails here, before "resuming"
+        if progress is True and loop.next_round > 0:
+            what = "complete" if loop.done else f"resuming at round {loop.next_round}"
+            print(
+                f"[{DISPLAY_NAMES[protocol.acquisition]} seed {seed}] {what} "
+                f"({loop.next_round} round(s) saved in {loop.state_dir})",
+                flush=True,
+            )
+        return loop.run(stop_after)
