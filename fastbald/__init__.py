@@ -1,6 +1,7 @@
 """fastbald: fused Bayesian active-learning acquisition scores (BALD, Max Entropy, Variation
 Ratios, Mean STD, margin, least confidence) for large image pools."""
 
+from . import _ops
 from .acquire import METHODS, acquire
 from .batchbald import BatchResult, batchbald_batch
 from .epig import epig
@@ -21,6 +22,11 @@ from .scores import (
     variation_ratio,
 )
 from .stochastic import sampling_probabilities, stochastic_acquire
+
+# Load the native ops now (a few ms): torch.ops.fastbald.* exist after ``import fastbald``, and
+# torch.compile never meets the loader inside a traced function. A missing build is recorded
+# (see backends()) and the pure-PyTorch backend is used.
+_ops.load()
 
 __version__ = "0.1.0"
 

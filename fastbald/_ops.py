@@ -72,6 +72,7 @@ def load() -> dict[str, Any]:
     elif not torch.cuda.is_available():
         _STATE["why"]["cuda"] = "built with CUDA kernels, but no CUDA device is available"
     _register_fakes()
+    _register_autograd()
     return _STATE
 
 
@@ -108,6 +109,61 @@ def _register_fakes() -> None:
             log_probs.new_empty((batch_size,), dtype=torch.float64),
             log_probs.new_empty((batch_size,), dtype=torch.int64),
         )
+
+
+_AUTOGRAD_DONE = False
+
+
+def _register_autograd() -> None:
+    """Backward formulas of the native ops (the kernels compute no gradients).
+
+    ``pool_scores``: the gradient of the pure-PyTorch implementation
+    (:func:`fastbald.reference._scores_chunk`, the same math; ``-inf`` masks and zero
+    probabilities give zero, not NaN, gradients), recomputed in chunks of bounded memory for the
+    metrics asked for (the variation ratio, a count, has none). ``batchbald`` returns a greedy
+    selection: differentiating it raises.
+    """
+    global _AUTOGRAD_DONE
+    if _AUTOGRAD_DONE:
+        return
+    _AUTOGRAD_DONE = True
+
+    def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, input_kind, metrics = inputs[:3]
+        ctx.save_for_backward(x)
+        ctx.input_kind, ctx.metrics = int(input_kind), int(metrics)
+
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        from .reference import _CHUNK_ELEMS, INPUT_KINDS, _scores_chunk
+
+        (x,) = ctx.saved_tensors
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        asked = torch.tensor([bool(ctx.metrics >> i & 1) for i in range(N_METRICS)], device=grad.device)
+        grad = torch.where(asked.unsqueeze(1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        gx = torch.zeros_like(x)
+        N, T, C = x.shape
+        step = max(1, _CHUNK_ELEMS // max(1, T * C))
+        with torch.enable_grad():
+            for i in range(0, N, step):
+                xc = x[i : i + step].detach().requires_grad_(True)
+                out = _scores_chunk(xc, INPUT_KINDS[ctx.input_kind], acc, branchless=True)
+                (g,) = torch.autograd.grad(out, xc, grad[:, i : i + step].to(out.dtype), allow_unused=True)
+                if g is not None:
+                    gx[i : i + step] = g
+        return gx, None, None, None, None
+
+    torch.library.register_autograd("fastbald::pool_scores", backward, setup_context=setup)
+
+    def bb_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    def bb_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+        raise RuntimeError(
+            "fastbald::batchbald is not differentiable (a greedy selection); detach log_probs "
+            "before calling it"
+        )
+
+    torch.library.register_autograd("fastbald::batchbald", bb_backward, setup_context=bb_setup)
 
 
 def native_available(device: torch.device) -> bool:

@@ -138,6 +138,8 @@ def acquire(
             obj = getattr(obj, method)
             if obj is None:
                 raise ValueError(f"these PoolScores do not hold {method!r}")
+        if isinstance(obj, np.ndarray):  # PoolScores of numpy input hold numpy rows
+            was_numpy, obj = True, torch.from_numpy(obj)
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"x_or_scores must be a tensor, numpy array or PoolScores, got {type(obj).__name__}")
     if obj.dim() == 3:

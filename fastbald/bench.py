@@ -559,6 +559,8 @@ def _parse_sizes(s: str) -> list[tuple[int, int, int]]:
             N, T, C = (int(float(v)) for v in part.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"sizes are NxTxC,NxTxC,...; got {part!r}") from None
+        if min(N, T, C) < 1:
+            raise argparse.ArgumentTypeError(f"sizes need N, T and C >= 1; got {part!r}")
         out.append((N, T, C))
     return out
 
@@ -611,7 +613,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.repeats = min(args.repeats, 3)
     args.command = "fastbald bench " + " ".join(argv) if argv else "fastbald bench"
     if args.from_json is not None:
-        res = json.loads(args.from_json.read_text())
+        try:
+            res = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as e:
+            print(f"fastbald bench: error: --from-json {args.from_json}: {e}", file=sys.stderr)
+            return 2
         res.setdefault("benchmark", "peers")
     else:
         res = run(args)

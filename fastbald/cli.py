@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -296,6 +297,8 @@ def _add_score(sub: Any) -> None:
                    help="metric to rank items by")
     p.add_argument("--top", "-k", type=_nonneg_int, default=10,
                    help="how many items to list (0: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the draws of random, power_* and batchbald")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="scoring backend")
     p.add_argument("--out", "-o", type=Path, default=None, metavar="FILE",
@@ -358,6 +361,14 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastbald experiment mnist: error: {e}", file=sys.stderr)
         return 2
+    if args.device is not None:
+        import torch
+
+        try:  # a typo or a missing GPU fails here, not in the first round's traceback
+            torch.empty(0, device=torch.device(args.device))
+        except Exception as e:  # RuntimeError for bad strings, AssertionError without CUDA
+            print(f"fastbald experiment mnist: error: --device {args.device}: {e}", file=sys.stderr)
+            return 2
 
     from .data import MNISTUnavailableError
     from .loop import split_initial
@@ -451,9 +462,15 @@ def _load_predictions(path: Path) -> Any:
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)  # numpy: scores() copies odd layouts
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling raises many types on a file that is not a tensor file
+        raise ValueError(
+            f"{path}: cannot be read as a {'.npy array' if path.suffix == '.npy' else 'torch.save file'} "
+            f"({type(e).__name__}: {e})"
+        ) from None
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and v.dim() == 3}
         if len(tensors) != 1:
@@ -478,13 +495,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
         ps = scores(x, input=args.input, layout=args.layout, backend=args.backend)
         n = int(ps.bald.shape[0])  # type: ignore[union-attr]
         k = n if args.top == 0 else min(args.top, n)
-        idx = acquire(ps, k, args.method, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(args.seed)
+        if args.method == "batchbald":  # a joint criterion of the predictions, not of ps
+            idx = acquire(x, k, args.method, generator=gen, input=args.input, layout=args.layout)
+        else:
+            idx = acquire(ps, k, args.method, generator=gen)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         print(f"fastbald score: error: {e}", file=sys.stderr)
         return 1
     shape = tuple(x.shape)
-    print(f"{args.file}: {shape} ({args.layout}, {args.input}), {n} items; "
-          f"top {k} by {args.method} (scores in nats)")
+    drawn = args.method == "random" or args.method.startswith("power") or args.method == "batchbald"
+    how = f"{k} chosen by {args.method} (seed {args.seed})" if drawn else f"top {k} by {args.method}"
+    print(f"{args.file}: {shape} ({args.layout}, {args.input}), {n} items; {how}; scores in nats")
     cols = list(METRICS)
     header = f"{'rank':>5} {'item':>8} " + " ".join(f"{c:>16}" for c in cols)
     print(header)
@@ -492,14 +514,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
         vals = " ".join(f"{float(getattr(ps, c)[i]):>16.6g}" for c in cols)
         print(f"{rank:>5} {i:>8} {vals}")
     if args.out is not None:
-        if args.out.suffix == ".pt":
-            torch.save({c: getattr(ps, c) for c in cols}, args.out)
-        else:
-            with open(args.out, "w") as f:
-                f.write("item," + ",".join(cols) + "\n")
-                for i in range(n):
-                    f.write(f"{i}," + ",".join(f"{float(getattr(ps, c)[i]):.9g}" for c in cols))
-                    f.write("\n")
+        from ._io import atomic_torch_save, atomic_write_bytes
+
+        try:
+            if args.out.suffix == ".pt":
+                atomic_torch_save({c: getattr(ps, c) for c in cols}, args.out)
+            else:
+                rows = ["item," + ",".join(cols)]
+                rows += [f"{i}," + ",".join(f"{float(getattr(ps, c)[i]):.9g}" for c in cols) for i in range(n)]
+                atomic_write_bytes(args.out, ("\n".join(rows) + "\n").encode())
+        except OSError as e:
+            print(f"fastbald score: error: cannot write {args.out}: {e}", file=sys.stderr)
+            return 1
         print(f"written: {args.out}", file=sys.stderr)
     return 0
 
@@ -536,11 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0) if isinstance(e.code, int) else 2
-    if args.command == "experiment":
-        return _cmd_experiment(args)
-    if args.command == "report":
-        return _cmd_report(args)
-    if args.command == "score":
-        return _cmd_score(args)
-    return _cmd_plugin(args.command, args.args)  # pragma: no cover - handled above
+    commands = {"experiment": _cmd_experiment, "report": _cmd_report, "score": _cmd_score}
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:  # `fastbald score ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+        return 1
 

@@ -59,6 +59,10 @@ def _as_tensor(x: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "f":
             raise TypeError(f"x must hold floating-point values, got numpy dtype {x.dtype}")
+        if not x.dtype.isnative:  # big-endian data: torch reads native byte order only
+            x = x.astype(x.dtype.newbyteorder("="))
+        if any(s < 0 for s in x.strides):  # a reversed view (a[::-1]): torch has no negative strides
+            x = np.ascontiguousarray(x)
         return torch.from_numpy(x), True
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")

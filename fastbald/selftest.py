@@ -199,12 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) if isinstance(e.code, int) else 2
     try:
-        dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+        names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        unknown = [d for d in names if d not in DTYPES]
+        if unknown or not names:
+            raise ValueError(
+                f"--dtypes: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'none given'}; "
+                f"choose from {', '.join(DTYPES)}"
+            )
+        dtypes = [DTYPES[d] for d in names]
         devices = _devices(args.devices)
         for d in devices:
             torch.empty(0, device=d)  # an unavailable device fails here, clearly
-    except (KeyError, RuntimeError) as e:
-        print(f"fastbald selftest: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError) as e:
+        print(f"fastbald selftest: error: {e}", file=sys.stderr)
         return 2
 
     t0 = time.perf_counter()

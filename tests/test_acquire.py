@@ -82,3 +82,12 @@ def test_top_k_accepts_numpy_integers_and_the_bounds():
     assert top_k(v, 5).tolist() == [3, 1, 2, 4, 0]
     assert top_k(v, 0).tolist() == []
     assert top_k(torch.empty(0), 0).tolist() == []
+
+
+@pytest.mark.parametrize("method", ["bald", "variation_ratio", "margin"])
+def test_poolscores_of_numpy_input(method):
+    """scores() of a numpy pool holds numpy rows; acquire() takes them and answers in numpy."""
+    a = np.random.default_rng(3).standard_normal((40, 6, 5)).astype(np.float32)
+    got = fastbald.acquire(fastbald.scores(a), 7, method)
+    assert isinstance(got, np.ndarray)
+    assert got.tolist() == fastbald.acquire(a, 7, method).tolist()

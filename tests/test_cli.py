@@ -4,6 +4,7 @@ and the bench/selftest hooks."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -152,6 +153,75 @@ def test_score_errors(tmp_path, capsys):
     assert "3 dimensions" in capsys.readouterr().err
 
 
+def test_score_batchbald_and_seeded_draws(tmp_path, capsys):
+    """-m batchbald ranks the predictions (not their scores); the draws follow --seed."""
+    import fastbald
+
+    x = torch.randn(30, 8, 5, generator=torch.Generator().manual_seed(1))
+    f = tmp_path / "z.pt"
+    torch.save(x, f)
+    assert main(["score", str(f), "-m", "batchbald", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [int(ln.split()[1]) for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    want = fastbald.acquire(x, 3, "batchbald", generator=torch.Generator().manual_seed(0))
+    assert rows == want.tolist() and "3 chosen by batchbald (seed 0)" in out
+    picks = []
+    for seed in ("0", "0", "5"):
+        assert main(["score", str(f), "-m", "random", "-k", "5", "--seed", seed]) == 0
+        picks.append([ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()])
+    assert picks[0] == picks[1] != picks[2]
+
+
+def test_score_unreadable_files_and_outputs_are_error_lines(tmp_path, capsys):
+    text = tmp_path / "garbage.pt"
+    text.write_text("not a tensor file\n")
+    npy = tmp_path / "garbage.npy"
+    npy.write_bytes(b"\x00\x01nonsense")
+    for f in (text, npy):
+        assert main(["score", str(f)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fastbald score: error: ") and "cannot be read" in err and "Traceback" not in err
+    good = tmp_path / "z.pt"
+    torch.save(torch.randn(6, 3, 4), good)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["score", str(good), "-o", str(blocker / "out.csv")]) == 1  # parent is a file
+    assert "error: cannot write" in capsys.readouterr().err
+
+
+def test_score_reversed_and_big_endian_numpy(tmp_path, capsys):
+    a = np.random.default_rng(0).standard_normal((12, 4, 3)).astype(np.float32)
+    ranks = []
+    for arr in (a, a.astype(">f4")):
+        np.save(tmp_path / "p.npy", arr)
+        assert main(["score", str(tmp_path / "p.npy"), "-k", "4"]) == 0
+        ranks.append([ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()])
+    assert ranks[0] == ranks[1]
+    import fastbald
+
+    assert np.array_equal(fastbald.bald(a[::-1]), fastbald.bald(a)[::-1])
+
+
+def test_score_into_a_closed_pipe_is_not_a_traceback(tmp_path):
+    f = tmp_path / "z.pt"
+    torch.save(torch.randn(2000, 3, 4), f)
+    cmd = f"{sys.executable} -m fastbald score {f} -k 0 | head -1"
+    r = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
+
+
+@pytest.mark.parametrize("device", ["cdua", "cuda:0"])
+def test_experiment_bad_device_is_an_error_line(tmp_path, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    rc = main(["experiment", "mnist", *TINY, "--rounds", "0", "--out", str(tmp_path), "--device", device])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastbald experiment mnist: error: --device {device}: ") and "Traceback" not in err
+    assert not (tmp_path / "state").exists()
+
+
 def test_plugin_hooks(monkeypatch, capsys):
     calls = []
     fake = types.ModuleType("fastbald.bench")
@@ -231,3 +301,18 @@ def test_number_parser(kind, lo, strict, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message.replace(".", r"\.")):
         parse(text)
     assert parse("3") == kind(3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["selftest", "--dtypes", ""], "--dtypes: none given; choose from float32"),
+        (["selftest", "--dtypes", "float32,int8"], "--dtypes: unknown 'int8'; choose from float32"),
+        (["bench", "--sizes", "0x5x4"], "sizes need N, T and C >= 1"),
+        (["bench", "--from-json", "/nonexistent/r.json"], "error: --from-json /nonexistent/r.json"),
+    ],
+)
+def test_selftest_and_bench_argument_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
