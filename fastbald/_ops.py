@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ def _cpu_variant() -> str:
     forced = os.environ.get("FASTBALD_CPU_KERNEL")
     if forced in CPU_VARIANTS:
         return forced
+    if forced:  # a typo must not pass for the widest build without a word
+        warnings.warn(
+            f"FASTBALD_CPU_KERNEL={forced!r} is not one of {', '.join(CPU_VARIANTS)}: ignored, "
+            "the CPU kernel is chosen from the CPU's capability",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     try:
         cap = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch

@@ -157,7 +157,7 @@ def protocol_flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
         doc = docs[f.name].replace("%", "%%")
         if hint is bool:
             kw["action"] = "store_false" if default else "store_true"
-            kw["help"] = f"turn off: {doc}" if default else f"{doc} Default: off"
+            kw["help"] = f"turn off the default, which is to {doc}" if default else f"{doc} Default: off"
         elif hint is int:
             kw["type"] = _number(int, PROTOCOL_INT_MIN[f.name])
             kw["metavar"] = "N"
@@ -168,7 +168,8 @@ def protocol_flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
         elif hint == (int | None):
             kw["type"] = _subset
             kw["metavar"] = "N"
-            kw["help"] = f"{doc} 'all' or 0: none. Default: {'all' if default is None else default}"
+            doc = doc.replace("None", "'all' (or 0)")  # the CLI spelling of the Python None
+            kw["help"] = f"{doc} Default: {'all' if default is None else default}"
         elif f.name == "weight_decay_scope":
             kw["choices"] = WEIGHT_DECAY_SCOPES
             kw["help"] = f"{doc} Default: {default}"

@@ -16,15 +16,15 @@ import pytest
 from fastbald.data import synthetic_mnist_like
 from fastbald.experiments import PAPER_TABLE1, csv_path, load_runs, report, run_mnist, state_dir
 from fastbald.experiments.mnist import PAPER_PROTOCOL, PRESETS, ProgressPrinter, make_protocol
-from fastbald.experiments.report import images_to_reach, mean_curve_to_reach
+from fastbald.experiments.report import images_to_reach, initial_phrase, mean_curve_to_reach
 from fastbald.loop import CSV_COLUMNS, LoopProtocol, read_csv
 
 
-def write_fake_csv(path: Path, errors: list[float], per_round: int = 10) -> None:
+def write_fake_csv(path: Path, errors: list[float], per_round: int = 10, initial: int = 20) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [",".join(CSV_COLUMNS)]
     for r, e in enumerate(errors):
-        lines.append(f"{r},{20 + per_round * r},{per_round * r},{e:.6f},1.5,{0.0 if r == 0 else 2.5}")
+        lines.append(f"{r},{initial + per_round * r},{per_round * r},{e:.6f},1.5,{0.0 if r == 0 else 2.5}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -240,6 +240,21 @@ def test_report_keeps_hand_written_text_and_links_the_plot(tmp_path):
     # No markers (an old report): the file is replaced whole.
     md.write_text("old text\n")
     assert md.read_text() != report([d], out=md, plot=False) == md.read_text()
+
+
+def test_report_names_the_runs_initial_set_size(tmp_path):
+    """The text and the plot's axis say how many labelled images the runs started from, and warn
+    when that is not the paper's 20."""
+    write_fake_csv(tmp_path / "paper" / "bald_seed0.csv", curve(0.5, 0.05, n=30))
+    text = report([tmp_path / "paper"], plot=False)
+    assert "beyond the 20 initial labelled images" in text and "not like for like" not in text
+    write_fake_csv(tmp_path / "other" / "bald_seed0.csv", curve(0.5, 0.05, n=30), initial=15)
+    text = report([tmp_path / "other"], plot=False)
+    assert "beyond the 15 initial labelled images" in text
+    assert "do not start from the paper's 20 labelled images" in text
+    write_fake_csv(tmp_path / "other" / "random_seed0.csv", curve(0.5, 0.02, n=30))
+    runs = load_runs([tmp_path / "other"])
+    assert initial_phrase(runs) == "each run's initial labelled images (15, 20)"
 
 
 def test_load_runs_rejects_inconsistent_csvs(tmp_path):

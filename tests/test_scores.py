@@ -674,3 +674,16 @@ def test_reference_mean_std_follows_the_definition():
     want32 = torch.softmax(z32.double(), -1).numpy().std(axis=1).mean(-1)
     got32 = fastbald.mean_std(z32, backend="torch").double().numpy()
     np.testing.assert_allclose(got32, want32, rtol=0, atol=2e-7)
+
+
+def test_misspelt_cpu_kernel_variable_warns(monkeypatch):
+    monkeypatch.setenv("FASTBALD_CPU_KERNEL", "AVX2")  # the values are lower case
+    with pytest.warns(RuntimeWarning, match=r"FASTBALD_CPU_KERNEL='AVX2' is not one of avx512, avx2, base"):
+        variant = _ops._cpu_variant()
+    assert variant in _ops.CPU_VARIANTS
+    monkeypatch.setenv("FASTBALD_CPU_KERNEL", "base")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ops._cpu_variant() == "base"

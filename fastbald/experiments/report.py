@@ -180,6 +180,17 @@ def _schedule(run: Run) -> tuple[int, int | None]:
     return initial, step
 
 
+PAPER_INITIAL = 20  # Table 1's runs start from 20 labelled images
+
+
+def initial_phrase(runs: dict[str, list[Run]]) -> str:
+    """``"the 20 initial labelled images"`` (or each size, when the runs differ)."""
+    sizes = sorted({_schedule(r)[0] for rs in runs.values() for r in rs})
+    if len(sizes) == 1:
+        return f"the {sizes[0]} initial labelled images"
+    return "each run's initial labelled images (" + ", ".join(map(str, sizes)) + ")"
+
+
 def _check_same_schedule(runs: list[Run]) -> None:
     """The seeds of one acquisition function are averaged: they must share the initial set size
     and the images acquired per round."""
@@ -396,7 +407,7 @@ def plot_runs(
             fontsize=8,
             color="gray",
         )
-    ax.set_xlabel("acquired images (after the 20 initial labelled images)")
+    ax.set_xlabel(f"acquired images (after {initial_phrase(runs)})")
     ylabel = "test error (%)"
     if clipped:
         ylabel = f"test error (%; axis cut at {ymax:g}%)"
@@ -458,12 +469,19 @@ def report(
             + ", ".join(str(d) for d in dirs)
         )
     title = "# MNIST active learning: fastbald vs Gal, Islam & Ghahramani (2017), Table 1"
+    sizes = {_schedule(r)[0] for rs in runs.values() for r in rs}
+    caveat = (
+        ""
+        if sizes == {PAPER_INITIAL}
+        else f" These runs do not start from the paper's {PAPER_INITIAL} labelled images: its "
+        "columns are not like for like."
+    )
     parts = [
-        "Images acquired (beyond the 20 initial labelled images) until the test error first "
+        f"Images acquired (beyond {initial_phrase(runs)}) until the test error first "
         "reaches 10% and 5%. fastbald: mean ± sample standard deviation over seeds "
         "(a single number for one seed) and, once every seed got there, its difference to the "
         "paper in per cent; mean curve: where the seed-averaged test error first gets there (the "
-        "authors' code averaged its repeats' curves); paper: Table 1.",
+        f"authors' code averaged its repeats' curves); paper: Table 1.{caveat}",
         "",
         summary_table(runs),
         "",
