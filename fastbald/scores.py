@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -98,6 +99,24 @@ def _validate(x: torch.Tensor, input: str) -> None:
         raise ValueError(f"x must have T >= 1 samples and C >= 1 classes, got N={N}, T={T}, C={C}")
 
 
+def _bad_item_message(item: torch.Tensor, n: int, input: str) -> str:
+    """What is wrong with pool item ``n`` ([T, C]), in the words of the native kernels'
+    ``report_bad_item`` (the first bad sample and class)."""
+    v = item.detach().to("cpu", torch.float64)
+    for t in range(v.shape[0]):
+        row = v[t]
+        for what, hit in (("is NaN", torch.isnan(row)), ("is +inf", row == math.inf),
+                          ("is negative", (row < 0) if input == "probs" else torch.zeros_like(row, dtype=torch.bool))):
+            if bool(hit.any()):
+                c = int(hit.nonzero()[0, 0])
+                return (f"pool item {n} (sample {t}, class {c}) {what}"
+                        f"{f' ({float(row[c])!r})' if what == 'is negative' else ''}; "
+                        "pass check_finite=False to skip this check")
+        if input != "probs" and bool((row == -math.inf).all()):
+            return f"pool item {n} (sample {t}) masks every class (all -inf)"
+    return f"pool item {n} is invalid"  # pragma: no cover - the caller found a bad value
+
+
 def _check_torch_input(x: torch.Tensor, input: str, prob_tol: float) -> None:
     """Data checks of the torch backend (the native ops do the same checks inside the kernel)."""
     bad = torch.isnan(x) | (x == float("inf"))
@@ -108,10 +127,7 @@ def _check_torch_input(x: torch.Tensor, input: str, prob_tol: float) -> None:
     row_bad = bad.flatten(1).any(1)
     if bool(row_bad.any()):
         n = int(row_bad.nonzero()[0, 0])
-        raise ValueError(
-            f"pool item {n} has NaN, +inf, all -inf or (for probs) negative values; "
-            "pass check_finite=False to skip this check"
-        )
+        raise ValueError(_bad_item_message(x[n], n, input))
     if input == "probs":
         s = x.to(torch.float64).sum(-1)
         off = (s - 1).abs() > prob_tol
