@@ -24,7 +24,6 @@ acquired images, against all training images:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from fastbald.data import load_mnist
 from fastbald.models import BayesianCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, however it is loaded
-from batch_redundancy import acquired_batches, parse_range  # noqa: E402
+from batch_redundancy import acquired_batches, load_states, parse_range  # noqa: E402
 
 
 def train_reference(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, batch: int = 128) -> BayesianCNN:
@@ -115,12 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    states = []
-    for p in args.runs:
-        f = p / "state.json" if p.is_dir() else p
-        if not f.is_file():
-            ap.error(f"{p}: no state.json there")
-        states.append((f"{f.parent.parent.parent.name}/{f.parent.name}", json.loads(f.read_text())))
+    states = load_states(args.runs, ap)
 
     data = load_mnist()
     labels = data.y_train.numpy()

@@ -47,6 +47,18 @@ def acquired_batches(state: dict) -> list[list[int]]:
     return [acquired[i : i + b] for i in range(0, len(acquired), b)]
 
 
+def load_states(paths: list[Path], ap: argparse.ArgumentParser) -> list[tuple[str, dict]]:
+    """``(name, state)`` of each run state directory (or ``state.json``), named
+    ``<results dir>/<run>``; a path without a state is a usage error of ``ap``."""
+    states = []
+    for p in paths:
+        f = p / "state.json" if p.is_dir() else p
+        if not f.is_file():
+            ap.error(f"{p}: no state.json there")
+        states.append((f"{f.parent.parent.parent.name}/{f.parent.name}", json.loads(f.read_text())))
+    return states
+
+
 def batch_stats(batches: list, labels: np.ndarray, unit_rows: np.ndarray, num_classes: int) -> dict[str, float]:
     """Mean distinct labels, mean size of the largest label and mean nearest-neighbour cosine
     of ``batches`` (each a list of row indices of ``unit_rows``, rows of unit norm)."""
@@ -78,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the table as Markdown here")
     args = ap.parse_args(argv)
 
-    states = []
-    for p in args.runs:
-        f = p / "state.json" if p.is_dir() else p
-        if not f.is_file():
-            ap.error(f"{p}: no state.json there")
-        states.append((f"{f.parent.parent.parent.name}/{f.parent.name}", json.loads(f.read_text())))
+    states = load_states(args.runs, ap)
 
     data = load_mnist()
     labels = data.y_train.numpy()

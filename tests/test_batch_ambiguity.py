@@ -64,3 +64,9 @@ def test_held_out_reference_judges_each_image_by_the_other_half(monkeypatch) -> 
     assert probs.shape == (n, c) and np.allclose(probs.sum(-1), 1)
     assert (probs.argmax(-1) == np.arange(n) % c).all()  # every row was written
     assert errs == [0.0, 0.0]
+
+
+def test_missing_state_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ba.main([str(tmp_path)])
+    assert "no state.json there" in capsys.readouterr().err
