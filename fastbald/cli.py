@@ -17,7 +17,9 @@ import dataclasses
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -334,6 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 # Commands
 # ------------------------------------------------------------------------------------------------
+class _SigtermAsInterrupt:
+    """While it is installed, SIGTERM (``kill``, a scheduler's preemption, ``docker stop``)
+    stops a run as Ctrl-C does: the round in flight is dropped, the lock and files are released
+    and the run stays resumable, instead of dying without cleanup."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+        self._old: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.terminated = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments.mnist import DEFAULT_OUT, PRESETS, make_protocol, run_mnist
     from .loop import StateLockedError, StateMismatchError
@@ -406,6 +429,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         )
     done_round: dict[str, int] = {}
     current = ""
+    stop = _SigtermAsInterrupt()
     try:
         for proto in protocols:
             current = proto.name
@@ -428,11 +452,14 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            f"\nfastbald: interrupted during {current}; every completed round is saved in {out}. "
+            f"\nfastbald: {'terminated (SIGTERM)' if stop.terminated else 'interrupted'} during {current}; "
+            f"every completed round is saved in {out}. "
             "Run the same command again to resume.",
             file=sys.stderr,
         )
-        return 130
+        return 143 if stop.terminated else 130  # 128 + the signal, as a shell reports it
+    finally:
+        stop.restore()
     if show_report:
         from .experiments.report import report
 
@@ -553,7 +580,7 @@ def _cmd_plugin(name: str, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fastbald`` command line with ``argv`` (default: ``sys.argv[1:]``); returns the
-    exit status (0 success, 1 failure, 2 usage error, 130 interrupted)."""
+    exit status (0 success, 1 failure, 2 usage error, 130 interrupted, 143 terminated by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # bench/selftest take their own options: hand everything after the command to them.
     if argv and argv[0] in ("bench", "selftest"):

@@ -598,3 +598,45 @@ def test_cli_refuses_a_locked_run(tmp_path, capsys):
     assert (out / "state" / "bald_seed0" / "state.json").read_bytes() == state
     assert main(args) == 0  # the holder is gone: it resumes
     assert "resuming at round 1" in capsys.readouterr().out
+
+
+def test_sigterm_stops_a_cli_run_cleanly_and_it_resumes(tmp_path):
+    """`kill PID` (SIGTERM) mid-run: exit 143 with the resume hint, every committed round kept,
+    no lock file left behind (Python's default SIGTERM would die without cleanup); the same
+    command then resumes to the uninterrupted result."""
+    args = [sys.executable, "-m", "fastbald", "experiment", "mnist", "--synthetic", "400",
+            "--acquisition", "bald", "--rounds", "3", "--epochs", "2", "-T", "4",
+            "--validation", "20", "--threads", "1", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out, clean = tmp_path / "term", tmp_path / "clean"
+    run_dir = out / "state" / "bald_seed0"
+    proc = subprocess.Popen([*args, "--out", str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            st = run_dir / "state.json"
+            if st.exists() and json.loads(st.read_text())["rounds_done"] >= 1:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it was stopped: {proc.stderr.read()}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("round 0 was never committed")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM) during bald_seed0" in err and "Run the same command again" in err
+    assert "Traceback" not in err
+    assert not (run_dir / ".fastbald.lock").exists()
+    done = json.loads((run_dir / "state.json").read_text())["rounds_done"]
+    assert 1 <= done <= 4
+    for o in (out, clean):
+        subprocess.run([*args, "--out", str(o)], cwd=REPO, env=env, check=True, capture_output=True)
+    assert read_csv(out / "bald_seed0.csv")["test_error"].tolist() == read_csv(
+        clean / "bald_seed0.csv")["test_error"].tolist()
