@@ -36,7 +36,7 @@ from fastbald.data import load_mnist
 from fastbald.models import BayesianCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, however it is loaded
-from batch_redundancy import acquired_batches, load_states, parse_range  # noqa: E402
+from batch_redundancy import batches_by_range, emit, load_states, parse_range  # noqa: E402
 
 
 def train_reference(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, batch: int = 128) -> BayesianCNN:
@@ -133,19 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         f"| all 60,000 training images | - | {base['images']} | {base['entropy']:.3f} | "
         f"{100 * base['top1']:.1f}% | {100 * base['wrong']:.1f}% | {base['p_label']:.3f} |",
     ]
-    for a, b in args.rounds:
-        for name, st in states:
-            bs = acquired_batches(st)[a - 1 : b]
-            if not bs:
-                continue
-            idx = np.asarray([i for batch in bs for i in batch], dtype=np.int64)
-            s = ambiguity_stats(idx, probs, labels, top1)
-            lines.append(f"| {name} | {a}-{min(b, a - 1 + len(bs))} | {s['images']} | {s['entropy']:.3f} | "
-                         f"{100 * s['top1']:.1f}% | {100 * s['wrong']:.1f}% | {s['p_label']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    sys.stdout.write(text)
-    if args.out:
-        args.out.write_text(text)
+    for name, a, _, bs in batches_by_range(states, args.rounds):
+        idx = np.asarray([i for batch in bs for i in batch], dtype=np.int64)
+        s = ambiguity_stats(idx, probs, labels, top1)
+        lines.append(f"| {name} | {a}-{a - 1 + len(bs)} | {s['images']} | {s['entropy']:.3f} | "
+                     f"{100 * s['top1']:.1f}% | {100 * s['wrong']:.1f}% | {s['p_label']:.3f} |")
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

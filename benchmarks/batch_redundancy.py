@@ -59,6 +59,23 @@ def load_states(paths: list[Path], ap: argparse.ArgumentParser) -> list[tuple[st
     return states
 
 
+def batches_by_range(states: list[tuple[str, dict]], ranges: list[tuple[int, int]]):
+    """``(name, first, last, batches)`` for each round range ``(first, last)`` and each run
+    with batches in it (a run stopped earlier has fewer than ``last - first + 1``)."""
+    for a, b in ranges:
+        for name, st in states:
+            bs = acquired_batches(st)[a - 1 : b]
+            if bs:
+                yield name, a, b, bs
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print the table, and write it to ``out`` when given."""
+    sys.stdout.write(text)
+    if out:
+        out.write_text(text)
+
+
 def batch_stats(batches: list, labels: np.ndarray, unit_rows: np.ndarray, num_classes: int) -> dict[str, float]:
     """Mean distinct labels, mean size of the largest label and mean nearest-neighbour cosine
     of ``batches`` (each a list of row indices of ``unit_rows``, rows of unit norm)."""
@@ -107,18 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| random batches of {k} | - | {base['batches']} | {base['classes']:.2f} | {base['largest']:.2f} "
         f"| {base['nn_cos']:.3f} |",
     ]
-    for a, b in args.rounds:
-        for name, st in states:
-            bs = acquired_batches(st)[a - 1 : b]
-            if not bs:
-                continue
-            s = batch_stats(bs, labels, unit, data.num_classes)
-            lines.append(f"| {name} | {a}-{b} | {s['batches']} | {s['classes']:.2f} | {s['largest']:.2f} "
-                         f"| {s['nn_cos']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    sys.stdout.write(text)
-    if args.out:
-        args.out.write_text(text)
+    for name, a, b, bs in batches_by_range(states, args.rounds):
+        s = batch_stats(bs, labels, unit, data.num_classes)
+        lines.append(f"| {name} | {a}-{b} | {s['batches']} | {s['classes']:.2f} "
+                     f"| {s['largest']:.2f} | {s['nn_cos']:.3f} |")
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -328,28 +328,36 @@ def test_training_is_stopped_cleanly_by_an_exception(data, tmp_path, monkeypatch
     assert not [f for f in (tmp_path / "st").iterdir() if f.name.startswith(".")]
 
 
+_CLI_RUN = [sys.executable, "-m", "fastbald", "experiment", "mnist", "--synthetic", "400",
+            "--acquisition", "bald", "--rounds", "3", "--epochs", "2", "-T", "4",
+            "--validation", "20", "--threads", "1", "--quiet"]
+_CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for_rounds(proc: subprocess.Popen, state: Path, rounds: int) -> None:
+    """Wait (up to 120 s) until the run of ``proc`` has committed ``rounds`` rounds to ``state``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state.exists() and json.loads(state.read_text())["rounds_done"] >= rounds:
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            pytest.fail(f"the run ended before it was stopped: {err!r}")
+        time.sleep(0.05)
+    pytest.fail(f"round {rounds - 1} was never committed")
+
+
 @pytest.mark.slow
 def test_kill_and_resume_subprocess(tmp_path):
     """SIGKILL a real CLI run after round 1 is committed; the same command resumes it and the
     result equals an uninterrupted run's."""
-    args = [sys.executable, "-m", "fastbald", "experiment", "mnist", "--synthetic", "400",
-            "--acquisition", "bald", "--rounds", "3", "--epochs", "2", "-T", "4",
-            "--validation", "20", "--threads", "1", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args, env = _CLI_RUN, _CLI_ENV
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     state = killed / "state" / "bald_seed0" / "state.json"
     proc = subprocess.Popen([*args, "--out", str(killed)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if state.exists() and json.loads(state.read_text())["rounds_done"] >= 2:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before it was killed: {proc.stderr.read().decode()}")
-            time.sleep(0.05)
-        else:
-            pytest.fail("round 1 was never committed")
+        _wait_for_rounds(proc, state, 2)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
@@ -600,29 +608,18 @@ def test_cli_refuses_a_locked_run(tmp_path, capsys):
     assert "resuming at round 1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_cli_run_cleanly_and_it_resumes(tmp_path):
     """`kill PID` (SIGTERM) mid-run: exit 143 with the resume hint, every committed round kept,
     no lock file left behind (Python's default SIGTERM would die without cleanup); the same
     command then resumes to the uninterrupted result."""
-    args = [sys.executable, "-m", "fastbald", "experiment", "mnist", "--synthetic", "400",
-            "--acquisition", "bald", "--rounds", "3", "--epochs", "2", "-T", "4",
-            "--validation", "20", "--threads", "1", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args, env = _CLI_RUN, _CLI_ENV
     out, clean = tmp_path / "term", tmp_path / "clean"
     run_dir = out / "state" / "bald_seed0"
     proc = subprocess.Popen([*args, "--out", str(out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            st = run_dir / "state.json"
-            if st.exists() and json.loads(st.read_text())["rounds_done"] >= 1:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before it was stopped: {proc.stderr.read()}")
-            time.sleep(0.05)
-        else:
-            pytest.fail("round 0 was never committed")
+        _wait_for_rounds(proc, run_dir / "state.json", 1)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
