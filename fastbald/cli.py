@@ -492,7 +492,10 @@ def _load_predictions(path: Path) -> Any:
         raise FileNotFoundError(f"{path}: no such file")
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)  # numpy: scores() copies odd layouts
+            arr = np.load(path, allow_pickle=False)
+            if isinstance(arr, np.ndarray) and not arr.dtype.isnative:  # saved big-endian
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            return torch.from_numpy(arr)  # a tensor: the scores (and a .pt -o) stay tensors
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling raises many types on a file that is not a tensor file
         raise ValueError(

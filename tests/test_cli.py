@@ -190,15 +190,18 @@ def test_score_unreadable_files_and_outputs_are_error_lines(tmp_path, capsys):
 
 
 def test_score_reversed_and_big_endian_numpy(tmp_path, capsys):
+    import fastbald
+
     a = np.random.default_rng(0).standard_normal((12, 4, 3)).astype(np.float32)
     ranks = []
     for arr in (a, a.astype(">f4")):
         np.save(tmp_path / "p.npy", arr)
-        assert main(["score", str(tmp_path / "p.npy"), "-k", "4"]) == 0
+        out = tmp_path / "s.pt"
+        assert main(["score", str(tmp_path / "p.npy"), "-k", "4", "-o", str(out)]) == 0
         ranks.append([ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()])
+        saved = torch.load(out, weights_only=True)  # tensors, loadable without pickle
+        assert torch.equal(saved["bald"], fastbald.bald(torch.from_numpy(a)))
     assert ranks[0] == ranks[1]
-    import fastbald
-
     assert np.array_equal(fastbald.bald(a[::-1]), fastbald.bald(a)[::-1])
 
 
