@@ -19,8 +19,16 @@ except ImportError:  # Windows: DirectoryLock does nothing
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, then
-    ``os.replace`` (with the usual permissions, not mkstemp's 0600)."""
-    path = os.fspath(path)
+    ``os.replace`` (with the usual permissions, not mkstemp's 0600).
+
+    A symlink is followed (its target is replaced, the link stays); an existing path that is not
+    a regular file (``/dev/stdout``, a FIFO, a device) cannot be replaced atomically and is
+    written in place instead (replacing it would swap the device for a file)."""
+    path = os.path.realpath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
@@ -120,6 +128,10 @@ class DirectoryLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        except BaseException:  # a full disk, a signal: do not keep a lock nobody will release
+            os.close(fd)
+            raise
         return fd

@@ -148,16 +148,22 @@ def _register_autograd() -> None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         asked = torch.tensor([bool(ctx.metrics >> i & 1) for i in range(N_METRICS)], device=grad.device)
         grad = torch.where(asked.unsqueeze(1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        gx = torch.zeros_like(x)
+        # create_graph=True (higher-order gradients): keep the graph of this gradient too.
+        create = torch.is_grad_enabled()
         N, T, C = x.shape
         step = max(1, _CHUNK_ELEMS // max(1, T * C))
+        pieces = []
         with torch.enable_grad():
             for i in range(0, N, step):
-                xc = x[i : i + step].detach().requires_grad_(True)
+                xc = x[i : i + step]
+                if not (create and xc.requires_grad):
+                    xc = xc.detach().requires_grad_(True)
                 out = _scores_chunk(xc, INPUT_KINDS[ctx.input_kind], acc, branchless=True)
-                (g,) = torch.autograd.grad(out, xc, grad[:, i : i + step].to(out.dtype), allow_unused=True)
-                if g is not None:
-                    gx[i : i + step] = g
+                (g,) = torch.autograd.grad(
+                    out, xc, grad[:, i : i + step].to(out.dtype), allow_unused=True, create_graph=create
+                )
+                pieces.append(g if g is not None else torch.zeros_like(xc))
+        gx = torch.cat(pieces) if pieces else torch.zeros_like(x)
         return gx, None, None, None, None
 
     torch.library.register_autograd("fastbald::pool_scores", backward, setup_context=setup)

@@ -8,7 +8,15 @@ import numpy as np
 import torch
 
 from .metrics import ACQUISITION_TABLE, METRIC_TABLE, METRICS
-from .scores import _PROB_TOL, INPUT_KINDS, _as_tensor, _canonical, _check_torch_input, _validate
+from .scores import (
+    _PROB_TOL,
+    INPUT_KINDS,
+    _as_tensor,
+    _canonical,
+    _check_torch_input,
+    _validate,
+    numpy_to_tensor,
+)
 from .scores import scores as _scores
 
 #: Metrics where a *small* value means an uncertain (informative) item.
@@ -130,7 +138,7 @@ def acquire(
     if rule not in ("top_k", "uniform"):  # pragma: no cover - a table row without an implementation
         raise NotImplementedError(f"acquire() does not implement the {rule!r} rule of {method!r}")
     was_numpy = isinstance(x_or_scores, np.ndarray)
-    obj = torch.from_numpy(x_or_scores) if was_numpy else x_or_scores
+    obj = numpy_to_tensor(x_or_scores) if was_numpy else x_or_scores
     if hasattr(obj, "_fields"):  # PoolScores
         if rule == "uniform":
             obj = next(v for v in obj if v is not None)
@@ -139,7 +147,7 @@ def acquire(
             if obj is None:
                 raise ValueError(f"these PoolScores do not hold {method!r}")
         if isinstance(obj, np.ndarray):  # PoolScores of numpy input hold numpy rows
-            was_numpy, obj = True, torch.from_numpy(obj)
+            was_numpy, obj = True, numpy_to_tensor(obj)
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"x_or_scores must be a tensor, numpy array or PoolScores, got {type(obj).__name__}")
     if obj.dim() == 3:

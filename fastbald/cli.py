@@ -343,18 +343,23 @@ class _SigtermAsInterrupt:
 
     def __init__(self) -> None:
         self.terminated = False
-        self._old: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = False
+        # Only over the default: a SIGTERM the launcher ignores stays ignored, and a handler
+        # someone else installed (Python or C) stays theirs.
+        if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.terminated = True
         raise KeyboardInterrupt
 
     def restore(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._installed = False
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
@@ -593,9 +598,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0) if isinstance(e.code, int) else 2
-    commands = {"experiment": _cmd_experiment, "report": _cmd_report, "score": _cmd_score}
+    if args.command == "experiment":
+        return _cmd_experiment(args)
+    if args.command == "report":
+        return _cmd_report(args)
     try:
-        return commands[args.command](args)
+        return _cmd_score(args)
     except BrokenPipeError:  # `fastbald score ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
         return 1

@@ -618,6 +618,10 @@ class RunStore:
             raise StateMismatchError(f"{path}: state version {st.get('version')!r} is not supported")
         return st
 
+    def rounds_on_disk(self) -> int:
+        """Rounds the committed state holds (0 without one)."""
+        return int(self.read()["rounds_done"]) if self.exists() else 0
+
     def read_model(self, name: str | None, round_: int) -> dict[str, torch.Tensor] | None:
         """The model weights saved for round ``round_`` in checkpoint ``name``; None when there
         is none (finished runs, trimmed states); StateMismatchError when it is unreadable or of
@@ -641,7 +645,7 @@ class RunStore:
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             r = int(state["rounds_done"]) - 1
-            on_disk = int(self.read()["rounds_done"]) if self.exists() else 0
+            on_disk = self.rounds_on_disk()
             if on_disk != r:
                 raise StateMismatchError(
                     f"{self.state_path} holds {on_disk} round(s), but this run read it at {r}: "
@@ -975,10 +979,19 @@ class ActiveLearningLoop:
             score_seconds=score_s, eval_seconds=eval_s, new_indices=[int(i) for i in new],
             pool_size=pool_size, scored=scored,
         )
+        before = (self.split.labelled, self.model, list(self.environments))
         self.split.labelled, self.model = labelled, model
         self.records.append(rec)
         keep = model if self.store.state_dir is not None and self._needs_model(r + 1) else None
-        self.store.commit(self.state_dict(), self.records, keep)
+        try:
+            self.store.commit(self.state_dict(), self.records, keep)
+        except BaseException:
+            # Not committed (a full disk, Ctrl-C while writing): this loop stays at round r, so
+            # that a retry runs the round again instead of finding the state "moved on".
+            if self.store.state_dir is None or self.store.rounds_on_disk() != r + 1:
+                self.records.pop()
+                self.split.labelled, self.model, self.environments = before
+            raise
         for cb in self.callbacks:
             cb(self, rec)
         return rec

@@ -56,15 +56,21 @@ def backends() -> dict[str, str]:
     return out
 
 
+def numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``, also for what it refuses: non-native byte order and negative strides
+    (``a[::-1]``) are copied first; anything else is shared, not copied."""
+    if not a.dtype.isnative:  # big-endian data: torch reads native byte order only
+        a = a.astype(a.dtype.newbyteorder("="))
+    if any(s < 0 for s in a.strides):  # torch has no negative strides
+        a = np.ascontiguousarray(a)
+    return torch.from_numpy(a)
+
+
 def _as_tensor(x: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "f":
             raise TypeError(f"x must hold floating-point values, got numpy dtype {x.dtype}")
-        if not x.dtype.isnative:  # big-endian data: torch reads native byte order only
-            x = x.astype(x.dtype.newbyteorder("="))
-        if any(s < 0 for s in x.strides):  # a reversed view (a[::-1]): torch has no negative strides
-            x = np.ascontiguousarray(x)
-        return torch.from_numpy(x), True
+        return numpy_to_tensor(x), True
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
     return x, False

@@ -91,3 +91,13 @@ def test_poolscores_of_numpy_input(method):
     got = fastbald.acquire(fastbald.scores(a), 7, method)
     assert isinstance(got, np.ndarray)
     assert got.tolist() == fastbald.acquire(a, 7, method).tolist()
+
+
+def test_reversed_and_big_endian_numpy_are_accepted():
+    a = np.random.default_rng(4).standard_normal((30, 5, 4)).astype(np.float32)
+    want = fastbald.acquire(a, 6, "bald").tolist()
+    assert fastbald.acquire(a.astype(">f4"), 6, "bald").tolist() == want
+    rev = fastbald.acquire(a[::-1], 6, "bald").tolist()
+    assert [29 - i for i in rev] == want
+    s = fastbald.bald(a)
+    assert fastbald.acquire(s[::-1].copy()[::-1], 6, "bald").tolist() == want  # negative strides

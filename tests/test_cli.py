@@ -205,6 +205,50 @@ def test_score_reversed_and_big_endian_numpy(tmp_path, capsys):
     assert np.array_equal(fastbald.bald(a[::-1]), fastbald.bald(a)[::-1])
 
 
+def test_score_output_through_a_symlink_or_into_a_fifo(tmp_path, capsys):
+    """-o follows a symlink (the link stays, its target gets the scores) and writes into a FIFO
+    (or /dev/stdout) in place: an atomic replace would swap those for a plain file."""
+    import threading
+
+    f = tmp_path / "z.pt"
+    torch.save(torch.randn(7, 3, 4), f)
+    target = tmp_path / "real.csv"
+    target.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert main(["score", str(f), "-o", str(link)]) == 0
+    assert link.is_symlink() and target.read_text().startswith("item,entropy")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main(["score", str(f), "-o", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert got and got[0].startswith("item,entropy") and len(got[0].splitlines()) == 8
+    assert fifo.is_fifo()
+
+
+def test_sigterm_handler_keeps_an_ignored_or_foreign_sigterm():
+    import signal
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        for before in (signal.SIG_IGN, lambda *a: None):
+            signal.signal(signal.SIGTERM, before)
+            h = cli._SigtermAsInterrupt()
+            assert signal.getsignal(signal.SIGTERM) is before
+            h.restore()
+            assert signal.getsignal(signal.SIGTERM) is before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        h = cli._SigtermAsInterrupt()
+        assert signal.getsignal(signal.SIGTERM) == h._handle
+        h.restore()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_score_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     f = tmp_path / "z.pt"
     torch.save(torch.randn(2000, 3, 4), f)

@@ -161,3 +161,22 @@ def test_branchless_reference_gives_the_same_scores(kind: str) -> None:
     b = _scores_chunk(x, kind, torch.float64, branchless=True)
     assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isnan(a).any()
     assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0))
+
+
+@pytest.mark.parametrize("metric", ["bald", "entropy", "mean_std"])
+def test_second_order_gradients_through_the_native_op(metric: str) -> None:
+    """create_graph=True: the native op's gradient is itself differentiable (gradgradcheck), and
+    its second order equals the torch backend's."""
+    x = _pool("logits", N=3, T=3, C=4)
+    f = lambda t: getattr(fastbald.scores(t, backend="native", metrics=[metric]), metric)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (x,), eps=1e-6, atol=1e-5)
+
+    def hvp(backend: str) -> torch.Tensor:
+        xx = x.detach().requires_grad_(True)
+        s = getattr(fastbald.scores(xx, backend=backend, metrics=[metric]), metric).sum()
+        (g,) = torch.autograd.grad(s, xx, create_graph=True)
+        (h,) = torch.autograd.grad((g * g).sum(), xx)
+        return h
+
+    h = hvp("native")
+    assert h.abs().max() > 0 and torch.allclose(h, hvp("torch"), rtol=0, atol=1e-12)

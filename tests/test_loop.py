@@ -637,3 +637,35 @@ def test_sigterm_stops_a_cli_run_cleanly_and_it_resumes(tmp_path):
         subprocess.run([*args, "--out", str(o)], cwd=REPO, env=env, check=True, capture_output=True)
     assert read_csv(out / "bald_seed0.csv")["test_error"].tolist() == read_csv(
         clean / "bald_seed0.csv")["test_error"].tolist()
+
+
+@pytest.mark.parametrize("fail_at", ["checkpoint", "csv"])
+def test_a_failed_commit_can_be_retried(data, tmp_path, monkeypatch, fail_at):
+    """A write that fails once (a full disk) fails that step; the loop is left consistent with
+    the state on disk (the round is redone if its state was not committed, kept if only the CSV
+    failed), and the finished run equals an uninterrupted one."""
+    import fastbald.loop as loop_mod
+
+    p = LoopProtocol(**{**TINY, "rounds": 2})
+    full = ActiveLearningLoop(data, p).run()
+    st, csv = tmp_path / "st", tmp_path / "r.csv"
+    loop = ActiveLearningLoop(data, p, state_dir=st, csv_path=csv)
+    loop.step()
+    target = "atomic_torch_save" if fail_at == "checkpoint" else "write_csv"
+    real = getattr(loop_mod, target)
+    calls = []
+
+    def fail_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop_mod, target, fail_once)
+    with pytest.raises(OSError, match="No space left"):
+        loop.step()
+    assert loop.next_round == (1 if fail_at == "checkpoint" else 2)
+    assert json.loads((st / "state.json").read_text())["rounds_done"] == loop.next_round
+    rest = loop.run()
+    assert _key(rest) == _key(full)
+    assert read_csv(csv)["round"].tolist() == [0, 1, 2]
