@@ -3,10 +3,12 @@ directory lock between processes."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import tempfile
+import weakref
 from typing import Any
 
 import torch
@@ -60,6 +62,23 @@ class DirectoryLockedError(RuntimeError):
     """Another process holds the lock of a directory (see :class:`DirectoryLock`)."""
 
 
+_HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
+
+
+def _close_held_locks_in_child() -> None:
+    """After fork: the child (a DataLoader worker, say) must not keep its parent's locks alive
+    after the parent is gone, nor delete the lock file when it exits."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+            lock._fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class DirectoryLock:
     """An exclusive, non-blocking, re-entrant lock of a directory between processes.
 
@@ -88,11 +107,14 @@ class DirectoryLock:
     def __enter__(self) -> DirectoryLock:
         if self._depth == 0 and fcntl is not None:
             self._fd = self._acquire()
+            _HELD.add(self)
         self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1
+        if self._depth == 0:
+            _HELD.discard(self)
         if self._depth == 0 and self._fd is not None:
             fd, self._fd = self._fd, None
             try:

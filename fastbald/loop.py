@@ -1002,6 +1002,8 @@ class ActiveLearningLoop:
         Resumed runs continue where the state left off; a finished run returns at once.
         """
         last = self.protocol.rounds if rounds is None else min(int(rounds), self.protocol.rounds)
+        if self.next_round > last:  # nothing to run (a finished run): no lock, no writes
+            return list(self.records)
         with self.store.lock():
             while self.next_round <= last:
                 self.step()
@@ -1064,7 +1066,7 @@ class ActiveLearningLoop:
                 self.model = self._retrain_last_model()
         # The CSV may lag the state by one round after a kill; a process running on this state
         # keeps its own CSV, and rewriting it from here could put back a round-old copy.
-        with contextlib.suppress(StateLockedError), self.store.lock():
+        with contextlib.suppress(StateLockedError, OSError), self.store.lock():  # OSError: read-only
             self.store.write_csv(self.records)
 
     def _retrain_last_model(self) -> nn.Module:

@@ -669,3 +669,54 @@ def test_a_failed_commit_can_be_retried(data, tmp_path, monkeypatch, fail_at):
     rest = loop.run()
     assert _key(rest) == _key(full)
     assert read_csv(csv)["round"].tolist() == [0, 1, 2]
+
+
+def test_a_forked_child_does_not_keep_the_lock():
+    """A child forked while the lock is held (a DataLoader worker) closes its copy: once the
+    parent releases, the directory is free although the child still runs, and the child's exit
+    leaves the parent's lock file alone."""
+    import tempfile
+
+    from fastbald._io import DirectoryLock
+
+    d = Path(tempfile.mkdtemp())
+    lock = DirectoryLock(d)
+    with lock:
+        pid = os.fork()
+        if pid == 0:  # the child: outlive the parent's release a little, then leave at once
+            time.sleep(2)
+            os._exit(0)
+    try:
+        with DirectoryLock(d):  # would raise StateLockedError if the child held the lock
+            pass
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with lock:
+        pid = os.fork()
+        if pid == 0:  # the child leaves the parent's `with` block: it must not unlink the file
+            lock.__exit__(None, None, None)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert (d / ".fastbald.lock").exists()
+        with pytest.raises(StateLockedError):
+            DirectoryLock(d).__enter__()  # still held by this process
+
+
+def test_reading_a_finished_run_needs_no_lock_and_no_write_access(data, tmp_path):
+    """Opening and run() of a finished run neither waits for the lock nor writes: it works while
+    another process holds the directory, and with the CSV unwritable."""
+    p = LoopProtocol(**{**TINY, "rounds": 1})
+    st, csv = tmp_path / "st", tmp_path / "r.csv"
+    want = _key(ActiveLearningLoop(data, p, state_dir=st, csv_path=csv).run())
+    csv.unlink()
+    csv.mkdir()  # the CSV path cannot be written (a directory)
+    holder = _lock_holder(st)
+    try:
+        loop = ActiveLearningLoop(data, p, state_dir=st, csv_path=csv)
+        assert loop.done and _key(loop.run()) == want
+    finally:
+        holder.kill()
+        holder.wait()
+    loop = ActiveLearningLoop(data, p, state_dir=st, csv_path=csv)  # free, but the CSV unwritable
+    assert loop.done and _key(loop.run()) == want
