@@ -988,7 +988,11 @@ class ActiveLearningLoop:
         except BaseException:
             # Not committed (a full disk, Ctrl-C while writing): this loop stays at round r, so
             # that a retry runs the round again instead of finding the state "moved on".
-            if self.store.state_dir is None or self.store.rounds_on_disk() != r + 1:
+            try:
+                committed = self.store.state_dir is not None and self.store.rounds_on_disk() == r + 1
+            except Exception:  # an unreadable state: keep the original error, assume not committed
+                committed = False
+            if not committed:
                 self.records.pop()
                 self.split.labelled, self.model, self.environments = before
             raise
