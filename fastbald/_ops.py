@@ -119,9 +119,6 @@ def _register_fakes() -> None:
         )
 
 
-_AUTOGRAD_DONE = False
-
-
 def _register_autograd() -> None:
     """Backward formulas of the native ops (the kernels compute no gradients).
 
@@ -129,12 +126,8 @@ def _register_autograd() -> None:
     (:func:`fastbald.reference._scores_chunk`, the same math; ``-inf`` masks and zero
     probabilities give zero, not NaN, gradients), recomputed in chunks of bounded memory for the
     metrics asked for (the variation ratio, a count, has none). ``batchbald`` returns a greedy
-    selection: differentiating it raises.
+    selection: differentiating it raises. Called once, by :func:`load`.
     """
-    global _AUTOGRAD_DONE
-    if _AUTOGRAD_DONE:
-        return
-    _AUTOGRAD_DONE = True
 
     def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         x, input_kind, metrics = inputs[:3]
@@ -168,16 +161,13 @@ def _register_autograd() -> None:
 
     torch.library.register_autograd("fastbald::pool_scores", backward, setup_context=setup)
 
-    def bb_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        pass
-
     def bb_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
         raise RuntimeError(
             "fastbald::batchbald is not differentiable (a greedy selection); detach log_probs "
             "before calling it"
         )
 
-    torch.library.register_autograd("fastbald::batchbald", bb_backward, setup_context=bb_setup)
+    torch.library.register_autograd("fastbald::batchbald", bb_backward)
 
 
 def native_available(device: torch.device) -> bool:

@@ -493,14 +493,14 @@ def _load_predictions(path: Path) -> Any:
     import numpy as np
     import torch
 
+    from .scores import numpy_to_tensor
+
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            if isinstance(arr, np.ndarray) and not arr.dtype.isnative:  # saved big-endian
-                arr = arr.astype(arr.dtype.newbyteorder("="))
-            return torch.from_numpy(arr)  # a tensor: the scores (and a .pt -o) stay tensors
+            # A tensor (byte order fixed): the scores, and a .pt -o, stay tensors.
+            return numpy_to_tensor(np.load(path, allow_pickle=False))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling raises many types on a file that is not a tensor file
         raise ValueError(
@@ -522,7 +522,7 @@ def _load_predictions(path: Path) -> Any:
 def _cmd_score(args: argparse.Namespace) -> int:
     import torch
 
-    from .acquire import acquire
+    from .acquire import _RULES, acquire
     from .metrics import METRICS
     from .scores import scores
 
@@ -540,7 +540,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         print(f"fastbald score: error: {e}", file=sys.stderr)
         return 1
     shape = tuple(x.shape)
-    drawn = args.method == "random" or args.method.startswith("power") or args.method == "batchbald"
+    drawn = args.method not in METRICS and _RULES[args.method] != "top_k"  # random, power_*, ...
     how = f"{k} chosen by {args.method} (seed {args.seed})" if drawn else f"top {k} by {args.method}"
     print(f"{args.file}: {shape} ({args.layout}, {args.input}), {n} items; {how}; scores in nats")
     cols = list(METRICS)
@@ -556,8 +556,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
             if args.out.suffix == ".pt":
                 atomic_torch_save({c: getattr(ps, c) for c in cols}, args.out)
             else:
+                table = torch.stack([torch.as_tensor(getattr(ps, c)).double() for c in cols], 1).tolist()
                 rows = ["item," + ",".join(cols)]
-                rows += [f"{i}," + ",".join(f"{float(getattr(ps, c)[i]):.9g}" for c in cols) for i in range(n)]
+                rows += [f"{i}," + ",".join(f"{v:.9g}" for v in row) for i, row in enumerate(table)]
                 atomic_write_bytes(args.out, ("\n".join(rows) + "\n").encode())
         except OSError as e:
             print(f"fastbald score: error: cannot write {args.out}: {e}", file=sys.stderr)

@@ -111,12 +111,14 @@ def _bad_item_message(item: torch.Tensor, n: int, input: str) -> str:
     v = item.detach().to("cpu", torch.float64)
     for t in range(v.shape[0]):
         row = v[t]
-        for what, hit in (("is NaN", torch.isnan(row)), ("is +inf", row == math.inf),
-                          ("is negative", (row < 0) if input == "probs" else torch.zeros_like(row, dtype=torch.bool))):
+        checks = [("is NaN", torch.isnan(row)), ("is +inf", row == math.inf)]
+        if input == "probs":
+            checks.append(("is negative", row < 0))
+        for what, hit in checks:
             if bool(hit.any()):
                 c = int(hit.nonzero()[0, 0])
-                return (f"pool item {n} (sample {t}, class {c}) {what}"
-                        f"{f' ({float(row[c])!r})' if what == 'is negative' else ''}; "
+                value = f" ({float(row[c])!r})" if what == "is negative" else ""
+                return (f"pool item {n} (sample {t}, class {c}) {what}{value}; "
                         "pass check_finite=False to skip this check")
         if input != "probs" and bool((row == -math.inf).all()):
             return f"pool item {n} (sample {t}) masks every class (all -inf)"

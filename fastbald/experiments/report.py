@@ -47,6 +47,9 @@ PAPER_TABLE1: dict[str, tuple[int, int]] = {
     "random": (255, 835),
 }
 
+#: Table 1's runs start from this many labelled images.
+PAPER_INITIAL = 20
+
 #: Markers around the generated part of a report file: ``report(out=...)`` on an existing file
 #: that holds both replaces only what lies between them, keeping hand-written text around it.
 BEGIN_MARK = "<!-- fastbald report: generated, do not edit by hand (begin) -->"
@@ -180,12 +183,14 @@ def _schedule(run: Run) -> tuple[int, int | None]:
     return initial, step
 
 
-PAPER_INITIAL = 20  # Table 1's runs start from 20 labelled images
+def _initial_sizes(runs: dict[str, list[Run]]) -> list[int]:
+    """The initial labelled-set sizes the runs started from, sorted."""
+    return sorted({_schedule(r)[0] for rs in runs.values() for r in rs})
 
 
 def initial_phrase(runs: dict[str, list[Run]]) -> str:
     """``"the 20 initial labelled images"`` (or each size, when the runs differ)."""
-    sizes = sorted({_schedule(r)[0] for rs in runs.values() for r in rs})
+    sizes = _initial_sizes(runs)
     if len(sizes) == 1:
         return f"the {sizes[0]} initial labelled images"
     return "each run's initial labelled images (" + ", ".join(map(str, sizes)) + ")"
@@ -469,10 +474,9 @@ def report(
             + ", ".join(str(d) for d in dirs)
         )
     title = "# MNIST active learning: fastbald vs Gal, Islam & Ghahramani (2017), Table 1"
-    sizes = {_schedule(r)[0] for rs in runs.values() for r in rs}
     caveat = (
         ""
-        if sizes == {PAPER_INITIAL}
+        if _initial_sizes(runs) == [PAPER_INITIAL]
         else f" These runs do not start from the paper's {PAPER_INITIAL} labelled images: its "
         "columns are not like for like."
     )
